@@ -1,0 +1,36 @@
+"""vitscale: ViT and CLIP pre-training at supercomputer scale on DeepSpeed."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="vitscale",
+    version="0.1.0",
+    description="3D-parallel ViT / CLIP pre-training on DeepSpeed with synthetic and LAION-style data",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vitscale", "vitscale.*"]),
+    # ds_configs/ and configs/ travel with the package so that installed (non-editable)
+    # copies find the presets; vitscale.config looks in both places.
+    package_data={"vitscale": ["ds_configs/*.json", "configs/*.yaml"]},
+    install_requires=[
+        "torch>=2.4,<2.16",  # admits 2.14.1; users bring their own CUDA builds
+        "torchvision>=0.19,<0.31",  # admits 0.29.1
+        "deepspeed>=0.16",
+        "timm>=1.0",
+        "open_clip_torch>=2.24",
+        "webdataset>=0.2.86",
+        "numba>=0.59",
+        "numpy",
+        "pyyaml",
+        "safetensors",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+        "mpi": ["mpi4py>=3.1", "mpich"],
+        "dev": ["pytest>=7", "mpi4py>=3.1", "mpich"],
+    },
+    entry_points={"console_scripts": ["vitscale-train=vitscale.train.__main__:main"]},
+)

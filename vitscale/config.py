@@ -1,0 +1,496 @@
+"""Experiment schema, YAML loading with ``key.sub=value`` overrides, validation, and
+composition of the DeepSpeed config.
+
+This is the one place that builds a DeepSpeed config dict: batch sizes, precision,
+ZeRO stage, optimizer and LR schedule are stated once here (in the experiment YAML)
+and written into the preset from ``ds_configs/``, so the two can never disagree.
+
+Validation happens in two steps, both before any process group starts:
+``load_config`` checks keys, types and everything that needs only the config;
+``validate_layout`` checks what also needs the world size (read from the launcher's
+environment by ``vitscale.distributed.world_size_from_env``).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+# ds_configs/ ships inside the source tree next to the package (and inside the
+# package when installed non-editable: setup.py copies it as package data).
+_DS_CONFIG_DIRS = (
+    Path(__file__).resolve().parent.parent / "ds_configs",
+    Path(__file__).resolve().parent / "ds_configs",
+)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_tiny_patch16"  # a registered name: vitscale.models.list_models()
+    init: str | None = None  # weights to start from: a .safetensors / .pt state dict with our (= timm) names
+    # Architecture overrides; None keeps the size's default. Image size and class
+    # count come from the data section (stated once).
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    qkv_bias: bool | None = None
+    qk_norm: bool | None = None
+    init_values: float | None = None  # LayerScale init; None = no LayerScale
+    class_token: bool | None = None
+    global_pool: Literal["token", "avg"] | None = None
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0  # stochastic depth, linear over blocks
+
+
+@dataclass
+class DataConfig:
+    source: str = "gratings"  # a synthetic generator name (vitscale.data.synthetic.list_generators())
+    shards: Any = None  # shard pattern, list, or list of {pattern, weight} (shard readers: later issues)
+    image_size: int = 64  # pixels, square
+    num_classes: int = 10
+    instances: int = 1000  # instances per class: one epoch = num_classes * instances samples
+    num_workers: int = 2  # DataLoader worker processes per rank
+    prefetch: int = 4  # batches prefetched per worker
+    mean: list = field(default_factory=lambda: [0.5, 0.5, 0.5])  # normalisation, applied on the device
+    std: list = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+
+@dataclass
+class ParallelConfig:
+    pipe: int = 1  # pipeline stages
+    tensor: int = 1  # tensor-parallel degree; data = world_size / (pipe * tensor)
+    zero: Literal[0, 1, 2, 3] = 0  # ZeRO stage
+    offload: Literal["none", "optimizer", "all"] | None = None  # None: as the preset says; all = optimizer + params (ZeRO-3)
+    ds_preset: str = "auto"  # a file in ds_configs/ (name or path); auto = zero{stage}.json
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw"] = "adamw"
+    weight_decay: float = 0.05  # not applied to biases, norms, position embeddings, class token
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 10  # linear warm-up from warmup_init_ratio * lr
+    warmup_init_ratio: float = 0.0
+    min_lr_ratio: float = 0.0  # cosine ends at min_lr_ratio * lr
+    torch_adam: bool = False  # torch.optim.AdamW instead of DeepSpeed's fused / CPU Adam kernel
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300  # optimizer steps
+    seed: int = 0  # weights, data order and augmentation all derive from it
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    micro_batch: int = 16  # samples per data-parallel rank per forward/backward
+    global_batch: int = 32  # samples per optimizer step over all data-parallel ranks
+    lr: float = 1e-3  # peak learning rate
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # steps between train / throughput records
+    progress: bool = True  # live progress bar on global rank 0
+    warmup_steps: int = 2  # first steps left out of throughput figures (compilation, allocator warm-up)
+    peak_tflops: float | None = None  # per-device peak for MFU; None = from the known-device table
+    level: Literal["debug", "info", "warning"] = "info"
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/vit_tiny"  # run folder: config.yaml, ds_config.json, metrics.jsonl, checkpoints/
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints; 0 = only at the end
+    at_end: bool = True
+    resume: str = "auto"  # auto (latest in run.dir/checkpoints, if any) | never | PATH to a checkpoint folder
+    keep: int = 2  # most recent checkpoints kept; 0 keeps all
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+class ConfigError(ValueError):
+    """A config that cannot work; the message names the key and the fix."""
+
+
+# --------------------------------------------------------------------------- keys and types
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, e.g. ``train.lr``."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        sub = _dataclass_type(cls, f.name)
+        keys += all_keys(sub, f"{prefix}{f.name}.") if sub else [f"{prefix}{f.name}"]
+    return keys
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _dataclass_type(cls: type, name: str) -> type | None:
+    hint = _hints(cls)[name]
+    return hint if dataclasses.is_dataclass(hint) else None
+
+
+def _unknown_key(key: str) -> ConfigError:
+    near = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    if not near:  # match on the last component too: "lr" -> "train.lr"
+        leaf = key.split(".")[-1]
+        near = [k for k in all_keys() if k.split(".")[-1] == leaf][:1]
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """Return ``value`` coerced to ``hint`` (int -> float only), or raise ConfigError."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(key, value, option)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] + (" or null" if type(None) in options else ""))
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value in choices and type(value) in {type(c) for c in choices}:
+            return value
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(repr, choices))}")
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be a number, not a boolean")
+    if isinstance(value, hint):
+        return value
+    raise ConfigError(f"{key}={value!r} must be of type {hint.__name__}, got {type(value).__name__}")
+
+
+def _merge(obj: Any, values: dict, prefix: str = "") -> None:
+    """Write a nested dict of values into the dataclass ``obj``, checking keys and types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {values!r}")
+    cls = type(obj)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise _unknown_key(key)
+        sub = _dataclass_type(cls, name)
+        if sub is not None:
+            _merge(getattr(obj, name), value, f"{key}.")
+        else:
+            setattr(obj, name, _check_type(key, value, _hints(cls)[name]))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=3e-4"`` -> ``("train.lr", 0.0003)``; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value, e.g. train.steps=100")
+    key, raw = text.split("=", 1)
+    value = _read_yaml(raw, f"override '{text}'") if raw.strip() else None
+    return key.strip(), value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load an experiment from YAML, apply ``key=value`` overrides, validate.
+
+    Args:
+        path: a YAML file (see ``configs/``), or None for the built-in defaults.
+        overrides: strings such as ``"train.steps=100"``, applied in order.
+
+    Returns:
+        The validated Config (layout checks that need the world size come later,
+        in ``validate_layout``).
+    """
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; pass a YAML file such as configs/vit_tiny.yaml")
+        with open(path) as f:
+            values = _read_yaml(f.read(), str(path))
+        _merge(cfg, values or {})
+    for text in overrides:
+        key, value = parse_override(text)
+        _merge(cfg, _nest(key, value))
+    validate(cfg)
+    return cfg
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML (YAML 1.1) reads "1e-3" as a string; this loader reads it as the float users mean."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789."))
+
+
+def _read_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {e}") from None
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _fail(msg: str) -> None:
+    raise ConfigError(msg)
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need only the config. Raises ConfigError naming the key and the fix."""
+    from vitscale.data.synthetic import list_generators
+    from vitscale.models import list_models
+
+    t, p, d, o, log, ck = cfg.train, cfg.parallel, cfg.data, cfg.optim, cfg.log, cfg.checkpoint
+    if cfg.model.name not in list_models():
+        near = difflib.get_close_matches(cfg.model.name, list_models(), n=3, cutoff=0.4)
+        _fail(f"model.name='{cfg.model.name}' is not a registered model"
+              + (f"; did you mean {', '.join(near)}?" if near else "")
+              + " (vitscale.models.list_models() lists them all)")
+    for key, value, low in [("train.steps", t.steps, 1), ("train.micro_batch", t.micro_batch, 1),
+                            ("train.global_batch", t.global_batch, 1), ("parallel.pipe", p.pipe, 1),
+                            ("parallel.tensor", p.tensor, 1), ("data.image_size", d.image_size, 1),
+                            ("data.num_classes", d.num_classes, 1), ("data.instances", d.instances, 1),
+                            ("data.num_workers", d.num_workers, 0), ("data.prefetch", d.prefetch, 1),
+                            ("log.every", log.every, 1), ("log.warmup_steps", log.warmup_steps, 0),
+                            ("checkpoint.every", ck.every, 0), ("checkpoint.keep", ck.keep, 0),
+                            ("optim.warmup_steps", o.warmup_steps, 0)]:
+        if value < low:
+            _fail(f"{key}={value} must be >= {low}")
+    if t.lr <= 0:
+        _fail(f"train.lr={t.lr} must be > 0")
+    if t.global_batch % t.micro_batch:
+        _fail(f"train.global_batch={t.global_batch} must be a multiple of train.micro_batch={t.micro_batch} "
+              f"(x data-parallel ranks); e.g. train.global_batch={t.micro_batch * max(1, round(t.global_batch / t.micro_batch))}")
+    if len(d.mean) != 3 or len(d.std) != 3:
+        _fail(f"data.mean and data.std need 3 values (RGB), got {d.mean} and {d.std}")
+    if len(o.betas) != 2:
+        _fail(f"optim.betas={o.betas} needs two values, e.g. [0.9, 0.999]")
+    if d.source not in list_generators():
+        _fail(f"data.source='{d.source}' is not available: use a synthetic generator "
+              f"({', '.join(list_generators())}); shard and LAION readers are not part of this version")
+    if p.offload == "all" and p.zero != 3:
+        _fail(f"parallel.offload=all offloads parameters, which only ZeRO-3 does; set parallel.zero=3 "
+              f"or parallel.offload=optimizer (now parallel.zero={p.zero})")
+    if p.offload == "optimizer" and p.zero == 0:
+        _fail("parallel.offload=optimizer needs ZeRO 1, 2 or 3; set parallel.zero=1 or parallel.offload=none")
+    if p.pipe > 1 and p.zero > 1:
+        # DeepSpeed asserts this inside PipelineModule; say it before any process starts.
+        _fail(f"parallel.zero={p.zero} cannot run with parallel.pipe={p.pipe}: DeepSpeed's pipeline engine "
+              f"supports only ZeRO 0 and 1; set parallel.zero=1 or parallel.pipe=1")
+    try:
+        arch = model_arch(cfg)
+    except ValueError as e:  # the model's own checks (e.g. image size vs patch size)
+        raise ConfigError(f"model {cfg.model.name} with data.image_size={d.image_size}: {e}") from None
+    if arch.num_heads % p.tensor:
+        ok = [k for k in range(1, arch.num_heads + 1) if arch.num_heads % k == 0]
+        _fail(f"parallel.tensor={p.tensor} must divide the {arch.num_heads} attention heads of "
+              f"{cfg.model.name}; use one of {', '.join(map(str, ok))}")
+    hidden = int(arch.embed_dim * arch.mlp_ratio)
+    if hidden % p.tensor:
+        _fail(f"parallel.tensor={p.tensor} must divide the MLP width {hidden} of {cfg.model.name}")
+    if p.pipe > arch.depth:
+        _fail(f"parallel.pipe={p.pipe} is more stages than the {arch.depth} blocks of {cfg.model.name}; "
+              f"use parallel.pipe <= {arch.depth}")
+    if p.pipe > 1 or p.tensor > 1:
+        _fail(f"parallel.pipe={p.pipe}, parallel.tensor={p.tensor}: pipeline and tensor parallelism are not "
+              f"part of this version yet; set parallel.pipe=1 parallel.tensor=1 (ZeRO 0-3 data parallel runs)")
+    if ck.resume not in ("auto", "never") and not Path(ck.resume).exists():
+        _fail(f"checkpoint.resume='{ck.resume}' is neither auto, never, nor an existing checkpoint folder")
+    if cfg.model.init is not None and not Path(cfg.model.init).is_file():
+        _fail(f"model.init='{cfg.model.init}' is not a file; give a .safetensors or .pt state dict")
+    compose_ds_config(cfg, data_parallel=1, check_batch=False)  # surfaces preset problems now
+
+
+def model_arch(cfg: Config):
+    """The model's architecture config (no weights are allocated)."""
+    from vitscale.models import create_model
+    import torch
+
+    with torch.device("meta"):
+        return create_model(cfg.model.name, **model_kwargs(cfg)).cfg
+
+
+def model_kwargs(cfg: Config) -> dict:
+    """Keyword arguments for ``create_model``: the model section's overrides plus data-derived sizes."""
+    kwargs = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(ModelConfig)
+              if f.name not in ("name", "init") and getattr(cfg.model, f.name) is not None}
+    kwargs.update(img_size=cfg.data.image_size, num_classes=cfg.data.num_classes)
+    return kwargs
+
+
+@dataclass(frozen=True)
+class Layout:
+    world_size: int
+    pipe: int
+    tensor: int
+    data: int
+    grad_accum: int
+
+
+def validate_layout(cfg: Config, world_size: int) -> Layout:
+    """Checks that need the world size: divisibility of ranks and of batch sizes."""
+    p, t = cfg.parallel, cfg.train
+    model_ranks = p.pipe * p.tensor
+    if world_size % model_ranks:
+        _fail(f"world size {world_size} is not divisible by parallel.pipe x parallel.tensor = "
+              f"{p.pipe} x {p.tensor} = {model_ranks}; launch a multiple of {model_ranks} processes "
+              f"or change the layout")
+    data = world_size // model_ranks
+    per_step = t.micro_batch * data
+    if t.global_batch % per_step:
+        good = per_step * max(1, round(t.global_batch / per_step))
+        _fail(f"train.global_batch={t.global_batch} must be a multiple of train.micro_batch x data-parallel "
+              f"ranks = {t.micro_batch} x {data} = {per_step}; e.g. train.global_batch={good}, or a "
+              f"train.micro_batch that divides {t.global_batch // data if t.global_batch % data == 0 else t.global_batch}")
+    return Layout(world_size, p.pipe, p.tensor, data, t.global_batch // per_step)
+
+
+# --------------------------------------------------------------------------- DeepSpeed config
+
+# Keys that the experiment config states; a preset must not state them too.
+_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+               "optimizer", "scheduler", "gradient_clipping")
+
+
+def find_preset(name: str) -> Path:
+    candidates = [Path(name)] + [d / name for d in _DS_CONFIG_DIRS] + [d / f"{name}.json" for d in _DS_CONFIG_DIRS]
+    for c in candidates:
+        if c.is_file():
+            return c
+    available = sorted({p.stem for d in _DS_CONFIG_DIRS if d.is_dir() for p in d.glob("*.json")})
+    raise ConfigError(f"parallel.ds_preset='{name}' not found; choose one of {', '.join(available)} or give a path")
+
+
+def compose_ds_config(cfg: Config, data_parallel: int, check_batch: bool = True) -> dict:
+    """The DeepSpeed config: the preset plus everything the experiment states.
+
+    Args:
+        cfg: the experiment.
+        data_parallel: number of data-parallel ranks (from ``validate_layout``).
+        check_batch: with False, batch sizes are written for ``data_parallel`` without
+            checking divisibility (used during the world-size-free validation).
+
+    Returns:
+        A dict for ``deepspeed.initialize(config=...)``.
+    """
+    p, t, o = cfg.parallel, cfg.train, cfg.optim
+    preset_name = p.ds_preset if p.ds_preset != "auto" else f"zero{p.zero}"
+    path = find_preset(preset_name)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed preset {path} is not valid JSON: {e}") from None
+    for key in _OWNED_KEYS:
+        if key in ds:
+            raise ConfigError(f"DeepSpeed preset {path} sets '{key}', which the experiment config owns "
+                              f"(train.*, optim.*); remove it from the preset")
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage", p.zero) != p.zero:
+        raise ConfigError(f"parallel.zero={p.zero} but DeepSpeed preset {path.name} is for ZeRO stage "
+                          f"{zero['stage']}; set parallel.zero={zero['stage']} or choose another parallel.ds_preset")
+    zero["stage"] = p.zero
+    if p.offload is not None:
+        zero.pop("offload_optimizer", None)
+        zero.pop("offload_param", None)
+        if p.offload in ("optimizer", "all"):
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if p.offload == "all":
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if p.zero == 0:
+        for key in ("offload_optimizer", "offload_param"):
+            if key in zero:
+                raise ConfigError(f"DeepSpeed preset {path.name} offloads ({key}) but parallel.zero=0; "
+                                  f"set parallel.zero to 1-3 or parallel.offload=none")
+
+    for name in ("fp16", "bf16"):
+        section = ds.setdefault(name, {})
+        wanted = t.precision == name
+        if section.get("enabled", wanted) != wanted:
+            raise ConfigError(f"DeepSpeed preset {path.name} sets {name}.enabled={section['enabled']} but "
+                              f"train.precision={t.precision}; precision is set by train.precision only")
+        section["enabled"] = wanted
+    if t.precision == "fp16":
+        ds["fp16"] = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                      "hysteresis": 2, "min_loss_scale": 1, **ds["fp16"]}
+
+    data = max(1, data_parallel)
+    ds["train_batch_size"] = t.global_batch
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch
+    ds["gradient_accumulation_steps"] = max(1, t.global_batch // (t.micro_batch * data))
+    if check_batch and t.micro_batch * data * ds["gradient_accumulation_steps"] != t.global_batch:
+        raise ConfigError("batch sizes do not divide; call validate_layout first")
+    ds["gradient_clipping"] = o.grad_clip
+    ds["optimizer"] = {"type": "AdamW", "params": {
+        "lr": t.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
+        "torch_adam": o.torch_adam}}
+    warmup = max(1, o.warmup_steps)  # DeepSpeed's schedulers need >= 1 warm-up step
+    if o.schedule == "cosine":
+        ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": t.steps, "warmup_num_steps": warmup, "warmup_type": "linear",
+            "warmup_min_ratio": o.warmup_init_ratio, "cos_min_ratio": o.min_lr_ratio}}
+    else:
+        ds["scheduler"] = {"type": "WarmupLR", "params": {
+            "warmup_min_lr": t.lr * o.warmup_init_ratio, "warmup_max_lr": t.lr,
+            "warmup_num_steps": warmup, "warmup_type": "linear"}}
+    ds.setdefault("steps_per_print", 10**9)  # we log ourselves; silence DeepSpeed's own step prints
+    ds.setdefault("wall_clock_breakdown", False)
+    return copy.deepcopy(ds)

@@ -1,0 +1,4 @@
+"""Data pipelines: synthetic formula-driven images and (later) image-text shards.
+
+Nothing here imports from ``vitscale.models`` or ``vitscale.train``.
+"""

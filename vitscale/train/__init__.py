@@ -1,0 +1,1 @@
+"""Training: wires models, data and DeepSpeed together (``python -m vitscale.train CONFIG``)."""

@@ -1,0 +1,70 @@
+"""``python -m vitscale.train CONFIG [key.sub=value ...]`` (also ``vitscale-train``).
+
+Runs under any launcher: ``deepspeed --module vitscale.train``, ``torchrun -m
+vitscale.train``, ``mpirun -np N python -m vitscale.train``, ``srun python -m
+vitscale.train``, or plain ``python -m vitscale.train`` for one process.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from vitscale.config import ConfigError, compose_ds_config, load_config, validate_layout
+from vitscale.distributed import configure_cpu_threads, init_distributed, shutdown, world_size_from_env
+
+USAGE = """usage: vitscale-train [CONFIG.yaml] [key.sub=value ...]
+
+  CONFIG.yaml   experiment file (see configs/); the built-in defaults without it
+  key=value     override any config key, e.g. train.steps=100 parallel.zero=2 run.dir=runs/x
+"""
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Split argv into the config path and overrides; drop ``--local_rank`` (the deepspeed launcher adds it)."""
+    args, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a.startswith("--local_rank") or a.startswith("--local-rank"):
+            skip = "=" not in a
+        elif a in ("-h", "--help"):
+            print(USAGE)
+            sys.exit(0)
+        elif a.startswith("-"):
+            raise ConfigError(f"unknown option {a}; overrides are written key.sub=value\n{USAGE}")
+        else:
+            args.append(a)
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("vitscale.train")
+    try:  # every config error surfaces here, before any process group starts
+        path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        cfg = load_config(path, overrides)
+        layout = validate_layout(cfg, world_size_from_env())
+        ds_config = compose_ds_config(cfg, layout.data)
+    except ConfigError as e:
+        log.error("config error: %s", e)
+        return 2
+
+    from vitscale.train.loop import train
+
+    dims = init_distributed(pipe=cfg.parallel.pipe, tensor=cfg.parallel.tensor)
+    level = getattr(logging, cfg.log.level.upper()) if dims.is_main else logging.WARNING
+    logging.getLogger().setLevel(level)
+    logging.getLogger("DeepSpeed").setLevel(max(level, logging.WARNING))
+    configure_cpu_threads(dims)
+    last = train(cfg, dims, ds_config)
+    if dims.is_main:
+        log.info("done: step %s, loss %.4f; logs in %s/metrics.jsonl", last.get("step"), last.get("loss", float("nan")),
+                 cfg.run.dir)
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

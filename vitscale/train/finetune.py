@@ -1,0 +1,56 @@
+"""Starting weights for a run (``model.init``).
+
+This version loads a state dict with our parameter names, which are timm's: a
+vitscale export, or a timm ``VisionTransformer`` checkpoint of the same shape.
+Head swapping and position-embedding resizing belong to the fine-tuning work.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from ``.safetensors`` or a torch file (loaded with ``weights_only=True``).
+
+    Wrapped checkpoints (``{"state_dict": ...}``, ``{"model": ...}``, ``{"module": ...}``) are unwrapped.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"model.init={path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def load_initial_weights(model: nn.Module, path: str | Path) -> None:
+    """Load ``path`` into ``model`` strictly; a mismatch names the keys and shapes to fix."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if shapes:
+            parts.append(f"shape mismatch {shapes[:3]}")
+        raise ValueError(f"model.init={path} does not fit the model: {'; '.join(parts)}. "
+                         f"Check model.name, data.image_size and data.num_classes")
+    model.load_state_dict(state, strict=True)
+    logger.info("initial weights from %s", path)

@@ -1,0 +1,141 @@
+"""The step loop: fetch micro-batches, forward, backward, step; log; checkpoint."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from vitscale.config import Config, save_config
+from vitscale.data.synthetic_loader import build_synthetic_loader
+from vitscale.data.transforms import normalize
+from vitscale.models.flops import forward_flops
+from vitscale.train import checkpoint
+from vitscale.train.engine import build_engine, compute_dtype, grad_norm_fp32
+from vitscale.train.throughput import MetricsWriter, ThroughputMeter, device_peak_tflops
+
+logger = logging.getLogger(__name__)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _peak_tflops(cfg: Config, device: torch.device) -> float | None:
+    if cfg.log.peak_tflops is not None:
+        return cfg.log.peak_tflops
+    if device.type == "cuda":
+        return device_peak_tflops(torch.cuda.get_device_name(device))
+    return None
+
+
+def train_step(engine, fetch, accum: int, prepare, label_smoothing: float = 0.0,
+               want_norm: bool = False) -> tuple[torch.Tensor, float | None]:
+    """One optimizer step over ``accum`` micro-batches.
+
+    Args:
+        engine: the DeepSpeed engine.
+        fetch: returns the next (uint8 images, labels) micro-batch.
+        accum: micro-batches per step (DeepSpeed scales the loss by 1 / accum and steps on the last).
+        prepare: (images, labels) -> the same on the device, images normalised.
+        label_smoothing: for the cross-entropy.
+        want_norm: compute the gradient norm where DeepSpeed does not report one (ZeRO-0, fp32).
+
+    Returns:
+        This rank's mean loss over the micro-batches (a device scalar), and the norm or None.
+    """
+    losses, norm = [], None
+    for micro in range(accum):
+        images, labels = prepare(*fetch())
+        loss = F.cross_entropy(engine(images).float(), labels, label_smoothing=label_smoothing)
+        engine.backward(loss)
+        if want_norm and micro == accum - 1:
+            norm = grad_norm_fp32(engine.module)
+        engine.step()
+        losses.append(loss.detach())
+    return torch.stack(losses).mean(), norm
+
+
+def train(cfg: Config, dims, ds_config: dict) -> dict:
+    """Train ``cfg`` on this process's share of the layout. Returns the last train record."""
+    run_dir = Path(cfg.run.dir)
+    if dims.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / "config.yaml.tmp"
+        save_config(cfg, tmp)
+        os.replace(tmp, run_dir / "config.yaml")
+        _write_atomic(run_dir / "ds_config.json", json.dumps(ds_config, indent=2) + "\n")
+    dist.barrier()
+
+    engine = build_engine(cfg, dims, ds_config)
+    start = checkpoint.load(engine, run_dir, cfg.checkpoint.resume)
+    t, accum = cfg.train, ds_config["gradient_accumulation_steps"]
+    loader = iter(build_synthetic_loader(
+        cfg.data.source, cfg.data.num_classes, cfg.data.image_size, cfg.data.instances, t.seed,
+        t.micro_batch, t.global_batch, dims.data_rank, dims.data, start_step=start,
+        num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch, pin_memory=dims.device.type == "cuda"))
+    dtype = compute_dtype(t.precision)
+    meter = ThroughputMeter(dims, t.global_batch, forward_flops(engine.module), cfg.log.warmup_steps,
+                            _peak_tflops(cfg, dims.device), info={
+                                "model": cfg.model.name, "micro_batch": t.micro_batch, "global_batch": t.global_batch,
+                                "precision": t.precision, "layout": {"pipe": dims.pipe, "tensor": dims.tensor,
+                                                                     "data": dims.data, "zero": cfg.parallel.zero}})
+    writer = MetricsWriter(run_dir / "metrics.jsonl") if dims.is_main else None
+    progress = None
+    if dims.is_main and cfg.log.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def fetch():
+        with meter.data_wait():
+            return next(loader)
+
+    def prepare(images, labels):
+        images = normalize(images.to(dims.device, non_blocking=True), cfg.data.mean, cfg.data.std, dtype)
+        return images, labels.to(dims.device, non_blocking=True)
+
+    record: dict = {}
+    for step in range(start, t.steps):
+        log_now = (step + 1) % cfg.log.every == 0 or step + 1 == t.steps
+        meter.start_step()
+        loss_mean, norm = train_step(engine, fetch, accum, prepare, t.label_smoothing,
+                                     want_norm=log_now and cfg.parallel.zero == 0 and t.precision == "fp32")
+        meter.end_step()
+        if progress is not None:
+            progress.update(1)
+
+        if log_now:
+            dist.all_reduce(loss_mean, group=dims.data_group())
+            loss_mean = loss_mean.item() / dims.data
+            norm = engine.get_global_grad_norm() if norm is None else norm
+            record = {"kind": "train", "step": step + 1, "samples": (step + 1) * t.global_batch,
+                      "loss": loss_mean, "lr": engine.get_lr()[0],
+                      "grad_norm": float(norm) if norm is not None else None}
+            if t.precision == "fp16":
+                record["loss_scale"] = engine.optimizer.cur_scale
+            rows = meter.records(step + 1)
+            if writer:
+                for row in [record] + rows:
+                    writer.write(row)
+            if progress is not None:
+                speed = rows[0]["samples_per_s"] if rows else float("nan")
+                progress.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{record['lr']:.2e}", samples_s=f"{speed:.1f}")
+
+        done = step + 1 == t.steps
+        if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or (done and cfg.checkpoint.at_end):
+            # After end_step: checkpoint time stays out of the throughput figures.
+            checkpoint.save(engine, run_dir, step + 1, (step + 1) * t.global_batch, cfg.checkpoint.keep,
+                            dims.is_main)
+
+    if progress is not None:
+        progress.close()
+    if writer:
+        writer.close()
+    return record
