@@ -482,15 +482,9 @@ def compose_ds_config(cfg: Config, data_parallel: int, check_batch: bool = True)
     ds["optimizer"] = {"type": "AdamW", "params": {
         "lr": t.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
         "torch_adam": o.torch_adam}}
-    warmup = max(1, o.warmup_steps)  # DeepSpeed's schedulers need >= 1 warm-up step
-    if o.schedule == "cosine":
-        ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": t.steps, "warmup_num_steps": warmup, "warmup_type": "linear",
-            "warmup_min_ratio": o.warmup_init_ratio, "cos_min_ratio": o.min_lr_ratio}}
-    else:
-        ds["scheduler"] = {"type": "WarmupLR", "params": {
-            "warmup_min_lr": t.lr * o.warmup_init_ratio, "warmup_max_lr": t.lr,
-            "warmup_num_steps": warmup, "warmup_type": "linear"}}
+    # The LR schedule is ours (vitscale.train.engine.lr_lambda) and handed to
+    # deepspeed.initialize: DeepSpeed's WarmupCosineLR runs its first two steps at lr 0
+    # and never applies the peak lr itself. DeepSpeed still checkpoints its state.
     ds.setdefault("steps_per_print", 10**9)  # we log ourselves; silence DeepSpeed's own step prints
     ds.setdefault("wall_clock_breakdown", False)
     return copy.deepcopy(ds)

@@ -48,3 +48,23 @@ def test_cli_checks_the_layout_against_the_launched_world_size():
 def test_cli_help():
     proc = _cli("--help")
     assert proc.returncode == 0 and "key.sub=value" in proc.stdout
+
+
+@pytest.mark.distributed
+def test_srun_style_environment_trains(tmp_path):
+    """What srun gives each task: SLURM_* only; the master comes from the node list."""
+    import os
+
+    from tests.conftest import free_port
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_STEP_ID="0",
+               SLURM_JOB_ID="1234", SLURM_STEP_NODELIST="localhost", MASTER_PORT=str(free_port()))
+    cmd = [sys.executable, "-m", "vitscale.train", TINY, f"run.dir={tmp_path}", "log.progress=false", *SHORT]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "via slurm" in outs[0]
+    glob = [r for r in read_metrics(tmp_path) if r["kind"] == "throughput" and r["scope"] == "global"]
+    assert glob[-1]["devices"] == 2 and glob[-1]["samples"] == 3 * 8

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
@@ -57,9 +58,27 @@ def build_engine(cfg: Config, dims, ds_config: dict):
     if dims.is_main:
         logger.info("model %s: %.2fM parameters, ZeRO-%d, %s", cfg.model.name, n_params / 1e6,
                     cfg.parallel.zero, cfg.train.precision)
-    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, mpu=dims.grid,
-                                           model_parameters=param_groups(model, cfg.optim.weight_decay))
+    o, t = cfg.optim, cfg.train
+    schedule = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
+        optimizer, lambda i: lr_lambda(i, t.steps, o.warmup_steps, o.schedule, o.warmup_init_ratio, o.min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, mpu=dims.grid, lr_scheduler=schedule,
+                                           model_parameters=param_groups(model, o.weight_decay))
     return engine
+
+
+def lr_lambda(i: int, steps: int, warmup: int, schedule: str = "cosine", init_ratio: float = 0.0,
+              min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak lr for step ``i + 1`` (``i`` steps done).
+
+    Linear warm-up reaches the peak at step ``warmup``; cosine then decays to
+    ``min_ratio`` at the last step (``constant`` stays at the peak).
+    """
+    if i < warmup:
+        return init_ratio + (1.0 - init_ratio) * (i + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (i + 1 - warmup) / max(1, steps - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def grad_norm_fp32(model: nn.Module) -> float:

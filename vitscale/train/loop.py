@@ -104,6 +104,7 @@ def train(cfg: Config, dims, ds_config: dict) -> dict:
     record: dict = {}
     for step in range(start, t.steps):
         log_now = (step + 1) % cfg.log.every == 0 or step + 1 == t.steps
+        lr = engine.get_lr()[0]  # the lr this step uses
         meter.start_step()
         loss_mean, norm = train_step(engine, fetch, accum, prepare, t.label_smoothing,
                                      want_norm=log_now and cfg.parallel.zero == 0 and t.precision == "fp32")
@@ -116,7 +117,7 @@ def train(cfg: Config, dims, ds_config: dict) -> dict:
             loss_mean = loss_mean.item() / dims.data
             norm = engine.get_global_grad_norm() if norm is None else norm
             record = {"kind": "train", "step": step + 1, "samples": (step + 1) * t.global_batch,
-                      "loss": loss_mean, "lr": engine.get_lr()[0],
+                      "loss": loss_mean, "lr": lr,
                       "grad_norm": float(norm) if norm is not None else None}
             if t.precision == "fp16":
                 record["loss_scale"] = engine.optimizer.cur_scale
