@@ -1,4 +1,4 @@
-"""The ViT zoo: every registered model builds and trains; weights are timm's, bit for bit."""
+"""The ViT zoo: every registered model builds and trains; weights are timm's, key for key."""
 from pathlib import Path
 
 import pytest
@@ -6,9 +6,19 @@ import timm
 import torch
 
 from vitscale.models import create_model, list_models
-from vitscale.models.vit import VIT_PATCHES, VIT_SIZES
+from vitscale.models.vit import VIT_PATCHES, VIT_SIZES, vit_config
 
 PKG = Path(__file__).resolve().parents[2] / "vitscale" / "models"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_intra_op_thread():
+    # These tensors are tiny: one thread is as fast as many, and it stays fast when the
+    # CPU is shared (OpenMP workers spin-wait for busy cores; 3x slower under load here).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_registry_has_every_size_and_patch():
@@ -16,15 +26,17 @@ def test_registry_has_every_size_and_patch():
     for name in ["vit_tiny_patch16", "vit_base_patch16", "vit_large_patch16", "vit_huge_patch14"]:
         assert name in list_models()
     assert list_models("vit_*_patch14") == sorted(f"vit_{s}_patch14" for s in VIT_SIZES)
+    assert list_models() == sorted(list_models())
 
 
 @pytest.mark.parametrize("name", list_models())
 def test_each_model_builds_and_trains(name):
-    # Full width and heads of the size; one block and a 2x2 patch grid keep it fast.
+    # The size's full width and heads; one block and a 2x2 patch grid keep it fast.
     patch = int(name.rsplit("patch", 1)[1])
     model = create_model(name, img_size=2 * patch, num_classes=5, depth=1)
     width, _, heads = VIT_SIZES[name.split("_")[1]]
-    assert model.cfg.embed_dim == width and model.blocks[0].attn.num_heads == heads
+    assert model.cfg.embed_dim == width and model.cfg.patch_size == patch
+    assert model.blocks[0].attn.num_heads == heads and model.blocks[0].mlp.fc1.out_features == 4 * width
     x = torch.randn(2, 3, 2 * patch, 2 * patch)
     out = model(x)
     assert out.shape == (2, 5)
@@ -34,19 +46,19 @@ def test_each_model_builds_and_trains(name):
 
 @pytest.mark.parametrize("timm_name, ours, options", [
     ("vit_tiny_patch16_224", "vit_tiny_patch16", dict(depth=4, num_heads=4)),
-    ("vit_small_patch32_224", "vit_small_patch32", dict(depth=2, qk_norm=True, init_values=1e-2, global_pool="avg")),
-    ("vit_huge_patch14_224", "vit_huge_patch14", dict(depth=1)),
+    ("vit_small_patch32_224", "vit_small_patch32",
+     dict(depth=2, qk_norm=True, init_values=1e-2, global_pool="avg")),
+    ("vit_base_patch32_224", "vit_base_patch32", dict(depth=1, class_token=False, global_pool="avg", fc_norm=False)),
 ])
 def test_state_dict_loads_into_timm_and_gives_the_same_outputs(timm_name, ours, options):
     torch.manual_seed(0)
-    img = 56 if "patch14" in ours else 64
-    model = create_model(ours, img_size=img, num_classes=7, **options).eval()
-    kwargs = dict(img_size=img, num_classes=7, **options)
+    kwargs = dict(img_size=64, num_classes=10, **options)
+    model = create_model(ours, **kwargs).eval()
     ref = timm.create_model(timm_name, pretrained=False, **kwargs).eval()
     ref.load_state_dict(model.state_dict(), strict=True)
-    x = torch.randn(3, 3, img, img)
+    x = torch.randn(3, 3, 64, 64)
     torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
-    # and back: timm weights into ours
+    # and back: timm's weights into ours
     torch.manual_seed(1)
     ref2 = timm.create_model(timm_name, pretrained=False, **kwargs).eval()
     model.load_state_dict(ref2.state_dict(), strict=True)
@@ -54,26 +66,66 @@ def test_state_dict_loads_into_timm_and_gives_the_same_outputs(timm_name, ours, 
 
 
 def test_same_seed_same_weights():
-    torch.manual_seed(0)
-    a = create_model("vit_tiny_patch16", img_size=32, num_classes=3, depth=2)
-    torch.manual_seed(0)
-    b = create_model("vit_tiny_patch16", img_size=32, num_classes=3, depth=2)
-    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    def build(seed):
+        torch.manual_seed(seed)
+        return create_model("vit_tiny_patch16", img_size=32, num_classes=3, depth=2, init_values=0.1).state_dict()
+
+    a, b, c = build(0), build(0), build(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["blocks.0.attn.qkv.weight"], c["blocks.0.attn.qkv.weight"])
 
 
-def test_drop_path_is_linear_and_off_in_eval():
-    model = create_model("vit_tiny_patch16", img_size=32, num_classes=3, depth=5, drop_path_rate=0.2)
+def test_init_statistics_are_timms():
+    torch.manual_seed(0)
+    model = create_model("vit_base_patch16", img_size=32, depth=1, init_values=1e-5)
+    assert abs(model.blocks[0].mlp.fc1.weight.std().item() - 0.02) < 1e-3
+    assert abs(model.pos_embed.std().item() - 0.02) < 2e-3
+    assert model.cls_token.abs().max().item() < 1e-4
+    assert torch.all(model.blocks[0].attn.qkv.bias == 0) and torch.all(model.norm.weight == 1)
+    assert torch.all(model.blocks[0].ls1.gamma == 1e-5)
+
+
+def test_drop_path_is_linear_over_blocks_and_everything_is_off_in_eval():
+    model = create_model("vit_tiny_patch16", img_size=32, num_classes=3, depth=5, drop_path_rate=0.2,
+                         drop_rate=0.1, attn_drop_rate=0.1)
     assert [b.drop_path1.p for b in model.blocks] == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
-    model.eval()
     x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(model(x), model(x))
+    assert not torch.equal(model(x), model(x))  # training: random
+    model.eval()
+    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+
+
+def test_fc_norm_follows_timms_rule_unless_set():
+    token = create_model("vit_tiny_patch16", img_size=32, depth=1)
+    avg = create_model("vit_tiny_patch16", img_size=32, depth=1, global_pool="avg")
+    avg_no_fc = create_model("vit_tiny_patch16", img_size=32, depth=1, global_pool="avg", fc_norm=False)
+    assert "norm.weight" in token.state_dict() and "fc_norm.weight" not in token.state_dict()
+    assert "fc_norm.weight" in avg.state_dict() and "norm.weight" not in avg.state_dict()
+    assert "norm.weight" in avg_no_fc.state_dict() and "fc_norm.weight" not in avg_no_fc.state_dict()
+
+
+def test_patch_size_can_be_overridden():
+    # config.py passes model.patch_size through to the registered builder.
+    model = create_model("vit_tiny_patch16", img_size=32, patch_size=8, num_classes=3, depth=1)
+    assert model.cfg.patch_size == 8 and model.patch_embed.proj.kernel_size == (8, 8)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_pieces_compose_to_forward():
+    model = create_model("vit_tiny_patch16", img_size=32, num_classes=3, depth=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    tokens = model.embed(x)
+    assert tokens.shape == (2, 5, 192)  # 2x2 patches + class token
+    torch.testing.assert_close(model.forward_head(model.norm(model.blocks(tokens))), model(x))
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(img_size=50), "img_size=50 must be divisible by patch_size=16"),
-    (dict(num_heads=5), "embed_dim=192 must be divisible by num_heads=5"),
+    (dict(img_size=50), "img_size=50 must be divisible by patch_size=16; use e.g. img_size=48"),
+    (dict(num_heads=5), "embed_dim=192 must be divisible by num_heads=5; use num_heads in [1, 2, 3, 4, 6,"),
     (dict(class_token=False), "global_pool='token' needs class_token=True"),
-    (dict(depht=3), "unknown ViT option(s) ['depht']"),
+    (dict(depht=3), "unknown ViT option(s) ['depht']; valid options: "),
+    (dict(drop_path_rate=1.0), "drop_path_rate=1.0 must be in [0, 1)"),
+    (dict(patch_size=0), "patch_size=0 must be a positive integer"),
 ])
 def test_bad_options_are_rejected(kwargs, message):
     with pytest.raises(ValueError) as e:
@@ -81,13 +133,26 @@ def test_bad_options_are_rejected(kwargs, message):
     assert message in str(e.value)
 
 
+def test_unknown_override_lists_the_valid_fields():
+    with pytest.raises(ValueError, match="valid options: .*depth.*drop_path_rate"):
+        vit_config("tiny", 16, layers=3)
+
+
+def test_wrong_input_size_is_a_clear_error():
+    model = create_model("vit_tiny_patch16", img_size=32, depth=1)
+    with pytest.raises(ValueError, match=r"built with img_size=32; resize the input or build with img_size=64"):
+        model(torch.randn(1, 3, 64, 64))
+
+
 def test_unknown_name_suggests_the_nearest():
-    with pytest.raises(ValueError, match="unknown model 'vit_base_patch61'; did you mean vit_base_patch16"):
+    with pytest.raises(ValueError, match=r"unknown model 'vit_base_patch61'; did you mean vit_base_patch16.*list_models\(\)"):
         create_model("vit_base_patch61")
 
 
 def test_models_know_nothing_of_distribution_training_or_data():
-    for path in PKG.glob("*.py"):
+    files = sorted(PKG.glob("*.py"))
+    assert {"vit.py", "flops.py", "__init__.py"} <= {p.name for p in files}
+    for path in files:
         text = path.read_text()
         for banned in ("torch.distributed", "deepspeed", "vitscale.train", "vitscale.data"):
             assert banned not in text, f"{path.name} mentions {banned}"

@@ -1,8 +1,11 @@
-"""Model zoo: plain single-device torch modules; no training, data or distributed code.
+"""Model zoo: plain single-device torch modules; no training, data or parallel code.
 
-``create_model("vit_base_patch16", img_size=224, num_classes=1000)``; ``list_models()``.
+``create_model("vit_base_patch16", img_size=224, num_classes=1000)`` builds a model;
+``list_models("vit_*_patch16")`` lists the registered names. The registry itself lives
+in ``registry.py`` so that model modules can register without importing this package.
 """
 from vitscale.models.registry import create_model, list_models, register_model
-from vitscale.models import vit  # noqa: F401  (registers the ViT sizes)
+from vitscale.models import vit  # noqa: F401  (importing registers the ViT sizes)
+from vitscale.models.vit import ViTConfig, VisionTransformer
 
-__all__ = ["create_model", "list_models", "register_model"]
+__all__ = ["create_model", "list_models", "register_model", "ViTConfig", "VisionTransformer"]

@@ -1,15 +1,21 @@
 """Analytic FLOPs per sample, for TFLOP/s and MFU.
 
-A multiply-add counts as 2 FLOPs (as ``torch.utils.flop_counter`` counts). Counted:
-the patch-embedding convolution, per block the QKV projection, attention scores
-(Q K^T), attention-weighted values, the output projection and both MLP layers, and the
-classifier head. Not counted: norms, softmax, GELU, bias adds, residuals (a few percent
-at most; the same convention as Kaplan et al. 2020 and PaLM appendix B).
+Convention: a multiply-add counts as 2 FLOPs, as ``torch.utils.flop_counter`` counts,
+so these numbers equal what ``FlopCounterMode`` reports for our models. Counted: the
+matrix products, i.e. the patch-embedding convolution, per block the QKV projection,
+the attention scores (Q K^T), the attention-weighted values (A V), the output
+projection and both MLP layers, and the classifier head. Not counted: norms, softmax,
+GELU, bias adds, residual adds, pooling (a few percent at most at ViT sizes; Kaplan et
+al. 2020, section 2.1, and PaLM, Chowdhery et al. 2022, appendix B, drop them too).
 
-Training FLOPs = 3 x forward (backward costs twice the forward); with full activation
-recomputation the hardware does 4 x forward (HFU counts that, MFU does not).
+Training FLOPs = 3 x forward: the backward pass costs twice the forward (a gradient
+for the input and one for the weights of every matrix product). With full activation
+recomputation the hardware runs the forward twice, 4 x forward; that is the hardware
+FLOPs utilisation (HFU) count, while model FLOPs utilisation (MFU) keeps 3 x.
 """
 from __future__ import annotations
+
+from typing import Any, Callable
 
 from torch import nn
 
@@ -17,27 +23,61 @@ from vitscale.models.vit import ViTConfig
 
 
 def vit_forward_flops(cfg: ViTConfig) -> int:
-    """Forward FLOPs of one image through a ViT."""
-    n, d, h = cfg.seq_len, cfg.embed_dim, cfg.mlp_hidden
-    patch = 2 * cfg.num_patches * (cfg.in_chans * cfg.patch_size**2) * d
-    attn = 2 * n * d * 3 * d + 2 * n * n * d + 2 * n * n * d + 2 * n * d * d  # qkv, QK^T, AV, proj
-    mlp = 2 * n * d * h * 2
-    head = 2 * d * cfg.num_classes
-    return patch + cfg.depth * (attn + mlp) + head
+    """Forward FLOPs of one image through a ViT.
+
+    Args:
+        cfg: the architecture.
+
+    Returns:
+        FLOPs per image (2 per multiply-add).
+    """
+    n, d, hidden = cfg.seq_len, cfg.embed_dim, cfg.mlp_hidden
+    patch_embed = 2 * cfg.num_patches * (cfg.in_chans * cfg.patch_size**2) * d  # conv = a linear per patch
+    attention = (2 * n * d * 3 * d  # qkv
+                 + 2 * n * n * d  # Q K^T, summed over heads: heads x N x N x head_dim
+                 + 2 * n * n * d  # A V
+                 + 2 * n * d * d)  # proj
+    mlp = 2 * n * d * hidden * 2  # fc1 and fc2
+    head = 2 * d * cfg.num_classes  # one pooled vector per image; 0 classes = no head
+    return patch_embed + cfg.depth * (attention + mlp) + head
 
 
-def forward_flops(model_or_cfg: nn.Module | ViTConfig) -> int:
+# Config type -> forward-FLOPs formula. A new model family (e.g. CLIP) adds its entry here.
+_FORMULAS: dict[type, Callable[[Any], int]] = {
+    ViTConfig: vit_forward_flops,
+}
+
+
+def forward_flops(cfg_or_model: nn.Module | ViTConfig) -> int:
     """Forward FLOPs per sample of a model (anything with a ``.cfg``) or of a config.
 
+    Args:
+        cfg_or_model: a config of a known family, or a model holding one as ``.cfg``.
+
+    Returns:
+        FLOPs per sample (2 per multiply-add).
+
     Raises:
-        TypeError: for a model family without a FLOP formula here.
+        TypeError: for an object that is neither a known config nor has one as ``.cfg``.
     """
-    cfg = getattr(model_or_cfg, "cfg", model_or_cfg)
-    if isinstance(cfg, ViTConfig):
-        return vit_forward_flops(cfg)
-    raise TypeError(f"no FLOP formula for {type(model_or_cfg).__name__}; add one to vitscale/models/flops.py")
+    cfg = getattr(cfg_or_model, "cfg", cfg_or_model)
+    for cfg_type, formula in _FORMULAS.items():
+        if isinstance(cfg, cfg_type):
+            return formula(cfg)
+    known = ", ".join(t.__name__ for t in _FORMULAS)
+    raise TypeError(f"no FLOP formula for {type(cfg_or_model).__name__}: pass one of {known}, or a model "
+                    f"built by vitscale.models.create_model (it carries one as .cfg); a new model family "
+                    f"needs an entry in vitscale/models/flops.py")
 
 
-def train_flops(model_or_cfg: nn.Module | ViTConfig, recompute: bool = False) -> int:
-    """FLOPs per training sample: 3 x forward, or 4 x with activation recomputation."""
-    return (4 if recompute else 3) * forward_flops(model_or_cfg)
+def train_flops(cfg_or_model: nn.Module | ViTConfig, recompute: bool = False) -> int:
+    """FLOPs per training sample (forward + backward).
+
+    Args:
+        cfg_or_model: as for ``forward_flops``.
+        recompute: count the forward that full activation checkpointing reruns (HFU).
+
+    Returns:
+        3 x forward, or 4 x forward with ``recompute``.
+    """
+    return (4 if recompute else 3) * forward_flops(cfg_or_model)

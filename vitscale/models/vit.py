@@ -1,11 +1,12 @@
 """Vision Transformer (Dosovitskiy et al. 2021) with timm's parameter names.
 
-``state_dict()`` keys and shapes equal those of ``timm.models.VisionTransformer`` for
-the same options, so weights move between the two with ``strict=True``. Plain torch,
-single device: tensor and pipeline parallelism are applied to a built model by
-``models/tensor_parallel.py`` and ``models/pipeline.py``; the attribute names
-``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2`` and ``Attention.num_heads`` are what
-those functions address.
+``state_dict()`` keys and shapes equal those of ``timm.models.VisionTransformer`` built
+with the same options, so weights move between the two with ``strict=True``. Plain
+torch on one device: tensor and pipeline parallelism are applied to a built model by
+``models/tensor_parallel.py`` and ``models/pipeline.py``. Those functions address the
+attribute names ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2`` and
+``Attention.num_heads``, and reuse ``embed`` / ``blocks`` / ``forward_head`` as stages,
+so keep those names stable.
 """
 from __future__ import annotations
 
@@ -23,39 +24,61 @@ from vitscale.models.registry import register_model
 
 @dataclass
 class ViTConfig:
-    img_size: int = 224
-    patch_size: int = 16
+    """Every architecture choice of a ViT; the model keeps it as ``model.cfg``.
+
+    Defaults are ViT-B/16 at 224 px for ImageNet-1k; the registered names set the size.
+    """
+
+    img_size: int = 224  # pixels, square input
+    patch_size: int = 16  # pixels per patch side
     in_chans: int = 3
-    num_classes: int = 1000  # 0 = no head (features only)
-    embed_dim: int = 768
-    depth: int = 12
+    num_classes: int = 1000  # 0 = no head (forward returns pooled features)
+    embed_dim: int = 768  # width D
+    depth: int = 12  # number of blocks
     num_heads: int = 12
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = 4.0  # MLP hidden width = int(embed_dim * mlp_ratio)
     qkv_bias: bool = True
-    qk_norm: bool = False  # LayerNorm on queries and keys per head (ViT-22B)
-    init_values: float | None = None  # LayerScale init (CaiT); None = off
+    qk_norm: bool = False  # LayerNorm on queries and keys per head (ViT-22B, Dehghani et al. 2023)
+    init_values: float | None = None  # LayerScale init (CaiT, Touvron et al. 2021); None = off
     class_token: bool = True
     global_pool: Literal["token", "avg"] = "token"
-    drop_rate: float = 0.0  # dropout after position embedding, in MLPs and before the head
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.0  # stochastic depth, linear over blocks
+    fc_norm: bool | None = None  # norm after pooling instead of before; None = timm's rule (iff 'avg')
+    drop_rate: float = 0.0  # dropout after the position embedding, attn proj, MLP layers and before the head
+    attn_drop_rate: float = 0.0  # dropout on attention probabilities
+    drop_path_rate: float = 0.0  # stochastic depth of the last block; linear from 0 over the blocks
 
     def __post_init__(self):
+        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ViT option {name}={value!r} must be a positive integer")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"ViT option num_classes={self.num_classes!r} must be an integer >= 0 "
+                             "(0 builds no classifier head)")
         if self.img_size % self.patch_size:
-            raise ValueError(f"img_size={self.img_size} must be divisible by patch_size={self.patch_size}; "
-                             f"use e.g. img_size={self.patch_size * max(1, round(self.img_size / self.patch_size))}")
+            nearest = self.patch_size * max(1, round(self.img_size / self.patch_size))
+            raise ValueError(f"ViT option img_size={self.img_size} must be divisible by "
+                             f"patch_size={self.patch_size}; use e.g. img_size={nearest}")
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
+            ok = [h for h in range(1, min(self.embed_dim, 64) + 1) if self.embed_dim % h == 0]
+            raise ValueError(f"ViT option embed_dim={self.embed_dim} must be divisible by "
+                             f"num_heads={self.num_heads}; use num_heads in {ok}")
+        if self.mlp_ratio <= 0 or self.mlp_hidden < 1:
+            raise ValueError(f"ViT option mlp_ratio={self.mlp_ratio} must give an MLP width >= 1 "
+                             f"(embed_dim * mlp_ratio = {self.embed_dim * self.mlp_ratio})")
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"ViT option {name}={value} must be in [0, 1); 0 turns it off")
         if self.global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool={self.global_pool!r} must be 'token' or 'avg'")
+            raise ValueError(f"ViT option global_pool={self.global_pool!r} must be 'token' or 'avg'")
         if self.global_pool == "token" and not self.class_token:
-            raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without it")
-        if self.depth < 1 or self.num_heads < 1 or self.embed_dim < 1:
-            raise ValueError(f"depth, num_heads and embed_dim must be >= 1, got {self.depth}, "
-                             f"{self.num_heads}, {self.embed_dim}")
+            raise ValueError("ViT option global_pool='token' needs class_token=True; "
+                             "set class_token=True or global_pool='avg'")
 
     @property
     def grid_size(self) -> int:
+        """Patches per image side."""
         return self.img_size // self.patch_size
 
     @property
@@ -64,19 +87,26 @@ class ViTConfig:
 
     @property
     def seq_len(self) -> int:
+        """Tokens per image: patches plus the class token."""
         return self.num_patches + int(self.class_token)
 
     @property
     def mlp_hidden(self) -> int:
         return int(self.embed_dim * self.mlp_ratio)
 
+    @property
+    def use_fc_norm(self) -> bool:
+        # timm's rule: with average pooling the final norm moves after the pooling.
+        return self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
+
 
 def _layer_norm(dim: int) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, eps=1e-6)  # timm's ViT epsilon
+    return nn.LayerNorm(dim, eps=1e-6)  # timm's ViT epsilon, not torch's 1e-5
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the residual branch per sample (Huang et al. 2016)."""
+    """Stochastic depth (Huang et al. 2016): zero a residual branch for a random subset
+    of samples, rescaling the kept ones so the expectation is unchanged."""
 
     def __init__(self, p: float = 0.0):
         super().__init__()
@@ -86,43 +116,57 @@ class DropPath(nn.Module):
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # one draw per sample
         return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens, as a strided convolution (``proj``, timm's name)."""
+
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, D)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, D, h, w) -> (B, N, D)
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention.
+
+    ``forward`` reads the head count from ``self.num_heads``, not from ``qkv``'s shape, so
+    a tensor-parallel shard can hold a slice of ``qkv``/``proj`` and set its local heads.
+    """
+
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False,
                  attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
-        self.num_heads = num_heads  # heads held by this module (a tensor-parallel shard holds fewer)
+        self.num_heads = num_heads  # heads held by this module
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.q_norm = _layer_norm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = _layer_norm(self.head_dim) if qk_norm else nn.Identity()
-        self.attn_drop = attn_drop
+        self.attn_drop = attn_drop  # a probability: SDPA applies it, no module needed
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
+        # qkv's output is laid out (3, heads, head_dim), as in timm, so checkpoints agree.
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
         q, k = self.q_norm(q), self.k_norm(k)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)  # (B, N, local D)
         return self.proj_drop(self.proj(x))
 
 
 class Mlp(nn.Module):
+    """fc1 -> GELU (exact erf form, as timm and the original ViT) -> fc2."""
+
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -136,16 +180,23 @@ class Mlp(nn.Module):
 
 
 class LayerScale(nn.Module):
+    """Per-channel learned scale of a residual branch (CaiT); ``gamma`` is timm's name."""
+
     def __init__(self, dim: int, init_values: float):
         super().__init__()
-        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gamma
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+    Args:
+        cfg: the architecture (width, heads, options).
+        drop_path: stochastic-depth probability of this block.
+    """
 
     def __init__(self, cfg: ViTConfig, drop_path: float = 0.0):
         super().__init__()
@@ -165,11 +216,13 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT classifier: ``embed`` -> ``blocks`` -> ``norm`` -> ``forward_head``; the pieces are
-    what a pipeline splits into stages.
+    """ViT classifier: ``embed`` -> ``blocks`` -> ``norm`` -> ``forward_head``.
+
+    Those pieces are what a pipeline splits into stages: the first stage runs ``embed``,
+    each stage a slice of ``blocks``, the last ``norm`` and ``forward_head``.
 
     Args:
-        cfg: the architecture.
+        cfg: the architecture; kept as ``self.cfg`` (read by ``models/flops.py``).
     """
 
     def __init__(self, cfg: ViTConfig):
@@ -179,21 +232,22 @@ class VisionTransformer(nn.Module):
         self.num_features = dim
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.class_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.seq_len, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.seq_len, dim))  # covers the class token too
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear, as timm
+        # Deeper blocks are dropped more often: rate grows linearly from 0 to drop_path_rate.
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.Sequential(*[Block(cfg, rate) for rate in rates])
-        # timm's rule: with average pooling the final norm moves after pooling (fc_norm).
-        use_fc_norm = cfg.global_pool == "avg"
-        self.norm = nn.Identity() if use_fc_norm else _layer_norm(dim)
-        self.fc_norm = _layer_norm(dim) if use_fc_norm else nn.Identity()
+        self.norm = nn.Identity() if cfg.use_fc_norm else _layer_norm(dim)
+        self.fc_norm = _layer_norm(dim) if cfg.use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """timm's default init: truncated normal (std .02) for linears and the position
-        embedding, a near-zero class token, zero biases, unit LayerNorms."""
+        """timm's default init: truncated normal (std .02) for linear weights and the
+        position embedding, a near-zero class token, zero biases, unit LayerNorms; the
+        patch embedding as a linear map of the flattened patch, LeCun-style (std 1/sqrt(fan_in)).
+        Draws from torch's current RNG, so a seed fixes every weight."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -202,41 +256,63 @@ class VisionTransformer(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        w = self.patch_embed.proj.weight  # as a linear over the flattened patch (lecun-style fan-in)
-        nn.init.trunc_normal_(w.view(w.shape[0], -1), std=1.0 / math.sqrt(w[0].numel()))
+            elif isinstance(module, LayerScale):
+                nn.init.constant_(module.gamma, self.cfg.init_values)
+        w = self.patch_embed.proj.weight  # (D, C, p, p)
+        nn.init.trunc_normal_(w, std=1.0 / math.sqrt(w[0].numel()))
         nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
 
     def no_weight_decay(self) -> set[str]:
+        """Parameter names that optimizers conventionally exempt from weight decay."""
         return {"pos_embed", "cls_token"}
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> tokens (B, N, D) with class token and position embedding."""
+        """Images (B, C, H, W) -> tokens (B, N, D): patches, class token, position embedding.
+
+        Raises:
+            ValueError: when H x W is not the ``img_size`` the position embedding was built for.
+        """
+        if x.shape[-2:] != (self.cfg.img_size, self.cfg.img_size):
+            raise ValueError(f"input images are {tuple(x.shape[-2:])} pixels but the model was built with "
+                             f"img_size={self.cfg.img_size}; resize the input or build with "
+                             f"img_size={x.shape[-1]}")
         x = self.patch_embed(x)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x + self.pos_embed)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> normed tokens (B, N, D)."""
         return self.norm(self.blocks(self.embed(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Features from ``forward_features`` (B, N, D) -> logits (B, num_classes)."""
+        """Tokens (B, N, D) from ``forward_features`` -> logits (B, num_classes).
+
+        Args:
+            x: tokens after the final ``norm``.
+            pre_logits: return the pooled, normed features (B, D) instead of logits.
+
+        Returns:
+            Logits, or pooled features when ``pre_logits`` is set or ``num_classes`` is 0.
+        """
         if self.cfg.global_pool == "avg":
             x = x[:, int(self.cfg.class_token):].mean(dim=1)  # average over patch tokens only
         else:
-            x = x[:, 0]
+            x = x[:, 0]  # the class token
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> logits (B, num_classes)."""
         return self.forward_head(self.forward_features(x))
 
 
-# One table for every size (big_vision's decode_variant): width, depth, heads.
-VIT_SIZES = {
+# Every size in one table (as big_vision's decode_variant): width, depth, heads.
+# All use mlp_ratio 4 (MLP width 4 x D), as in Dosovitskiy et al. 2021, Table 1.
+VIT_SIZES: dict[str, tuple[int, int, int]] = {
     "tiny": (192, 12, 3),
     "small": (384, 12, 6),
     "base": (768, 12, 12),
@@ -246,26 +322,57 @@ VIT_SIZES = {
 VIT_PATCHES = (14, 16, 32)
 
 
-def build_vit(size: str, patch_size: int, **overrides) -> VisionTransformer:
-    """A ViT of a size in ``VIT_SIZES``; ``overrides`` replace any ``ViTConfig`` field."""
-    fields = {f.name for f in dataclasses.fields(ViTConfig)}
-    unknown = sorted(set(overrides) - fields)
+def vit_config(size: str, patch_size: int, /, **overrides) -> ViTConfig:
+    """The config of a size in ``VIT_SIZES`` without building weights.
+
+    Args:
+        size: ``tiny``, ``small``, ``base``, ``large`` or ``huge``.
+        patch_size: pixels per patch side (the name's default; ``overrides`` may change it).
+        overrides: any ``ViTConfig`` field, e.g. ``img_size=64, num_classes=10, depth=4``.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ValueError: for an unknown size or option, or an invalid combination.
+    """
+    if size not in VIT_SIZES:
+        raise ValueError(f"unknown ViT size {size!r}; use one of {', '.join(VIT_SIZES)}")
+    fields = sorted(f.name for f in dataclasses.fields(ViTConfig))
+    unknown = sorted(set(overrides) - set(fields))
     if unknown:
-        raise ValueError(f"unknown ViT option(s) {unknown}; valid options: {', '.join(sorted(fields))}")
+        raise ValueError(f"unknown ViT option(s) {unknown}; valid options: {', '.join(fields)}")
     width, depth, heads = VIT_SIZES[size]
-    kwargs = dict(embed_dim=width, depth=depth, num_heads=heads, patch_size=patch_size)
+    kwargs = dict(embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=4.0, patch_size=patch_size)
     kwargs.update(overrides)
-    return VisionTransformer(ViTConfig(**kwargs))
+    return ViTConfig(**kwargs)
 
 
-def _register_all() -> None:
-    for size in VIT_SIZES:
-        for patch in VIT_PATCHES:
-            def builder(_size=size, _patch=patch, **overrides):
-                return build_vit(_size, _patch, **overrides)
+def build_vit(size: str, patch_size: int, /, **overrides) -> VisionTransformer:
+    """A ViT of a size in ``VIT_SIZES``, initialised from torch's current RNG.
 
-            builder.__doc__ = f"ViT-{size[0].upper()}/{patch}: width/depth/heads {VIT_SIZES[size]}."
-            register_model(f"vit_{size}_patch{patch}")(builder)
+    Args:
+        size: ``tiny``, ``small``, ``base``, ``large`` or ``huge``.
+        patch_size: pixels per patch side.
+        overrides: any ``ViTConfig`` field.
+
+    Returns:
+        The model.
+    """
+    return VisionTransformer(vit_config(size, patch_size, **overrides))
 
 
-_register_all()
+def _make_builder(size: str, patch_size: int):
+    def builder(**overrides) -> VisionTransformer:
+        return build_vit(size, patch_size, **overrides)
+
+    width, depth, heads = VIT_SIZES[size]
+    builder.__name__ = builder.__qualname__ = f"vit_{size}_patch{patch_size}"
+    builder.__doc__ = (f"ViT-{size[0].upper()}/{patch_size}: width {width}, depth {depth}, {heads} heads; "
+                       "``overrides`` replace any ViTConfig field.")
+    return builder
+
+
+for _size in VIT_SIZES:
+    for _patch in VIT_PATCHES:
+        register_model(f"vit_{_size}_patch{_patch}")(_make_builder(_size, _patch))
