@@ -9,16 +9,6 @@ from vitscale.models.flops import forward_flops, train_flops
 from vitscale.models.vit import vit_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    # These tensors are tiny: one thread is as fast as many, and it stays fast when the
-    # CPU is shared (OpenMP workers spin-wait for busy cores; 3x slower under load here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def counted_forward_flops(model, img):
     # The MATH backend runs attention as two matmuls the counter sees. The counter does
     # have formulas for the fused flash / efficient / cuDNN SDPA ops, but CPU's fused

@@ -11,16 +11,6 @@ from vitscale.models.vit import VIT_PATCHES, VIT_SIZES, vit_config
 PKG = Path(__file__).resolve().parents[2] / "vitscale" / "models"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    # These tensors are tiny: one thread is as fast as many, and it stays fast when the
-    # CPU is shared (OpenMP workers spin-wait for busy cores; 3x slower under load here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_registry_has_every_size_and_patch():
     assert len(list_models("vit_*")) == len(VIT_SIZES) * len(VIT_PATCHES)
     for name in ["vit_tiny_patch16", "vit_base_patch16", "vit_large_patch16", "vit_huge_patch14"]:

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import yaml
 
-from vitscale.config import Config, save_config
+from vitscale.config import Config, config_to_dict
 from vitscale.data.synthetic_loader import build_synthetic_loader
 from vitscale.data.transforms import normalize
 from vitscale.models.flops import forward_flops
@@ -67,9 +68,7 @@ def train(cfg: Config, dims, ds_config: dict) -> dict:
     run_dir = Path(cfg.run.dir)
     if dims.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / "config.yaml.tmp"
-        save_config(cfg, tmp)
-        os.replace(tmp, run_dir / "config.yaml")
+        _write_atomic(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         _write_atomic(run_dir / "ds_config.json", json.dumps(ds_config, indent=2) + "\n")
     dist.barrier()
 

@@ -7,10 +7,11 @@ any number of ranks, or written to shards and regenerated bit for bit.
 """
 from __future__ import annotations
 
-import difflib
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
+
+from vitscale.registry import Registry
 
 __all__ = ["Generator", "register_generator", "create_generator", "list_generators"]
 
@@ -24,23 +25,16 @@ class Generator(Protocol):
         """Return image ``instance`` of class ``label`` as a (H, W, 3) uint8 array."""
 
 
-_GENERATORS: dict[str, Callable[..., Generator]] = {}
+GENERATORS: Registry[Generator] = Registry("synthetic generator", "vitscale.data.synthetic.list_generators()")
 
 
 def register_generator(name: str):
     """Class decorator: ``@register_generator("gratings")``."""
-
-    def wrap(cls):
-        if name in _GENERATORS:
-            raise ValueError(f"generator '{name}' is registered twice")
-        _GENERATORS[name] = cls
-        return cls
-
-    return wrap
+    return GENERATORS.register(name)
 
 
 def list_generators() -> list[str]:
-    return sorted(_GENERATORS)
+    return GENERATORS.names()
 
 
 def create_generator(name: str, num_classes: int, image_size: int, seed: int, **params) -> Generator:
@@ -53,12 +47,7 @@ def create_generator(name: str, num_classes: int, image_size: int, seed: int, **
         seed: dataset seed; every image depends on it.
         params: generator-specific parameters.
     """
-    if name not in _GENERATORS:
-        near = difflib.get_close_matches(name, list_generators(), n=3, cutoff=0.4)
-        raise ValueError(f"unknown synthetic generator '{name}'"
-                         + (f"; did you mean {', '.join(near)}?" if near else "")
-                         + f" (registered: {', '.join(list_generators())})")
-    return _GENERATORS[name](num_classes=num_classes, image_size=image_size, seed=seed, **params)
+    return GENERATORS.build(name, num_classes=num_classes, image_size=image_size, seed=seed, **params)
 
 
 def instance_rng(seed: int, label: int, instance: int, stream: int = 0) -> np.random.Generator:

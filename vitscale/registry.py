@@ -1,0 +1,45 @@
+"""A name -> builder registry, one instance per kind (models, synthetic generators, losses).
+
+Top level so that ``models`` and ``data`` can each keep one without importing each other.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from typing import Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """``@registry.register("name")`` on a builder; ``registry.build("name", **kwargs)``.
+
+    Args:
+        kind: what is registered, for messages ("model", "synthetic generator").
+        listing: how users list the names, for the unknown-name message.
+    """
+
+    def __init__(self, kind: str, listing: str):
+        self.kind, self.listing = kind, listing
+        self._builders: dict[str, Callable[..., T]] = {}
+
+    def register(self, name: str):
+        def wrap(builder):
+            if name in self._builders:
+                raise ValueError(f"{self.kind} '{name}' is registered twice")
+            self._builders[name] = builder
+            return builder
+
+        return wrap
+
+    def names(self, pattern: str | None = None) -> list[str]:
+        """Registered names, sorted; ``pattern`` filters with shell wildcards."""
+        names = sorted(self._builders)
+        return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
+
+    def build(self, name: str, **kwargs) -> T:
+        if name not in self._builders:
+            near = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.5)
+            raise ValueError(f"unknown {self.kind} '{name}'" + (f"; did you mean {', '.join(near)}?" if near else "")
+                             + f" ({self.listing} shows all)")
+        return self._builders[name](**kwargs)
