@@ -68,3 +68,20 @@ def test_srun_style_environment_trains(tmp_path):
     assert "via slurm" in outs[0]
     glob = [r for r in read_metrics(tmp_path) if r["kind"] == "throughput" and r["scope"] == "global"]
     assert glob[-1]["devices"] == 2 and glob[-1]["samples"] == 3 * 8
+
+
+@pytest.mark.distributed
+def test_bf16_with_gradient_accumulation_single_process(tmp_path):
+    run_training(tmp_path, SHORT + ["train.precision=bf16", "train.micro_batch=2"], launcher="python", nprocs=1)
+    train = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
+    ds = __import__("json").loads((tmp_path / "ds_config.json").read_text())
+    assert ds["bf16"]["enabled"] and ds["gradient_accumulation_steps"] == 4
+    assert len(train) == 3 and all(r["grad_norm"] > 0 for r in train)
+
+
+def test_console_script_is_installed():
+    import shutil
+
+    exe = shutil.which("vitscale-train") or str(__import__("pathlib").Path(sys.executable).parent / "vitscale-train")
+    proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage: vitscale-train" in proc.stdout

@@ -67,3 +67,46 @@ def test_launcher_detection(monkeypatch, env, launcher, world):
         monkeypatch.setenv(k, v)
     assert detect_launcher() == launcher
     assert world_size_from_env() == world
+
+
+class _FakeAccelerator:
+    def __init__(self, bf16, fp16):
+        self.bf16, self.fp16 = bf16, fp16
+
+    def is_bf16_supported(self):
+        return self.bf16
+
+    def is_fp16_supported(self):
+        return self.fp16
+
+    def device_name(self):
+        return "cpu"
+
+
+def test_unsupported_precision_is_refused_early():
+    from vitscale.config import ConfigError
+    from vitscale.train.__main__ import check_precision
+
+    check_precision("fp16", _FakeAccelerator(True, True))
+    check_precision("fp32", _FakeAccelerator(False, False))
+    with pytest.raises(ConfigError, match="train.precision=fp16 is not supported on cpu; use one of fp32, bf16"):
+        check_precision("fp16", _FakeAccelerator(True, False))
+
+
+def test_initial_weights_from_a_timm_state_dict(tmp_path):
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from vitscale.train.finetune import load_initial_weights
+
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=3, depth=2)
+    torch.save({"state_dict": ref.state_dict()}, tmp_path / "w.pt")
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    for name in ("w.pt", "w.safetensors"):
+        ours = create_model("vit_tiny_patch16", img_size=32, num_classes=3, depth=2)
+        load_initial_weights(ours, tmp_path / name)
+        assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), ref.state_dict().values()))
+    wrong = create_model("vit_tiny_patch16", img_size=32, num_classes=5, depth=2)
+    with pytest.raises(ValueError, match=r"does not fit the model: shape mismatch \['head.weight: file \(3, 192\)"):
+        load_initial_weights(wrong, tmp_path / "w.pt")

@@ -39,6 +39,20 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, args
 
 
+def check_precision(precision: str, accelerator=None) -> None:
+    """Refuse a precision the device cannot run, before any process starts (DeepSpeed
+    would fail only inside ``deepspeed.initialize``)."""
+    if accelerator is None:
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator()
+    supported = {"fp32": True, "bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported()}
+    if not supported[precision]:
+        ok = [p for p, yes in supported.items() if yes]
+        raise ConfigError(f"train.precision={precision} is not supported on {accelerator.device_name()}; "
+                          f"use one of {', '.join(ok)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("vitscale.train")
@@ -47,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(path, overrides)
         layout = validate_layout(cfg, world_size_from_env())
         ds_config = compose_ds_config(cfg, layout.data)
+        check_precision(cfg.train.precision)
     except ConfigError as e:
         log.error("config error: %s", e)
         return 2
