@@ -96,8 +96,11 @@ def train(cfg: Config, dims, ds_config: dict) -> dict:
         with meter.data_wait():
             return next(loader)
 
+    mean = torch.tensor(cfg.data.mean, device=dims.device)
+    std = torch.tensor(cfg.data.std, device=dims.device)
+
     def prepare(images, labels):
-        images = normalize(images.to(dims.device, non_blocking=True), cfg.data.mean, cfg.data.std, dtype)
+        images = normalize(images.to(dims.device, non_blocking=True), mean, std, dtype)
         return images, labels.to(dims.device, non_blocking=True)
 
     record: dict = {}
