@@ -282,9 +282,13 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def dump_config(cfg: Config) -> str:
+    """The config as YAML text that ``load_config`` reads back to an equal Config."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    Path(path).write_text(dump_config(cfg))
 
 
 # --------------------------------------------------------------------------- validation

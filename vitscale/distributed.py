@@ -160,14 +160,12 @@ def init_distributed(pipe: int = 1, tensor: int = 1, timeout_s: float = 600.0,
         _export_single_env(default_port)
     # For "mpi", DeepSpeed's MPI discovery (mpi4py) sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*.
     accel = get_accelerator()
-    if accel.device_name() != "cpu":
-        accel.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=default_port, verbose=False,
                                timeout=timedelta(seconds=timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # known only now under mpirun (MPI discovery)
     if accel.device_name() != "cpu":
-        accel.set_device(local_rank)
+        accel.set_device(local_rank)  # before the first collective creates NCCL communicators
     device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
 
     # Nodes from host names rather than launcher variables: the same answer under every launcher.

@@ -59,8 +59,12 @@ def build_engine(cfg: Config, dims, ds_config: dict):
         logger.info("model %s: %.2fM parameters, ZeRO-%d, %s", cfg.model.name, n_params / 1e6,
                     cfg.parallel.zero, cfg.train.precision)
     o, t = cfg.optim, cfg.train
-    schedule = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
-        optimizer, lambda i: lr_lambda(i, t.steps, o.warmup_steps, o.schedule, o.warmup_init_ratio, o.min_lr_ratio))
+
+    def schedule(optimizer):  # DeepSpeed calls it with the optimizer it built
+        ratio = lambda i: lr_lambda(i, t.steps, o.warmup_steps, o.schedule, o.warmup_init_ratio,  # noqa: E731
+                                    o.min_lr_ratio)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, ratio)
+
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, mpu=dims.grid, lr_scheduler=schedule,
                                            model_parameters=param_groups(model, o.weight_decay))
     return engine

@@ -9,9 +9,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 
-from vitscale.config import Config, config_to_dict
+from vitscale.config import Config, dump_config
 from vitscale.data.synthetic_loader import build_synthetic_loader
 from vitscale.data.transforms import normalize
 from vitscale.models.flops import forward_flops
@@ -68,7 +67,7 @@ def train(cfg: Config, dims, ds_config: dict) -> dict:
     run_dir = Path(cfg.run.dir)
     if dims.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        _write_atomic(run_dir / "config.yaml", dump_config(cfg))
         _write_atomic(run_dir / "ds_config.json", json.dumps(ds_config, indent=2) + "\n")
     dist.barrier()
 
