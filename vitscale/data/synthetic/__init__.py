@@ -24,6 +24,17 @@ class Generator(Protocol):
     def render(self, label: int, instance: int) -> np.ndarray:
         """Return image ``instance`` of class ``label`` as a (H, W, 3) uint8 array."""
 
+    def params(self, label: int, instance: int) -> dict:
+        """The parameters image ``instance`` of class ``label`` is drawn from (category
+        parameters and the instance's own draws), JSON-serialisable: written beside each
+        image in the shards (``{key}.json``)."""
+
+
+# Generators whose categories come from a search (FractalDB) also offer
+#   categories() -> list            one JSON-serialisable entry per class
+# and accept ``categories=`` (that list) in their constructor to skip the search, so a
+# category set is found once, saved, and reused (``vitscale-synth search``).
+
 
 GENERATORS: Registry[Generator] = Registry("synthetic generator", "vitscale.data.synthetic.list_generators()")
 

@@ -24,18 +24,23 @@ class Gratings:
         coords = (np.arange(image_size, dtype=np.float64) + 0.5) / image_size
         self._y, self._x = np.meshgrid(coords, coords, indexing="ij")
 
-    def render(self, label: int, instance: int) -> np.ndarray:
+    def params(self, label: int, instance: int) -> dict:
         if not 0 <= label < self.num_classes:
             raise ValueError(f"label {label} outside [0, {self.num_classes})")
         rng = instance_rng(self.seed, label, instance)
         spacing = np.pi / self.num_classes
-        theta = label * spacing + rng.uniform(-0.25, 0.25) * spacing
-        cycles = rng.uniform(self.min_cycles, self.max_cycles)
-        phase = rng.uniform(0, 2 * np.pi)
         # A dark and a bright colour: with two free colours many instances have no contrast
         # left, and a tiny ViT then stays at chance for hundreds of steps.
-        c0, c1 = rng.uniform(0.0, 0.3, size=3), 1.0 - rng.uniform(0.0, 0.3, size=3)
-        wave = 0.5 + 0.5 * np.sin(2 * np.pi * cycles * (self._x * np.cos(theta) + self._y * np.sin(theta)) + phase)
+        return {"theta": label * spacing + rng.uniform(-0.25, 0.25) * spacing,
+                "cycles": rng.uniform(self.min_cycles, self.max_cycles), "phase": rng.uniform(0, 2 * np.pi),
+                "dark": rng.uniform(0.0, 0.3, size=3).tolist(), "bright": (1.0 - rng.uniform(0.0, 0.3, size=3)).tolist(),
+                "noise_seed": int(rng.integers(2**31))}
+
+    def render(self, label: int, instance: int) -> np.ndarray:
+        p = self.params(label, instance)
+        c0, c1, theta = np.array(p["dark"]), np.array(p["bright"]), p["theta"]
+        wave = 0.5 + 0.5 * np.sin(2 * np.pi * p["cycles"] * (self._x * np.cos(theta) + self._y * np.sin(theta))
+                                  + p["phase"])
         img = c0 + (c1 - c0) * wave[..., None]  # (H, W, 3) in [0, 1]
-        img += rng.normal(0.0, self.noise, size=img.shape)
+        img += np.random.default_rng(p["noise_seed"]).normal(0.0, self.noise, size=img.shape)
         return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
