@@ -70,6 +70,12 @@ def test_parse_override():
     ("data.source=fractl", "data.source='fractl' is not available"),
     ("parallel.tensor=3", "parallel.tensor=3 must divide the 4 attention heads of vit_tiny_patch16; use one of 1, 2, 4"),
     ("parallel.pipe=9", "parallel.pipe=9 is more stages than the 8 blocks"),
+    ("parallel.pipe=4 model.depth=3", "parallel.pipe=4 is more stages than the 3 blocks"),
+    ("parallel.tensor=2 model.mlp_ratio=4.01", "parallel.tensor=2 must divide the MLP width 769"),
+    ("parallel.pipe=2 parallel.zero=3", "parallel.zero=3 cannot run with parallel.pipe=2"),
+    ("parallel.partition=layers", "parallel.partition='layers' is not allowed; choose one of 'blocks'"),
+    ("parallel.activation_checkpoint=-1", "parallel.activation_checkpoint=-1 must be >= 0"),
+    ("parallel.tensor=2 model.init=configs/vit_tiny.yaml", "starting weights load into the whole model only"),
     ("parallel.offload=all", "parallel.offload=all offloads parameters, which only ZeRO-3 does"),
     ("parallel.zero=0 parallel.offload=optimizer", "parallel.offload=optimizer needs ZeRO 1, 2 or 3"),
     ("parallel.ds_preset=zero9", "parallel.ds_preset='zero9' not found; choose one of"),
@@ -89,6 +95,25 @@ def test_zero2_with_pipeline_is_rejected_before_anything_starts():
     with pytest.raises(ConfigError, match="parallel.zero=2 cannot run with parallel.pipe=2: DeepSpeed's pipeline "
                                           "engine supports only ZeRO 0 and 1"):
         load_config(ROOT / "configs/vit_tiny.yaml", ["parallel.pipe=2", "parallel.zero=2"])
+
+
+def test_large_layouts_validate_for_their_allocations():
+    huge = load_config(ROOT / "configs/vit_huge_fdsl.yaml")
+    lay = validate_layout(huge, 64)  # 16 nodes x 4 GPUs
+    assert (lay.tensor, lay.data, lay.grad_accum) == (4, 16, 2)
+    giant = load_config(ROOT / "configs/vit_22b.yaml")
+    lay = validate_layout(giant, 256)  # 64 nodes x 4 GPUs
+    assert (lay.pipe, lay.tensor, lay.data, lay.grad_accum) == (8, 4, 8, 16)
+    with pytest.raises(ConfigError, match="world size 48 is not divisible by parallel.pipe x parallel.tensor = 8 x 4"):
+        validate_layout(giant, 48)
+
+
+def test_pipeline_with_fp32_zero0_clips_in_vitscale():
+    # DeepSpeed's fp32 ZeRO-0 clipping miscounts pipeline stages: the engine clips instead.
+    cfg = load_config(ROOT / "configs/vit_tiny.yaml", ["parallel.pipe=2", "parallel.zero=0"])
+    assert compose_ds_config(cfg, 1)["gradient_clipping"] == 0.0 and cfg.optim.grad_clip == 1.0
+    cfg = load_config(ROOT / "configs/vit_tiny.yaml", ["parallel.pipe=2", "parallel.zero=1"])
+    assert compose_ds_config(cfg, 1)["gradient_clipping"] == 1.0
 
 
 def test_missing_config_file():

@@ -74,6 +74,8 @@ class ParallelConfig:
     zero: Literal[0, 1, 2, 3] = 0  # ZeRO stage
     offload: Literal["none", "optimizer", "all"] | None = None  # None: as the preset says; all = optimizer + params (ZeRO-3)
     ds_preset: str = "auto"  # a file in ds_configs/ (name or path); auto = zero{stage}.json
+    partition: Literal["blocks", "parameters", "uniform"] = "blocks"  # how layers split over pipeline stages
+    activation_checkpoint: int = 0  # recompute activations in chunks of this many blocks; 0 = off
 
 
 @dataclass
@@ -354,9 +356,13 @@ def validate(cfg: Config) -> None:
     if p.pipe > arch.depth:
         _fail(f"parallel.pipe={p.pipe} is more stages than the {arch.depth} blocks of {cfg.model.name}; "
               f"use parallel.pipe <= {arch.depth}")
-    if p.pipe > 1 or p.tensor > 1:
-        _fail(f"parallel.pipe={p.pipe}, parallel.tensor={p.tensor}: pipeline and tensor parallelism are not "
-              f"part of this version yet; set parallel.pipe=1 parallel.tensor=1 (ZeRO 0-3 data parallel runs)")
+    if p.activation_checkpoint < 0:
+        _fail(f"parallel.activation_checkpoint={p.activation_checkpoint} must be >= 0 (blocks per recomputed "
+              "chunk; 0 turns it off)")
+    if cfg.model.init is not None and (p.pipe > 1 or p.tensor > 1):
+        _fail(f"model.init with parallel.pipe={p.pipe} / parallel.tensor={p.tensor}: starting weights load into "
+              "the whole model only; start with parallel.pipe=1 parallel.tensor=1, or from a checkpoint of this "
+              "layout with checkpoint.resume")
     if ck.resume not in ("auto", "never") and not Path(ck.resume).exists():
         _fail(f"checkpoint.resume='{ck.resume}' is neither auto, never, nor an existing checkpoint folder")
     if cfg.model.init is not None and not Path(cfg.model.init).is_file():
@@ -409,6 +415,11 @@ def validate_layout(cfg: Config, world_size: int) -> Layout:
 
 
 # --------------------------------------------------------------------------- DeepSpeed config
+
+def own_clipping(cfg: Config) -> bool:
+    """Whether vitscale, not DeepSpeed, clips the gradients of this config (see compose_ds_config)."""
+    return cfg.parallel.pipe > 1 and cfg.parallel.zero == 0 and cfg.train.precision == "fp32"
+
 
 # Keys that the experiment config states; a preset must not state them too.
 _OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -482,7 +493,11 @@ def compose_ds_config(cfg: Config, data_parallel: int, check_batch: bool = True)
     ds["gradient_accumulation_steps"] = max(1, t.global_batch // (t.micro_batch * data))
     if check_batch and t.micro_batch * data * ds["gradient_accumulation_steps"] != t.global_batch:
         raise ConfigError("batch sizes do not divide; call validate_layout first")
-    ds["gradient_clipping"] = o.grad_clip
+    # DeepSpeed's fp32 ZeRO-0 clipping (runtime.utils.clip_grad_norm_) counts replicated
+    # parameters only where the *model*-parallel rank is 0, and that rank spans pipe x tensor:
+    # every stage after the first drops out of the norm. There the engine clips instead
+    # (vitscale.train.engine.clip_in_step), with the tensor-rank rule the ZeRO optimizers use.
+    ds["gradient_clipping"] = 0.0 if own_clipping(cfg) else o.grad_clip
     ds["optimizer"] = {"type": "AdamW", "params": {
         "lr": t.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
         "torch_adam": o.torch_adam}}

@@ -131,8 +131,25 @@ class ParallelDims:
     def is_node_main(self) -> bool:
         return self.local_rank == 0
 
+    @property
+    def stage(self) -> int:
+        """This rank's pipeline stage."""
+        return self.grid.get_stage_id()
+
+    @property
+    def tensor_rank(self) -> int:
+        """This rank's index in its tensor-parallel group."""
+        return self.grid.get_slice_parallel_rank()
+
     def data_group(self):
         return self.grid.get_data_parallel_group()
+
+    def tensor_group(self):
+        return self.grid.get_slice_parallel_group()
+
+    def model_group(self):
+        """All ranks that hold one copy of the model between them (pipe x tensor)."""
+        return self.grid.get_model_parallel_group()
 
 
 def init_distributed(pipe: int = 1, tensor: int = 1, timeout_s: float = 600.0,

@@ -11,6 +11,7 @@ so keep those names stable.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -18,6 +19,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vitscale.models.registry import register_model
 
@@ -184,7 +186,8 @@ class LayerScale(nn.Module):
 
     def __init__(self, dim: int, init_values: float):
         super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+        self.init_values = float(init_values)
+        self.gamma = nn.Parameter(torch.full((dim,), self.init_values))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gamma
@@ -241,29 +244,20 @@ class VisionTransformer(nn.Module):
         self.fc_norm = _layer_norm(dim) if cfg.use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = 0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """timm's default init: truncated normal (std .02) for linear weights and the
-        position embedding, a near-zero class token, zero biases, unit LayerNorms; the
-        patch embedding as a linear map of the flattened patch, LeCun-style (std 1/sqrt(fan_in)).
-        Draws from torch's current RNG, so a seed fixes every weight."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, LayerScale):
-                nn.init.constant_(module.gamma, self.cfg.init_values)
-        w = self.patch_embed.proj.weight  # (D, C, p, p)
-        nn.init.trunc_normal_(w, std=1.0 / math.sqrt(w[0].numel()))
-        nn.init.zeros_(self.patch_embed.proj.bias)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=1e-6)
+        """timm's default init (see ``init_weights``), seeded from torch's current RNG, so
+        ``torch.manual_seed(s)`` before building fixes every weight. Parameters on the meta
+        device are left alone: materialise them later with ``init_weights``."""
+        if not self.pos_embed.is_meta:
+            init_weights(self, int(torch.randint(0, 2**62, (), device="cpu").item()))
+
+    def set_grad_checkpointing(self, every: int = 1) -> None:
+        """Recompute activations in backward instead of storing them, in chunks of ``every``
+        blocks (0 turns it off): memory for about one extra forward pass of the blocks."""
+        self.grad_checkpointing = every
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that optimizers conventionally exempt from weight decay."""
@@ -286,7 +280,15 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> normed tokens (B, N, D)."""
-        return self.norm(self.blocks(self.embed(x)))
+        x = self.embed(x)
+        every = self.grad_checkpointing
+        if every and self.training and torch.is_grad_enabled():
+            blocks = list(self.blocks)
+            for i in range(0, len(blocks), every):
+                x = checkpoint(nn.Sequential(*blocks[i:i + every]), x, use_reentrant=False)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens (B, N, D) from ``forward_features`` -> logits (B, num_classes).
@@ -308,6 +310,60 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> logits (B, num_classes)."""
         return self.forward_head(self.forward_features(x))
+
+
+def _param_stream(seed: int, name: str) -> torch.Generator:
+    """The random stream of one parameter, keyed by (seed, full parameter name)."""
+    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") % 2**63)
+
+
+def _initial_value(name: str, module: nn.Module, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    leaf = name.rsplit(".", 1)[-1]
+    if isinstance(module, nn.LayerNorm):
+        return torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
+    if isinstance(module, LayerScale):
+        return torch.full(shape, module.init_values)
+    if leaf == "bias":
+        return torch.zeros(shape)
+    out = torch.empty(shape)
+    if name.endswith("patch_embed.proj.weight"):  # a linear map of the flattened patch, LeCun-style
+        return nn.init.trunc_normal_(out, std=1.0 / math.sqrt(math.prod(shape[1:])), generator=gen)
+    if leaf == "cls_token":
+        return nn.init.normal_(out, std=1e-6, generator=gen)
+    if leaf in ("weight", "pos_embed"):
+        return nn.init.trunc_normal_(out, std=0.02, generator=gen)
+    raise ValueError(f"init_weights: no rule for parameter {name!r} of {type(module).__name__}")
+
+
+def init_weights(module: nn.Module, seed: int, prefix: str = "") -> nn.Module:
+    """timm's ViT init, each parameter from its own stream keyed by (seed, full name).
+
+    Truncated normal (std .02) for linear weights and the position embedding, a
+    near-zero class token, zero biases, unit LayerNorms, LayerScale at its init value,
+    the patch embedding LeCun-style (std 1/sqrt(fan_in)).
+
+    Because no parameter's value depends on the order of the others, any piece of a
+    model initialises to exactly what it holds in the whole model: a pipeline stage
+    (``prefix`` = its name in the whole model, e.g. ``"blocks.3"``) or a tensor-parallel
+    shard (a module with ``full_shape(name)`` / ``shard(name, full)``: the full
+    parameter is drawn, then sliced). Parameters on the meta device are skipped.
+
+    Returns:
+        ``module``.
+    """
+    for mod_name, mod in module.named_modules(prefix=prefix):
+        for leaf, p in mod.named_parameters(recurse=False):
+            if p.is_meta:
+                continue
+            name = f"{mod_name}.{leaf}" if mod_name else leaf
+            shape = tuple(mod.full_shape(leaf)) if hasattr(mod, "full_shape") else tuple(p.shape)
+            value = _initial_value(name, mod, shape, _param_stream(seed, name))
+            if hasattr(mod, "shard"):
+                value = mod.shard(leaf, value)
+            with torch.no_grad():
+                p.copy_(value)
+    return module
 
 
 # Every size in one table (as big_vision's decode_variant): width, depth, heads.
@@ -376,3 +432,14 @@ def _make_builder(size: str, patch_size: int):
 for _size in VIT_SIZES:
     for _patch in VIT_PATCHES:
         register_model(f"vit_{_size}_patch{_patch}")(_make_builder(_size, _patch))
+
+
+@register_model("vit_22b_patch14")
+def vit_22b_patch14(**overrides) -> VisionTransformer:
+    """ViT-22B's shape (Dehghani et al. 2023): width 6144, depth 48, 48 heads, MLP 24576,
+    patch 14, QK-norm, no qkv bias; 21.7B parameters. Its parallel attention/MLP
+    formulation and bias-free LayerNorms are not reproduced: the blocks are the
+    sequential pre-norm blocks above. Build it on the meta device (or sharded through
+    ``train.engine.build_model``): in fp32 it takes 87 GB."""
+    kwargs = dict(embed_dim=6144, depth=48, num_heads=48, qk_norm=True, qkv_bias=False)
+    return build_vit("huge", 14, **{**kwargs, **overrides})

@@ -4,11 +4,16 @@ from __future__ import annotations
 import logging
 import math
 
+from functools import partial
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from vitscale.config import Config, model_kwargs
+from vitscale.config import Config, model_kwargs, own_clipping
 from vitscale.models import create_model
+from vitscale.models.tensor_parallel import parallelize_vit
+from vitscale.models.vit import init_weights
 from vitscale.train.finetune import load_initial_weights
 
 logger = logging.getLogger(__name__)
@@ -20,10 +25,38 @@ def compute_dtype(precision: str) -> torch.dtype:
     return _DTYPES[precision]
 
 
-def build_model(cfg: Config) -> nn.Module:
-    """The full (unsharded) model, initialised from ``train.seed`` identically on every rank."""
-    torch.manual_seed(cfg.train.seed)
-    model = create_model(cfg.model.name, **model_kwargs(cfg))
+def build_model(cfg: Config, dims=None) -> nn.Module:
+    """This rank's part of the model, with the weights the single-process model has.
+
+    pipe = tensor = 1 (or ``dims`` None): the whole model. tensor > 1: every block's
+    linears sharded (``tensor_parallel.parallelize_vit``). pipe > 1: this rank's stage as
+    a ``PipelineModule`` (``pipeline.build_vit_pipeline``). The model is first built on the
+    meta device and only this rank's parameters are materialised and initialised, each
+    from (``train.seed``, its name in the whole model), so no process ever holds more than
+    its share, and every layout starts from the same function.
+    """
+    with torch.device("meta"):
+        model = create_model(cfg.model.name, **model_kwargs(cfg))
+    seed, device = cfg.train.seed, dims.device if dims is not None else torch.device("cpu")
+    shard = None
+    if dims is not None and dims.tensor > 1:
+        shard = partial(parallelize_vit, rank=dims.tensor_rank, world=dims.tensor, group=dims.tensor_group())
+    every = cfg.parallel.activation_checkpoint
+    if dims is not None and dims.pipe > 1:
+        from vitscale.models.pipeline import build_vit_pipeline
+
+        smoothing = cfg.train.label_smoothing
+
+        def loss_fn(logits, labels):
+            return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+
+        return build_vit_pipeline(model, dims.grid._topo, dims.stage, seed, loss_fn, device,
+                                  cfg.parallel.partition, every, shard)
+    if shard is not None:
+        shard(model)
+    model.to_empty(device=device)
+    init_weights(model, seed)
+    model.set_grad_checkpointing(every)
     if cfg.model.init:
         load_initial_weights(model, cfg.model.init)
     return model
@@ -53,11 +86,13 @@ def build_engine(cfg: Config, dims, ds_config: dict):
     """
     import deepspeed
 
-    model = build_model(cfg)
-    n_params = sum(p.numel() for p in model.parameters())
-    if dims.is_main:
-        logger.info("model %s: %.2fM parameters, ZeRO-%d, %s", cfg.model.name, n_params / 1e6,
-                    cfg.parallel.zero, cfg.train.precision)
+    if dims.is_main:  # before building: a large model's count should show before its memory is spent
+        logger.info("model %s: %s parameters, pipe %d x tensor %d x data %d, ZeRO-%d, %s", cfg.model.name,
+                    _human(model_parameters(cfg)), dims.pipe, dims.tensor, dims.data, cfg.parallel.zero,
+                    cfg.train.precision)
+    model = build_model(cfg, dims)
+    if dims.is_node_main:
+        logger.info("rank %d holds %s parameters", dims.rank, _human(sum(p.numel() for p in model.parameters())))
     o, t = cfg.optim, cfg.train
 
     def schedule(optimizer):  # DeepSpeed calls it with the optimizer it built
@@ -65,9 +100,34 @@ def build_engine(cfg: Config, dims, ds_config: dict):
                                     o.min_lr_ratio)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, ratio)
 
-    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, mpu=dims.grid, lr_scheduler=schedule,
+    # A PipelineModule brings its own grid (built from the same topology); DeepSpeed
+    # refuses a second one as mpu.
+    mpu = None if dims.pipe > 1 else dims.grid
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, mpu=mpu, lr_scheduler=schedule,
                                            model_parameters=param_groups(model, o.weight_decay))
+    if own_clipping(cfg):
+        clip_in_step(engine, model, dims, o.grad_clip)
     return engine
+
+
+def clip_in_step(engine, model: nn.Module, dims, max_norm: float) -> None:
+    """Compute the global gradient norm (and clip to ``max_norm`` > 0) right before each
+    optimizer step, where DeepSpeed's own fp32 clipping miscounts pipeline stages (see
+    ``vitscale.config.compose_ds_config``). The norm is kept as ``engine.vitscale_grad_norm``
+    for the logs. Same arithmetic as DeepSpeed's: scale by max_norm / (norm + 1e-6) when below 1."""
+    step = engine.optimizer.step
+
+    def clipped_step(*args, **kwargs):
+        norm = grad_norm_fp32(model, dims)
+        engine.vitscale_grad_norm = norm
+        coef = max_norm / (norm + 1e-6)
+        if max_norm > 0 and coef < 1:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.detach().mul_(coef)
+        return step(*args, **kwargs)
+
+    engine.optimizer.step = clipped_step
 
 
 def lr_lambda(i: int, steps: int, warmup: int, schedule: str = "cosine", init_ratio: float = 0.0,
@@ -85,11 +145,31 @@ def lr_lambda(i: int, steps: int, warmup: int, schedule: str = "cosine", init_ra
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def grad_norm_fp32(model: nn.Module) -> float:
+def grad_norm_fp32(model: nn.Module, dims=None) -> float:
     """Global 2-norm of the (already data-parallel averaged) gradients.
 
     DeepSpeed reports the norm for its ZeRO / bf16 / fp16 optimizers but not for
     plain fp32 without ZeRO, so we compute it there, before the step clears them.
+    With pipe or tensor > 1 each rank holds part of the model: squares are summed over
+    the model-parallel group, counting tensor-sharded parameters on every tensor rank and
+    replicated ones once (DeepSpeed's own rule).
     """
-    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+    first = dims is None or dims.tensor_rank == 0
+    squares = [p.grad.detach().float().square().sum() for p in model.parameters()
+               if p.grad is not None and (first or getattr(p, "tensor_model_parallel", False))]
+    total = torch.stack(squares).sum() if squares else torch.zeros((), device=getattr(dims, "device", "cpu"))
+    if dims is not None and dims.pipe * dims.tensor > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(total, group=dims.model_group())
+    return total.sqrt().item()
+
+
+def model_parameters(cfg: Config) -> int:
+    """Parameter count of the whole model (all stages and shards), without allocating it."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in create_model(cfg.model.name, **model_kwargs(cfg)).parameters())
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from vitscale.config import Config, dump_config
+from vitscale.config import Config, dump_config, model_arch
 from vitscale.data.synthetic_loader import build_synthetic_loader
 from vitscale.data.transforms import normalize
 from vitscale.models.flops import forward_flops
@@ -36,7 +36,7 @@ def _peak_tflops(cfg: Config, device: torch.device) -> float | None:
 
 
 def train_step(engine, fetch, accum: int, prepare, label_smoothing: float = 0.0,
-               want_norm: bool = False) -> tuple[torch.Tensor, float | None]:
+               want_norm: bool = False, dims=None) -> tuple[torch.Tensor, float | None]:
     """One optimizer step over ``accum`` micro-batches.
 
     Args:
@@ -46,6 +46,7 @@ def train_step(engine, fetch, accum: int, prepare, label_smoothing: float = 0.0,
         prepare: (images, labels) -> the same on the device, images normalised.
         label_smoothing: for the cross-entropy.
         want_norm: compute the gradient norm where DeepSpeed does not report one (ZeRO-0, fp32).
+        dims: the layout (for that norm when the model is split over ranks).
 
     Returns:
         This rank's mean loss over the micro-batches (a device scalar), and the norm or None.
@@ -56,10 +57,25 @@ def train_step(engine, fetch, accum: int, prepare, label_smoothing: float = 0.0,
         loss = F.cross_entropy(engine(images).float(), labels, label_smoothing=label_smoothing)
         engine.backward(loss)
         if want_norm and micro == accum - 1:
-            norm = grad_norm_fp32(engine.module)
+            norm = grad_norm_fp32(engine.module, dims)
         engine.step()
         losses.append(loss.detach())
     return torch.stack(losses).mean(), norm
+
+
+def pipeline_step(engine, fetch, prepare) -> torch.Tensor:
+    """One optimizer step of a ``PipelineEngine``: DeepSpeed runs the micro-batches through the
+    stages (1F1B schedule) and returns the loss already averaged over micro-batches and
+    data-parallel ranks, on every stage. Only the first and last stage read data."""
+
+    class Batches:
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return prepare(*fetch())
+
+    return engine.train_batch(data_iter=Batches())
 
 
 def train(cfg: Config, dims, ds_config: dict) -> dict:
@@ -74,13 +90,18 @@ def train(cfg: Config, dims, ds_config: dict) -> dict:
     engine = build_engine(cfg, dims, ds_config)
     start = checkpoint.load(engine, run_dir, cfg.checkpoint.resume)
     t, accum = cfg.train, ds_config["gradient_accumulation_steps"]
+    piped = dims.pipe > 1
+    # Inner pipeline stages never read data.
+    needs_data = not piped or engine.is_first_stage() or engine.is_last_stage()
     loader = iter(build_synthetic_loader(
         cfg.data.source, cfg.data.num_classes, cfg.data.image_size, cfg.data.instances, t.seed,
         t.micro_batch, t.global_batch, dims.data_rank, dims.data, start_step=start,
-        num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch, pin_memory=dims.device.type == "cuda"))
+        num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch,
+        pin_memory=dims.device.type == "cuda")) if needs_data else None
     dtype = compute_dtype(t.precision)
-    meter = ThroughputMeter(dims, t.global_batch, forward_flops(engine.module), cfg.log.warmup_steps,
-                            _peak_tflops(cfg, dims.device), info={
+    meter = ThroughputMeter(dims, t.global_batch, forward_flops(model_arch(cfg)), cfg.log.warmup_steps,
+                            _peak_tflops(cfg, dims.device), recompute=cfg.parallel.activation_checkpoint > 0,
+                            info={
                                 "model": cfg.model.name, "micro_batch": t.micro_batch, "global_batch": t.global_batch,
                                 "precision": t.precision, "layout": {"pipe": dims.pipe, "tensor": dims.tensor,
                                                                      "data": dims.data, "zero": cfg.parallel.zero}})
@@ -107,15 +128,22 @@ def train(cfg: Config, dims, ds_config: dict) -> dict:
         log_now = (step + 1) % cfg.log.every == 0 or step + 1 == t.steps
         lr = engine.get_lr()[0]  # the lr this step uses
         meter.start_step()
-        loss_mean, norm = train_step(engine, fetch, accum, prepare, t.label_smoothing,
-                                     want_norm=log_now and cfg.parallel.zero == 0 and t.precision == "fp32")
+        if piped:
+            loss_mean, norm = pipeline_step(engine, fetch, prepare), getattr(engine, "vitscale_grad_norm", None)
+        else:
+            loss_mean, norm = train_step(engine, fetch, accum, prepare, t.label_smoothing,
+                                         want_norm=log_now and cfg.parallel.zero == 0 and t.precision == "fp32",
+                                         dims=dims)
         meter.end_step()
         if progress is not None:
             progress.update(1)
 
         if log_now:
-            dist.all_reduce(loss_mean, group=dims.data_group())
-            loss_mean = loss_mean.item() / dims.data
+            if piped:  # already the data-parallel mean
+                loss_mean = loss_mean.item()
+            else:
+                dist.all_reduce(loss_mean, group=dims.data_group())
+                loss_mean = loss_mean.item() / dims.data
             norm = engine.get_global_grad_norm() if norm is None else norm
             record = {"kind": "train", "step": step + 1, "samples": (step + 1) * t.global_batch,
                       "loss": loss_mean, "lr": lr,
