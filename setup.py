@@ -32,5 +32,6 @@ setup(
         "mpi": ["mpi4py>=3.1", "mpich"],
         "dev": ["pytest>=7", "mpi4py>=3.1", "mpich"],
     },
-    entry_points={"console_scripts": ["vitscale-train=vitscale.train.__main__:main"]},
+    entry_points={"console_scripts": ["vitscale-train=vitscale.train.__main__:main",
+                                     "vitscale-synth=vitscale.tools.synth:main"]},
 )

@@ -70,6 +70,8 @@ def test_parse_override():
     ("data.source=fractl", "data.source='fractl' is not available"),
     ("parallel.tensor=3", "parallel.tensor=3 must divide the 4 attention heads of vit_tiny_patch16; use one of 1, 2, 4"),
     ("parallel.pipe=9", "parallel.pipe=9 is more stages than the 8 blocks"),
+    ("data.source=/no/such/shards/", "data.source: data.shards entry '/no/such/shards/'"),
+    ("data.hflip=2", "data.hflip=2.0 must be a probability in [0, 1]"),
     ("parallel.pipe=4 model.depth=3", "parallel.pipe=4 is more stages than the 3 blocks"),
     ("parallel.tensor=2 model.mlp_ratio=4.01", "parallel.tensor=2 must divide the MLP width 769"),
     ("parallel.pipe=2 parallel.zero=3", "parallel.zero=3 cannot run with parallel.pipe=2"),
@@ -89,6 +91,14 @@ def test_rejections_name_the_key_and_the_fix(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(ROOT / "configs/vit_tiny.yaml", override.split(" "))
     assert message in str(e.value)
+
+
+def test_generator_arguments_are_checked_against_the_generator():
+    with pytest.raises(ConfigError, match="data.params: num_points not an argument of generator 'gratings'; "
+                                          "it takes min_cycles, max_cycles, noise"):
+        load_config(ROOT / "configs/vit_tiny.yaml", ["data.source=gratings", "data.params={num_points: 5}"])
+    cfg = load_config(ROOT / "configs/vit_tiny.yaml", ["data.source=fractal", "data.params={num_points: 5000}"])
+    assert cfg.data.params == {"num_points": 5000}
 
 
 def test_zero2_with_pipeline_is_rejected_before_anything_starts():

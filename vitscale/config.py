@@ -56,8 +56,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "gratings"  # a synthetic generator name (vitscale.data.synthetic.list_generators())
-    shards: Any = None  # shard pattern, list, or list of {pattern, weight} (shard readers: later issues)
+    source: str = "gratings"  # a generator (vitscale-synth list), rendered on the fly, or a shard folder / pattern
+    shards: Any = None  # shard folder, brace/glob pattern, or a list of them (vitscale-synth output); set -> read shards
+    params: dict = field(default_factory=dict)  # on the fly: generator keyword arguments (as vitscale-synth --param)
     image_size: int = 64  # pixels, square
     num_classes: int = 10
     instances: int = 1000  # instances per class: one epoch = num_classes * instances samples
@@ -65,6 +66,11 @@ class DataConfig:
     prefetch: int = 4  # batches prefetched per worker
     mean: list = field(default_factory=lambda: [0.5, 0.5, 0.5])  # normalisation, applied on the device
     std: list = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    shuffle_buffer: int = 1000  # shards: samples each loader worker holds for shuffling (0/1 = off)
+    augment: bool = True  # shards: random resized crop + horizontal flip (FDSL pre-training); on the fly never augments
+    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])  # random resized crop: area fraction range
+    crop_ratio: list = field(default_factory=lambda: [0.75, 1.3333333])  # aspect ratio range (log-uniform)
+    hflip: float = 0.5  # probability of a horizontal flip
 
 
 @dataclass
@@ -300,6 +306,46 @@ def _fail(msg: str) -> None:
     raise ConfigError(msg)
 
 
+def _validate_data(d: DataConfig, generators: list[str]) -> None:
+    from vitscale.data.shards import is_shard_source, resolve_shards  # no torch import
+
+    uses_shards = d.shards is not None or (d.source not in generators and is_shard_source(d.source))
+    if not uses_shards and d.source not in generators:
+        near = difflib.get_close_matches(d.source, generators, n=3, cutoff=0.5)
+        _fail(f"data.source='{d.source}' is not available: it is neither a synthetic generator ("
+              f"{', '.join(generators)}) nor a shard folder / pattern (or set data.shards)"
+              + (f"; did you mean {', '.join(near)}?" if near else ""))
+    if not isinstance(d.params, dict):
+        _fail(f"data.params={d.params!r} must be a mapping of generator arguments, e.g. data.params={{num_points: 20000}}")
+    if d.params and not uses_shards:
+        from vitscale.data.synthetic import GENERATORS
+
+        accepted = [a for a in GENERATORS.parameters(d.source) if a not in ("num_classes", "image_size", "seed")]
+        unknown = sorted(set(d.params) - set(accepted))
+        if unknown:
+            _fail(f"data.params: {', '.join(unknown)} not an argument of generator '{d.source}'; "
+                  f"it takes {', '.join(accepted) or 'none'}")
+    if d.shuffle_buffer < 0:
+        _fail(f"data.shuffle_buffer={d.shuffle_buffer} must be >= 0 (0 or 1 turns shuffling off)")
+    if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
+        _fail(f"data.crop_scale={d.crop_scale} must be [low, high] with 0 < low <= high <= 1")
+    if len(d.crop_ratio) != 2 or not 0 < d.crop_ratio[0] <= d.crop_ratio[1]:
+        _fail(f"data.crop_ratio={d.crop_ratio} must be [low, high] with 0 < low <= high")
+    if not 0 <= d.hflip <= 1:
+        _fail(f"data.hflip={d.hflip} must be a probability in [0, 1]")
+    if uses_shards:
+        try:  # fail before any process group starts: the shards exist and hold what the config says
+            _, described = resolve_shards(d.shards if d.shards is not None else d.source)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            _fail(f"data.{'shards' if d.shards is not None else 'source'}: {e}")
+        classes = {desc.get("classes") for desc in described} - {None}
+        if len(classes) > 1:
+            _fail(f"data shards mix datasets with {sorted(classes)} classes; their labels would collide")
+        if classes and classes != {d.num_classes}:
+            _fail(f"data.num_classes={d.num_classes} but the shards hold {min(classes)} classes (dataset.json); "
+                  f"set data.num_classes={min(classes)}")
+
+
 def validate(cfg: Config) -> None:
     """Checks that need only the config. Raises ConfigError naming the key and the fix."""
     from vitscale.data.synthetic import list_generators
@@ -330,9 +376,7 @@ def validate(cfg: Config) -> None:
         _fail(f"data.mean and data.std need 3 values (RGB), got {d.mean} and {d.std}")
     if len(o.betas) != 2:
         _fail(f"optim.betas={o.betas} needs two values, e.g. [0.9, 0.999]")
-    if d.source not in list_generators():
-        _fail(f"data.source='{d.source}' is not available: use a synthetic generator "
-              f"({', '.join(list_generators())}); shard and LAION readers are not part of this version")
+    _validate_data(d, list_generators())
     if p.offload == "all" and p.zero != 3:
         _fail(f"parallel.offload=all offloads parameters, which only ZeRO-3 does; set parallel.zero=3 "
               f"or parallel.offload=optimizer (now parallel.zero={p.zero})")

@@ -21,9 +21,13 @@ import re
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# No module-level torch import: tools that only need the launcher's ranks (vitscale-synth)
+# import this module without paying for torch.
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +66,18 @@ def world_size_from_env() -> int:
 
         return MPI.COMM_WORLD.Get_size()
     return 1
+
+
+def rank_from_env() -> int:
+    """This process's global rank as the launcher set it, without starting a process group."""
+    env, launcher = os.environ, detect_launcher()
+    if launcher == "env":
+        return int(env["RANK"])
+    if launcher == "slurm":
+        return int(env["SLURM_PROCID"])
+    if launcher == "mpi":
+        return int(next(env[v] for v in _MPI_RANK_VARS if v in env))
+    return 0
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -166,6 +182,7 @@ def init_distributed(pipe: int = 1, tensor: int = 1, timeout_s: float = 600.0,
         ParallelDims for this process.
     """
     import deepspeed
+    import torch
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology, PipelineParallelGrid
@@ -218,4 +235,6 @@ def configure_cpu_threads(dims: ParallelDims) -> None:
     """On CPU, share the cores among the node's ranks unless OMP_NUM_THREADS says otherwise
     (torch's default of one thread per core in every rank oversubscribes the machine)."""
     if dims.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dims.local_world_size))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
@@ -36,6 +37,11 @@ class Registry(Generic[T]):
         """Registered names, sorted; ``pattern`` filters with shell wildcards."""
         names = sorted(self._builders)
         return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
+
+    def parameters(self, name: str) -> list[str]:
+        """Keyword arguments the builder of ``name`` accepts (for early config checks)."""
+        return [p.name for p in inspect.signature(self._builders[name]).parameters.values()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
     def build(self, name: str, **kwargs) -> T:
         if name not in self._builders:

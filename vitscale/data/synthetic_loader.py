@@ -1,6 +1,20 @@
-"""Synthetic classification data -> uint8 (image, label) micro-batches.
+"""Synthetic classification data -> uint8 (image, label) micro-batches, on the fly or from shards.
 
-Order is a function of the *global sample position*, not of the layout: optimizer
+``build_train_loader(data_cfg, ...)`` picks one of two paths with the same output, an
+endless stream of (uint8 images (B, 3, H, W), int64 labels (B,)) micro-batches for one
+data rank:
+
+- **On the fly** (``data.source`` = a generator name, ``data.shards`` unset): images are
+  rendered in the loader workers. This path is *exact*: the order below is a pure
+  function of the global sample position, so every layout and every resume sees the
+  same samples in each step. Parity tests and layout comparisons use it.
+- **Shards** (``data.shards`` set, or ``data.source`` a shard folder / pattern): WebDataset
+  tars written by ``vitscale-synth`` are streamed, shuffled and augmented (random resized
+  crop + horizontal flip, as in FDSL pre-training). Not position-exact -- a resumed run
+  continues from the epoch it had reached with fresh shuffling, and what a rank sees
+  depends on the number of ranks and workers -- as for any streaming WebDataset loader.
+
+On the fly, order is a function of the *global sample position*, not of the layout: optimizer
 step ``s`` consumes positions ``[s * G, (s + 1) * G)`` of one seeded stream (G = the
 global batch), and data rank ``r`` of ``D`` takes micro-batch ``m`` as
 
@@ -16,13 +30,21 @@ no per-sample float work on the CPU.
 """
 from __future__ import annotations
 
-from typing import Iterator
+import io
+import itertools
+import math
+import random
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from vitscale.data.synthetic import Generator, create_generator
+from vitscale.data.shards import is_shard_source, load_categories, resolve_shards
+from vitscale.data.synthetic import Generator, create_generator, list_generators
 
 
 class SyntheticClassification(Dataset):
@@ -103,19 +125,230 @@ def _collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch
 def build_synthetic_loader(source: str, num_classes: int, image_size: int, instances: int, seed: int,
                            micro_batch: int, global_batch: int, data_rank: int, data_world: int,
                            start_step: int = 0, num_workers: int = 2, prefetch: int = 4,
-                           pin_memory: bool = False) -> DataLoader:
+                           pin_memory: bool = False, params: dict | None = None) -> DataLoader:
     """An endless loader of (uint8 images (B, 3, H, W), int64 labels (B,)) micro-batches.
 
     Args:
         source: generator name (``vitscale.data.synthetic.list_generators()``).
+        params: generator keyword arguments; ``categories`` may name a category file
+            (``vitscale-synth search``) instead of holding the list.
         num_classes, image_size, instances: dataset shape; an epoch is num_classes * instances.
         seed: seeds both the images and their order.
         micro_batch, global_batch, data_rank, data_world: see ``StepSampler``.
         start_step: optimizer step to start from (resume).
         num_workers, prefetch, pin_memory: as in ``torch.utils.data.DataLoader``.
     """
-    dataset = SyntheticClassification(create_generator(source, num_classes, image_size, seed), instances)
+    params = dict(params or {})
+    if isinstance(params.get("categories"), str):
+        params["categories"] = load_categories(Path(params["categories"]), source, num_classes)
+    dataset = SyntheticClassification(create_generator(source, num_classes, image_size, seed, **params), instances)
     sampler = StepSampler(len(dataset), micro_batch, global_batch, data_rank, data_world, seed, start_step)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate,
                       pin_memory=pin_memory, persistent_workers=num_workers > 0,
                       prefetch_factor=prefetch if num_workers > 0 else None)
+
+
+# -- shards -----------------------------------------------------------------------------------------
+
+def random_resized_crop_box(width: int, height: int, rng: random.Random, scale: tuple[float, float],
+                            ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """A crop box (left, top, right, bottom) covering a random ``scale`` fraction of the image
+    with aspect ratio (log-uniform) in ``ratio``: the Inception-style crop of DeiT / FDSL
+    pre-training. Falls back to the largest central crop within ``ratio`` after 10 misses."""
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+            return left, top, left + w, top + h
+    aspect = width / height
+    w, h = ((width, round(width / ratio[0])) if aspect < ratio[0] else
+            (round(height * ratio[1]), height) if aspect > ratio[1] else (width, height))
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+class ShardStream(IterableDataset):
+    """Endless micro-batches from synthetic WebDataset shards for one data rank.
+
+    Each epoch, all shards are permuted with (seed, epoch); data rank ``r`` of ``D`` takes
+    every ``D``-th shard of that order starting at ``r`` (disjoint across ranks within an
+    epoch), and DataLoader worker ``w`` of ``W`` every ``W``-th of those. Samples pass a
+    shuffle buffer, are decoded to uint8 RGB, cropped/resized to ``image_size`` and batched
+    in the worker.
+
+    Args:
+        urls: all shards (every rank passes the same list).
+        image_size: output side length, pixels.
+        micro_batch: samples per yielded batch.
+        seed: shard order, shuffle buffer and augmentation derive from it.
+        data_rank, data_world: this rank and the number of data-parallel ranks.
+        start_epoch: first epoch (resume).
+        resume_salt: mixed into the shuffle / augmentation seeds, so a resumed run does not
+            replay the draws of the run's start (pass the start step).
+        num_classes: labels outside ``[0, num_classes)`` raise; None skips the check.
+        shuffle_buffer: samples held per worker for shuffling (raw bytes, before decoding).
+        augment: random resized crop (``crop_scale``, ``crop_ratio``) + flip with probability
+            ``hflip``; without it, images are resized (central square crop) to ``image_size``.
+    """
+
+    def __init__(self, urls: list[str], image_size: int, micro_batch: int, seed: int, data_rank: int,
+                 data_world: int, start_epoch: int = 0, resume_salt: int = 0, num_classes: int | None = None,
+                 shuffle_buffer: int = 1000, augment: bool = True, crop_scale: tuple[float, float] = (0.08, 1.0),
+                 crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5):
+        if not 0 <= data_rank < data_world:
+            raise ValueError(f"data rank {data_rank} outside [0, {data_world})")
+        self.urls, self.image_size, self.micro_batch, self.seed = list(urls), image_size, micro_batch, seed
+        self.rank, self.world, self.start_epoch, self.resume_salt = data_rank, data_world, start_epoch, resume_salt
+        self.num_classes, self.shuffle_buffer, self.augment = num_classes, shuffle_buffer, augment
+        self.crop_scale, self.crop_ratio, self.hflip = tuple(crop_scale), tuple(crop_ratio), hflip
+
+    def shard_order(self, epoch: int, worker: int = 0, workers: int = 1) -> list[str]:
+        """The shards worker ``worker`` of ``workers`` on this rank reads in ``epoch``, in order."""
+        seq = np.random.SeedSequence([self.seed, epoch, 0x5A4D])  # same permutation on every rank
+        perm = np.random.default_rng(seq).permutation(len(self.urls))
+        return [self.urls[i] for i in perm[self.rank::self.world][worker::workers]]
+
+    def _urls(self, worker: int, workers: int, counter: list[int]) -> Iterator[dict]:
+        for epoch in itertools.count(self.start_epoch):
+            order = self.shard_order(epoch, worker, workers)
+            if not order:
+                raise ValueError(f"data worker {worker} of {workers} on data rank {self.rank} of {self.world} has "
+                                 f"no shard: {len(self.urls)} shards cannot be split over {self.world * workers} "
+                                 "readers; write more, smaller shards (vitscale-synth --shard-size) or lower "
+                                 "data.num_workers")
+            before = counter[0]
+            for url in order:
+                yield {"url": url}
+            if counter[0] == before:  # never spin forever on empty shards
+                raise ValueError(f"shards {order[:3]}{'...' if len(order) > 3 else ''} hold no samples")
+
+    def _decode(self, sample: dict, rng: random.Random) -> tuple[np.ndarray, int]:
+        ext = next((e for e in ("png", "jpg", "jpeg") if e in sample), None)
+        if ext is None or "cls" not in sample:
+            raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no .png/.jpg image "
+                             f"or no .cls label (it has {sorted(k for k in sample if not k.startswith('__'))})")
+        label = int(sample["cls"])
+        if self.num_classes is not None and not 0 <= label < self.num_classes:
+            raise ValueError(f"sample {sample['__key__']} in {sample['__url__']} has label {label}, outside "
+                             f"data.num_classes={self.num_classes}")
+        img = Image.open(io.BytesIO(sample[ext]))
+        img = img if img.mode == "RGB" else img.convert("RGB")
+        size = (self.image_size, self.image_size)
+        if self.augment:
+            box = random_resized_crop_box(img.width, img.height, rng, self.crop_scale, self.crop_ratio)
+            out = np.asarray(img.resize(size, Image.Resampling.BILINEAR, box=box))
+            if rng.random() < self.hflip:
+                out = out[:, ::-1]
+        elif img.size != size:
+            side = min(img.size)
+            left, top = (img.width - side) // 2, (img.height - side) // 2
+            out = np.asarray(img.resize(size, Image.Resampling.BILINEAR, box=(left, top, left + side, top + side)))
+        else:
+            out = np.asarray(img)
+        return out, label  # (H, W, 3) uint8
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        state = np.random.SeedSequence([self.seed, self.rank, worker, self.resume_salt]).generate_state(2)
+        shuffle_rng, augment_rng = random.Random(int(state[0])), random.Random(int(state[1]))
+        counter = [0]
+
+        def counted(samples):
+            for sample in samples:
+                counter[0] += 1
+                yield sample
+
+        samples = counted(wds.tarfile_to_samples()(self._urls(worker, workers, counter)))
+        if self.shuffle_buffer > 1:
+            samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=shuffle_rng)(samples)
+        images, labels = None, []
+        for sample in samples:
+            image, label = self._decode(sample, augment_rng)
+            if images is None:
+                images = np.empty((self.micro_batch, 3, self.image_size, self.image_size), dtype=np.uint8)
+            # HWC -> CHW per image into the batch: ~5x cheaper than torch's permute().contiguous() on uint8.
+            images[len(labels)] = image.transpose(2, 0, 1)
+            labels.append(label)
+            if len(labels) == self.micro_batch:
+                yield torch.from_numpy(images), torch.tensor(labels, dtype=torch.long)  # (B, 3, H, W), (B,)
+                images, labels = None, []
+
+
+def build_shard_loader(shards: str | list, image_size: int, seed: int, micro_batch: int, global_batch: int,
+                       data_rank: int, data_world: int, start_step: int = 0, num_classes: int | None = None,
+                       num_workers: int = 2, prefetch: int = 4, pin_memory: bool = False,
+                       shuffle_buffer: int = 1000, augment: bool = True,
+                       crop_scale: tuple[float, float] = (0.08, 1.0),
+                       crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5) -> DataLoader:
+    """An endless loader of (uint8 images (B, 3, H, W), int64 labels (B,)) micro-batches from shards.
+
+    Args:
+        shards: dataset folder, brace / glob pattern, or list of them (``vitscale.data.shards.resolve_shards``).
+        image_size: training image size, pixels.
+        seed: shard order, shuffling and augmentation.
+        micro_batch, global_batch, data_rank, data_world: as for the on-the-fly path.
+        start_step: optimizer step to start from: the stream restarts at the epoch that step
+            had reached (approximate; see the module docstring).
+        num_classes: the model's classes; checked against ``dataset.json`` and every label.
+        num_workers, prefetch, pin_memory: as in ``torch.utils.data.DataLoader``.
+        shuffle_buffer, augment, crop_scale, crop_ratio, hflip: see ``ShardStream``.
+
+    Raises:
+        ValueError: no shard matches, too few shards for data_world x num_workers readers,
+            or ``num_classes`` disagrees with ``dataset.json``.
+    """
+    if global_batch % (micro_batch * data_world):
+        raise ValueError(f"global batch {global_batch} is not a multiple of micro batch {micro_batch} "
+                         f"x {data_world} data ranks")
+    urls, infos = resolve_shards(shards)
+    readers = data_world * max(1, num_workers)
+    if len(urls) < readers:
+        raise ValueError(f"data.shards: {len(urls)} shard(s) cannot be split over {data_world} data rank(s) x "
+                         f"{max(1, num_workers)} loader worker(s) (every reader needs a shard of its own); write "
+                         f"at least {readers} shards (vitscale-synth --shard-size) or lower data.num_workers")
+    classes = {info["classes"] for info in infos}
+    if len(classes) > 1:
+        raise ValueError(f"data.shards mixes datasets with {sorted(classes)} classes; their labels would collide")
+    if classes and num_classes is not None and num_classes != next(iter(classes)):
+        raise ValueError(f"data.num_classes={num_classes} but the shards hold {next(iter(classes))} classes "
+                         f"(dataset.json); set data.num_classes={next(iter(classes))}")
+    num_classes = num_classes if num_classes is not None else (next(iter(classes)) if classes else None)
+    # Resume at the epoch the run had reached, where dataset.json files give the size of all shards.
+    covered = sum(info["num_shards"] for info in infos) == len(urls)
+    total = sum(info["num_samples"] for info in infos) if covered else 0
+    start_epoch = start_step * global_batch // total if total else 0
+    stream = ShardStream(urls, image_size, micro_batch, seed, data_rank, data_world, start_epoch, start_step,
+                         num_classes, shuffle_buffer, augment, crop_scale, crop_ratio, hflip)
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=num_workers > 0, prefetch_factor=prefetch if num_workers > 0 else None)
+
+
+def build_train_loader(data_cfg: Any, seed: int, micro_batch: int, global_batch: int, data_rank: int,
+                       data_world: int, start_step: int = 0, pin_memory: bool = False) -> DataLoader:
+    """The training loader a data config asks for: shards if ``data.shards`` is set or
+    ``data.source`` is a shard folder / pattern, else on-the-fly rendering of the generator
+    ``data.source``.
+
+    Args:
+        data_cfg: ``vitscale.config.DataConfig`` (source, shards, image_size, num_classes,
+            instances, num_workers, prefetch, shuffle_buffer, augment, crop_scale,
+            crop_ratio, hflip).
+        seed: the run's seed (images on the fly, order, augmentation).
+        micro_batch, global_batch, data_rank, data_world, start_step, pin_memory: see
+            ``build_synthetic_loader`` / ``build_shard_loader``.
+    """
+    d = data_cfg
+    shards = d.shards if d.shards is not None else d.source if (
+        d.source not in list_generators() and is_shard_source(d.source)) else None
+    if shards is None:
+        return build_synthetic_loader(d.source, d.num_classes, d.image_size, d.instances, seed, micro_batch,
+                                      global_batch, data_rank, data_world, start_step, d.num_workers, d.prefetch,
+                                      pin_memory, d.params)
+    return build_shard_loader(shards, d.image_size, seed, micro_batch, global_batch, data_rank, data_world,
+                              start_step, d.num_classes, d.num_workers, d.prefetch, pin_memory,
+                              d.shuffle_buffer, d.augment, tuple(d.crop_scale), tuple(d.crop_ratio), d.hflip)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from vitscale.config import Config, dump_config, model_arch
-from vitscale.data.synthetic_loader import build_synthetic_loader
+from vitscale.data.synthetic_loader import build_train_loader
 from vitscale.data.transforms import normalize
 from vitscale.models.flops import forward_flops
 from vitscale.train import checkpoint
@@ -93,11 +93,8 @@ def train(cfg: Config, dims, ds_config: dict) -> dict:
     piped = dims.pipe > 1
     # Inner pipeline stages never read data.
     needs_data = not piped or engine.is_first_stage() or engine.is_last_stage()
-    loader = iter(build_synthetic_loader(
-        cfg.data.source, cfg.data.num_classes, cfg.data.image_size, cfg.data.instances, t.seed,
-        t.micro_batch, t.global_batch, dims.data_rank, dims.data, start_step=start,
-        num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch,
-        pin_memory=dims.device.type == "cuda")) if needs_data else None
+    loader = iter(build_train_loader(cfg.data, t.seed, t.micro_batch, t.global_batch, dims.data_rank, dims.data,
+                                     start_step=start, pin_memory=dims.device.type == "cuda")) if needs_data else None
     dtype = compute_dtype(t.precision)
     meter = ThroughputMeter(dims, t.global_batch, forward_flops(model_arch(cfg)), cfg.log.warmup_steps,
                             _peak_tflops(cfg, dims.device), recompute=cfg.parallel.activation_checkpoint > 0,

@@ -67,3 +67,7 @@ def instance_rng(seed: int, label: int, instance: int, stream: int = 0) -> np.ra
 
 
 from vitscale.data.synthetic import gratings  # noqa: E402,F401  (registers its generator)
+from vitscale.data.synthetic import perlin  # noqa: E402,F401
+from vitscale.data.synthetic import dead_leaves  # noqa: E402,F401
+from vitscale.data.synthetic import fractal, exfractal  # noqa: E402,F401
+from vitscale.data.synthetic import rcdb, visual_atom, bezier  # noqa: E402,F401

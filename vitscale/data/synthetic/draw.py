@@ -1,0 +1,147 @@
+"""Stroking polylines into images: the drawing primitive of the curve generators.
+
+RCDB, VisualAtom and the Bezier curves all reduce an image to "draw these polylines with
+these widths and colours"; this module does that with one numba kernel, so the
+generators only compute vertices.
+
+Conventions:
+- coordinates are float pixels, x to the right and y down, with pixel (row i, column j)
+  centred at (x, y) = (j, i), as in PIL's ImageDraw;
+- a stroke of width w covers the points within w / 2 of the polyline (round caps and
+  joins). Anti-aliased, a pixel's coverage is ``clip(w / 2 + 0.5 - d, 0, 1)`` with d the
+  distance of its centre to the polyline; strokes thinner than one pixel are drawn one
+  pixel wide at coverage w, so hairlines fade instead of breaking up. Without
+  anti-aliasing a pixel is either covered (d <= max(w, 1) / 2) or not;
+- strokes are painted over the image in order, coverage acting as alpha. Within one
+  polyline a pixel keeps its *maximum* coverage over the segments (a per-polyline
+  coverage buffer), so the overlapping ends of consecutive segments neither darken the
+  joins nor thicken dense curves built from many short segments.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+__all__ = ["stroke_polyline", "stroke_polylines"]
+
+
+@njit(cache=True)
+def _stroke_polylines(img, xs, ys, offsets, closed, widths, colors, antialias, round_offset):
+    h, w = img.shape[0], img.shape[1]
+    # Coverage of the polyline being drawn and the pixels it touched (rows, columns), so
+    # compositing and clearing cost the stroke's area, not the image's. One spare slot:
+    # the inner loop writes the next entry unconditionally.
+    cov = np.zeros((h, w), np.float64)
+    touched_y = np.empty(h * w + 1, np.int32)
+    touched_x = np.empty(h * w + 1, np.int32)
+    for p in range(offsets.shape[0] - 1):
+        start, n = offsets[p], offsets[p + 1] - offsets[p]
+        if n == 0:
+            continue
+        width = widths[p]
+        half = 0.5 * max(width, 1.0)
+        strength = min(width, 1.0) if antialias else 1.0
+        reach = half + 0.5 if antialias else half  # beyond it coverage is 0
+        nseg = n if (closed and n > 2) else max(n - 1, 1)  # one point: a dot
+        nt = 0
+        for s in range(nseg):
+            a, b = start + s, start + (s + 1) % n
+            ax, ay, dx, dy = xs[a], ys[a], xs[b] - xs[a], ys[b] - ys[a]
+            len2 = dx * dx + dy * dy
+            inv_len2 = 1.0 / len2 if len2 > 0.0 else 0.0
+            inv_dy = 1.0 / dy if abs(dy) >= 1e-12 else 0.0
+            strip = reach * math.sqrt(len2) * abs(inv_dy)  # half its width along a row
+            y0 = max(0, int(math.ceil(min(ay, ay + dy) - reach)))
+            y1 = min(h - 1, int(math.floor(max(ay, ay + dy) + reach)))
+            for y in range(y0, y1 + 1):
+                # Segment points within `reach` rows of y span parameters [t0, t1];
+                # only x within `reach` of their x range can be covered.
+                if inv_dy == 0.0:
+                    t0, t1 = 0.0, 1.0
+                else:
+                    t0, t1 = (y - reach - ay) * inv_dy, (y + reach - ay) * inv_dy
+                    if t0 > t1:
+                        t0, t1 = t1, t0
+                    t0, t1 = max(t0, 0.0), min(t1, 1.0)
+                    if t0 > t1:
+                        continue
+                xa, xb = ax + t0 * dx, ax + t1 * dx
+                lo, hi = min(xa, xb) - reach, max(xa, xb) + reach
+                if inv_dy != 0.0:
+                    # Also within `reach` of the segment's line: a strip about it.
+                    xc = ax + (y - ay) * dx * inv_dy
+                    lo, hi = max(lo, xc - strip), min(hi, xc + strip)
+                x0 = max(0, int(math.ceil(lo)))
+                x1 = min(w - 1, int(math.floor(hi)))
+                py = y - ay
+                for x in range(x0, x1 + 1):
+                    px = x - ax
+                    t = min(max((px * dx + py * dy) * inv_len2, 0.0), 1.0)
+                    ex, ey = px - t * dx, py - t * dy
+                    d2 = ex * ex + ey * ey
+                    if antialias:
+                        c = min(max(half + 0.5 - math.sqrt(d2), 0.0), 1.0) * strength
+                    else:
+                        c = 1.0 if d2 <= half * half else 0.0
+                    # Branch-free on purpose: whether a pixel is inside, and whether it is
+                    # new, is unpredictable, and mispredictions dominated this loop.
+                    cv = cov[y, x]
+                    touched_y[nt], touched_x[nt] = y, x
+                    nt += (cv == 0.0) & (c > 0.0)
+                    cov[y, x] = max(cv, c)
+        for i in range(nt):
+            y, x = touched_y[i], touched_x[i]
+            c = cov[y, x]
+            for ch in range(3):
+                img[y, x, ch] = img[y, x, ch] * (1.0 - c) + colors[p, ch] * c + round_offset
+            cov[y, x] = 0.0
+
+
+def _check_image(img: np.ndarray) -> float:
+    if img.ndim != 3 or img.shape[2] != 3 or not img.flags.c_contiguous:
+        raise ValueError(f"image must be a C-contiguous (H, W, 3) array, got shape {img.shape}")
+    if img.dtype == np.uint8:
+        return 0.5  # round to nearest when the kernel stores floats into uint8
+    if img.dtype in (np.float32, np.float64):
+        return 0.0
+    raise ValueError(f"image dtype must be uint8, float32 or float64, got {img.dtype}")
+
+
+def stroke_polylines(img: np.ndarray, xs: np.ndarray, ys: np.ndarray, offsets: np.ndarray,
+                     widths: np.ndarray, colors: np.ndarray, closed: bool = False,
+                     antialias: bool = True) -> None:
+    """Draw many polylines in one call, in order, each over the ones before (in place).
+
+    Args:
+        img: (H, W, 3) uint8 or float image, C-contiguous; modified in place.
+        xs, ys: (N,) vertex coordinates of all polylines, concatenated (float pixels).
+        offsets: (P + 1,) int; polyline p has vertices ``offsets[p]:offsets[p + 1]``.
+        widths: (P,) stroke width of each polyline in pixels.
+        colors: (P, 3) RGB of each polyline, in the image's units (0..255 for uint8).
+        closed: connect each polyline's last vertex back to its first (polygons).
+        antialias: coverage from the distance to the polyline; else hard edges.
+    """
+    round_offset = _check_image(img)
+    xs, ys = np.ascontiguousarray(xs, np.float64), np.ascontiguousarray(ys, np.float64)
+    offsets = np.ascontiguousarray(offsets, np.int64)
+    widths = np.ascontiguousarray(widths, np.float64)
+    colors = np.ascontiguousarray(colors, np.float64).reshape(-1, 3)
+    num = offsets.shape[0] - 1
+    if xs.shape != ys.shape or xs.ndim != 1:
+        raise ValueError(f"xs and ys must be 1-D arrays of one length, got {xs.shape} and {ys.shape}")
+    if num < 0 or offsets[0] != 0 or offsets[-1] != xs.shape[0] or np.any(np.diff(offsets) < 0):
+        raise ValueError(f"offsets must rise from 0 to len(xs)={xs.shape[0]}, got {offsets.tolist()[:8]}...")
+    if widths.shape != (num,) or colors.shape != (num, 3):
+        raise ValueError(f"{num} polylines need widths of shape ({num},) and colors of shape ({num}, 3), "
+                         f"got {widths.shape} and {colors.shape}")
+    _stroke_polylines(img, xs, ys, offsets, bool(closed), widths, colors, bool(antialias), round_offset)
+
+
+def stroke_polyline(img: np.ndarray, points: np.ndarray, width: float, color, closed: bool = False,
+                    antialias: bool = True) -> None:
+    """Draw one polyline (in place); ``points`` is (N, 2) as (x, y). See ``stroke_polylines``."""
+    points = np.asarray(points, np.float64).reshape(-1, 2)
+    stroke_polylines(img, points[:, 0], points[:, 1], np.array([0, len(points)]), np.array([width]),
+                     np.asarray(color, np.float64).reshape(1, 3), closed=closed, antialias=antialias)

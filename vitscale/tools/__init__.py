@@ -1,0 +1,1 @@
+"""Console scripts (``vitscale-synth``, ...): thin argument parsing over the library."""
