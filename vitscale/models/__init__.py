@@ -6,6 +6,7 @@ in ``registry.py`` so that model modules can register without importing this pac
 """
 from vitscale.models.registry import create_model, list_models, register_model
 from vitscale.models import vit  # noqa: F401  (importing registers the ViT sizes)
+from vitscale.models import clip  # noqa: F401  (importing registers the CLIP sizes)
 from vitscale.models.vit import ViTConfig, VisionTransformer
 
 __all__ = ["create_model", "list_models", "register_model", "ViTConfig", "VisionTransformer"]

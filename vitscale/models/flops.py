@@ -12,6 +12,11 @@ Training FLOPs = 3 x forward: the backward pass costs twice the forward (a gradi
 for the input and one for the weights of every matrix product). With full activation
 recomputation the hardware runs the forward twice, 4 x forward; that is the hardware
 FLOPs utilisation (HFU) count, while model FLOPs utilisation (MFU) keeps 3 x.
+
+A CLIP sample is one image and one caption of ``context_length`` tokens: both towers'
+matrix products as above (the text tower's causal attention counted in full, as the
+unfused kernel computes it) and both projections; the B x B logits of the loss are not
+a per-sample cost and are left out.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from vitscale.models.clip import CLIPConfig
 from vitscale.models.vit import ViTConfig
 
 
@@ -31,20 +37,41 @@ def vit_forward_flops(cfg: ViTConfig) -> int:
     Returns:
         FLOPs per image (2 per multiply-add).
     """
-    n, d, hidden = cfg.seq_len, cfg.embed_dim, cfg.mlp_hidden
+    d = cfg.embed_dim
     patch_embed = 2 * cfg.num_patches * (cfg.in_chans * cfg.patch_size**2) * d  # conv = a linear per patch
+    head = 2 * d * cfg.num_classes  # one pooled vector per image; 0 classes = no head
+    return patch_embed + cfg.depth * _block_flops(cfg.seq_len, d, cfg.mlp_hidden) + head
+
+
+def _block_flops(n: int, d: int, hidden: int) -> int:
+    """One transformer block on n tokens of width d with an MLP of width hidden."""
     attention = (2 * n * d * 3 * d  # qkv
                  + 2 * n * n * d  # Q K^T, summed over heads: heads x N x N x head_dim
                  + 2 * n * n * d  # A V
                  + 2 * n * d * d)  # proj
     mlp = 2 * n * d * hidden * 2  # fc1 and fc2
-    head = 2 * d * cfg.num_classes  # one pooled vector per image; 0 classes = no head
-    return patch_embed + cfg.depth * (attention + mlp) + head
+    return attention + mlp
 
 
-# Config type -> forward-FLOPs formula. A new model family (e.g. CLIP) adds its entry here.
+def clip_forward_flops(cfg: CLIPConfig) -> int:
+    """Forward FLOPs of one image-caption pair through CLIP (both towers, both projections).
+
+    Args:
+        cfg: the architecture.
+
+    Returns:
+        FLOPs per pair (2 per multiply-add).
+    """
+    v, t = cfg.vision, cfg.text
+    image = vit_forward_flops(v.vit) + 2 * v.width * cfg.embed_dim  # the ViT without head, then proj
+    text = t.layers * _block_flops(t.context_length, t.width, int(t.width * t.mlp_ratio)) + 2 * t.width * cfg.embed_dim
+    return image + text
+
+
+# Config type -> forward-FLOPs formula. A new model family adds its entry here.
 _FORMULAS: dict[type, Callable[[Any], int]] = {
     ViTConfig: vit_forward_flops,
+    CLIPConfig: clip_forward_flops,
 }
 
 

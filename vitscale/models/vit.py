@@ -141,12 +141,14 @@ class Attention(nn.Module):
 
     ``forward`` reads the head count from ``self.num_heads``, not from ``qkv``'s shape, so
     a tensor-parallel shard can hold a slice of ``qkv``/``proj`` and set its local heads.
+    ``causal`` lets each token attend only to itself and earlier ones (a text tower).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, causal: bool = False):
         super().__init__()
         self.num_heads = num_heads  # heads held by this module
+        self.causal = causal
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.q_norm = _layer_norm(self.head_dim) if qk_norm else nn.Identity()
@@ -161,7 +163,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
         q, k = self.q_norm(q), self.k_norm(k)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
+                                           is_causal=self.causal)
         x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)  # (B, N, local D)
         return self.proj_drop(self.proj(x))
 
