@@ -33,5 +33,6 @@ setup(
         "dev": ["pytest>=7", "mpi4py>=3.1", "mpich"],
     },
     entry_points={"console_scripts": ["vitscale-train=vitscale.train.__main__:main",
-                                     "vitscale-synth=vitscale.tools.synth:main"]},
+                                     "vitscale-synth=vitscale.tools.synth:main",
+                                     "vitscale-export=vitscale.tools.export:main"]},
 )

@@ -72,6 +72,8 @@ def test_parse_override():
     ("parallel.pipe=9", "parallel.pipe=9 is more stages than the 8 blocks"),
     ("data.source=/no/such/shards/", "data.source: data.shards entry '/no/such/shards/'"),
     ("data.hflip=2", "data.hflip=2.0 must be a probability in [0, 1]"),
+    ("model.name=clip_tiny", "model.depth is a ViT option; a CLIP states its towers in model.vision"),
+    ("model.vision={x:1}", "model.vision / model.text configure CLIP towers; vit_tiny_patch16 is a ViT classifier"),
     ("parallel.pipe=4 model.depth=3", "parallel.pipe=4 is more stages than the 3 blocks"),
     ("parallel.tensor=2 model.mlp_ratio=4.01", "parallel.tensor=2 must divide the MLP width 769"),
     ("parallel.pipe=2 parallel.zero=3", "parallel.zero=3 cannot run with parallel.pipe=2"),
@@ -99,6 +101,16 @@ def test_generator_arguments_are_checked_against_the_generator():
         load_config(ROOT / "configs/vit_tiny.yaml", ["data.source=gratings", "data.params={num_points: 5}"])
     cfg = load_config(ROOT / "configs/vit_tiny.yaml", ["data.source=fractal", "data.params={num_points: 5000}"])
     assert cfg.data.params == {"num_points": 5000}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("parallel.tensor=3", "parallel.tensor=3 must divide the 4 attention heads of the image tower of clip_tiny"),
+    ("parallel.pipe=5", "parallel.pipe=5 is more stages than the 4 blocks of clip_tiny"),
+])
+def test_clip_layout_rejections(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/clip_tiny.yaml", [override])
+    assert message in str(e.value)
 
 
 def test_zero2_with_pipeline_is_rejected_before_anything_starts():

@@ -52,6 +52,11 @@ class ModelConfig:
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0  # stochastic depth, linear over blocks
+    # CLIP (model.name clip_*): tower overrides with open_clip's field names, e.g.
+    # vision: {layers: 2, width: 64}, text: {context_length: 16, vocab_size: 1000};
+    # embed_dim is the joint embedding, patch_size the image tower's.
+    vision: dict | None = None
+    text: dict | None = None
 
 
 @dataclass
@@ -386,20 +391,34 @@ def validate(cfg: Config) -> None:
         # DeepSpeed asserts this inside PipelineModule; say it before any process starts.
         _fail(f"parallel.zero={p.zero} cannot run with parallel.pipe={p.pipe}: DeepSpeed's pipeline engine "
               f"supports only ZeRO 0 and 1; set parallel.zero=1 or parallel.pipe=1")
+    if is_clip(cfg):
+        m, defaults = cfg.model, ModelConfig()
+        stated = [k for k in _VIT_ONLY if getattr(m, k) != getattr(defaults, k)]
+        if stated:
+            _fail(f"model.{stated[0]} is a ViT option; a CLIP states its towers in model.vision / model.text "
+                  f"(open_clip's names, e.g. model.vision={{layers: 2}} model.text={{heads: 4}})")
+    elif cfg.model.vision or cfg.model.text:
+        _fail(f"model.vision / model.text configure CLIP towers; {cfg.model.name} is a ViT classifier")
     try:
         arch = model_arch(cfg)
     except ValueError as e:  # the model's own checks (e.g. image size vs patch size)
         raise ConfigError(f"model {cfg.model.name} with data.image_size={d.image_size}: {e}") from None
-    if arch.num_heads % p.tensor:
-        ok = [k for k in range(1, arch.num_heads + 1) if arch.num_heads % k == 0]
-        _fail(f"parallel.tensor={p.tensor} must divide the {arch.num_heads} attention heads of "
-              f"{cfg.model.name}; use one of {', '.join(map(str, ok))}")
-    hidden = int(arch.embed_dim * arch.mlp_ratio)
-    if hidden % p.tensor:
-        _fail(f"parallel.tensor={p.tensor} must divide the MLP width {hidden} of {cfg.model.name}")
-    if p.pipe > arch.depth:
-        _fail(f"parallel.pipe={p.pipe} is more stages than the {arch.depth} blocks of {cfg.model.name}; "
-              f"use parallel.pipe <= {arch.depth}")
+    # (where, heads, width, mlp_ratio, blocks) of each transformer stack the layout splits
+    stacks = ([("the image tower of ", arch.vision.heads, arch.vision.width, arch.vision.mlp_ratio, arch.vision.layers),
+               ("the text tower of ", arch.text.heads, arch.text.width, arch.text.mlp_ratio, arch.text.layers)]
+              if is_clip(cfg) else [("", arch.num_heads, arch.embed_dim, arch.mlp_ratio, arch.depth)])
+    for where, heads, width, ratio, _ in stacks:
+        if heads % p.tensor:
+            ok = [k for k in range(1, heads + 1) if heads % k == 0]
+            _fail(f"parallel.tensor={p.tensor} must divide the {heads} attention heads of "
+                  f"{where}{cfg.model.name}; use one of {', '.join(map(str, ok))}")
+        if int(width * ratio) % p.tensor:
+            _fail(f"parallel.tensor={p.tensor} must divide the MLP width {int(width * ratio)} of "
+                  f"{where}{cfg.model.name}")
+    blocks = sum(stack[-1] for stack in stacks)
+    if p.pipe > blocks:
+        _fail(f"parallel.pipe={p.pipe} is more stages than the {blocks} blocks of {cfg.model.name}; "
+              f"use parallel.pipe <= {blocks}")
     if p.activation_checkpoint < 0:
         _fail(f"parallel.activation_checkpoint={p.activation_checkpoint} must be >= 0 (blocks per recomputed "
               "chunk; 0 turns it off)")
@@ -423,10 +442,29 @@ def model_arch(cfg: Config):
         return create_model(cfg.model.name, **model_kwargs(cfg)).cfg
 
 
+def is_clip(cfg: Config) -> bool:
+    """Whether the model is a CLIP (image-text, contrastive) rather than a classifier."""
+    return cfg.model.name.startswith("clip_")
+
+
+# Model keys that only a ViT classifier has; a CLIP states its towers in model.vision / model.text.
+_VIT_ONLY = ("depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm", "init_values", "class_token", "global_pool",
+             "drop_rate", "attn_drop_rate", "drop_path_rate")
+
+
 def model_kwargs(cfg: Config) -> dict:
     """Keyword arguments for ``create_model``: the model section's overrides plus data-derived sizes."""
-    kwargs = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(ModelConfig)
-              if f.name not in ("name", "init") and getattr(cfg.model, f.name) is not None}
+    m = cfg.model
+    if is_clip(cfg):
+        vision = {**(m.vision or {}), "image_size": cfg.data.image_size}
+        if m.patch_size is not None:
+            vision["patch_size"] = m.patch_size
+        kwargs = {"vision": vision, "text": dict(m.text or {})}
+        if m.embed_dim is not None:
+            kwargs["embed_dim"] = m.embed_dim
+        return kwargs
+    kwargs = {f.name: getattr(m, f.name) for f in dataclasses.fields(ModelConfig)
+              if f.name not in ("name", "init", "vision", "text") and getattr(m, f.name) is not None}
     kwargs.update(img_size=cfg.data.image_size, num_classes=cfg.data.num_classes)
     return kwargs
 
@@ -542,6 +580,10 @@ def compose_ds_config(cfg: Config, data_parallel: int, check_batch: bool = True)
     # every stage after the first drops out of the norm. There the engine clips instead
     # (vitscale.train.engine.clip_in_step), with the tensor-rank rule the ZeRO optimizers use.
     ds["gradient_clipping"] = 0.0 if own_clipping(cfg) else o.grad_clip
+    if p.pipe > 1 and p.tensor > 1 and is_clip(cfg):
+        # DeepSpeed splits what stages send over the tensor ranks only when a single float
+        # tensor travels (runtime/pipe/engine.py asserts it); a CLIP sends two.
+        ds["pipeline"] = {**ds.get("pipeline", {}), "pipe_partitioned": False, "grad_partitioned": False}
     ds["optimizer"] = {"type": "AdamW", "params": {
         "lr": t.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
         "torch_adam": o.torch_adam}}

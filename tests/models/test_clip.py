@@ -84,8 +84,10 @@ def test_mapping_renames_only_and_round_trips():
     assert "transformer.resblocks.0.mlp.c_proj.bias" in oc
     assert "token_embedding.weight" in oc and "text_projection" in oc and "visual.proj" in oc
     assert oc["visual.transformer.resblocks.1.attn.in_proj_weight"] is sd["visual.blocks.1.attn.qkv.weight"]
+    assert oc["logit_scale"].shape == () and sd["logit_scale"].shape == (1,)  # DeepSpeed needs >= 1-d
     back = from_open_clip_state_dict(oc)
-    assert list(back) == list(sd) and all(back[k] is sd[k] for k in sd)
+    assert list(back) == list(sd) and all(back[k] is sd[k] for k in sd if k != "logit_scale")
+    assert back["logit_scale"].shape == (1,) and back["logit_scale"].data_ptr() == sd["logit_scale"].data_ptr()
 
 
 @pytest.mark.parametrize("options", TINY)
@@ -150,7 +152,7 @@ def test_text_attention_is_causal_and_pooled_at_the_eot_token():
 
 def test_logit_scale_starts_at_log_1_over_007_and_clamps_at_log_100():
     model = create_model("clip_tiny")
-    assert model.logit_scale.shape == () and model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    assert model.logit_scale.shape == (1,) and model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
     _, _, scale = model(*_batch(model.cfg))
     assert scale.item() == pytest.approx(1 / 0.07)
     with torch.no_grad():

@@ -314,7 +314,9 @@ class CLIP(nn.Module):
         self.cfg = cfg
         self.visual = VisionTower(cfg.vision, cfg.embed_dim, cfg.quick_gelu)
         self.text = TextTower(cfg.text, cfg.embed_dim, cfg.quick_gelu)
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))  # a 0-d scalar, as open_clip
+        # Shape (1,), where open_clip has a 0-d scalar: DeepSpeed cannot broadcast or partition
+        # 0-d parameters. The open_clip conversions reshape it (``to/from_open_clip_state_dict``).
+        self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -357,7 +359,7 @@ class CLIP(nn.Module):
             ``logit_scale.exp()`` (the inverse temperature the loss multiplies logits by).
         """
         return self.encode_image(images, normalize=True), self.encode_text(tokens, normalize=True), \
-            self.logit_scale.exp()
+            self.logit_scale.exp()[0]
 
 
 def _initial_value(name: str, module: nn.Module, shape: tuple[int, ...], gen: torch.Generator,
@@ -457,7 +459,7 @@ def _rename(key: str, to_open_clip: bool) -> str:
 
 
 def to_open_clip_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our CLIP's state dict -> open_clip's ``CLIP`` names (same tensors, renamed keys).
+    """Our CLIP's state dict -> open_clip's ``CLIP`` names (same tensors, renamed keys; ``logit_scale`` viewed as open_clip's 0-d scalar).
 
     Args:
         state_dict: from ``CLIP.state_dict()`` (a full, unsharded model).
@@ -465,7 +467,7 @@ def to_open_clip_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, to
     Returns:
         A dict that ``open_clip.create_model(<matching name>).load_state_dict(sd, strict=True)`` loads.
     """
-    return {_rename(k, True): v for k, v in state_dict.items()}
+    return {_rename(k, True): v.reshape(()) if k == "logit_scale" else v for k, v in state_dict.items()}
 
 
 def from_open_clip_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -478,7 +480,8 @@ def from_open_clip_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, 
     Returns:
         A dict that ``CLIP.load_state_dict(sd, strict=True)`` loads.
     """
-    return {_rename(k, False): v for k, v in state_dict.items() if k != "attn_mask"}
+    return {_rename(k, False): v.reshape(1) if k == "logit_scale" else v for k, v in state_dict.items()
+            if k != "attn_mask"}
 
 
 # ---- sizes: open_clip's model configs as data (open_clip/model_configs/<name>.json) ----

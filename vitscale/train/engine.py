@@ -4,13 +4,17 @@ from __future__ import annotations
 import logging
 import math
 from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from deepspeed.pipe import PipelineModule
 from torch import nn
 
-from vitscale.config import Config, model_kwargs, own_clipping
+from vitscale.config import Config, is_clip, model_kwargs, own_clipping
 from vitscale.models import create_model
+from vitscale.models.clip import clip_init_weights
+from vitscale.models.losses import ClipLoss
 from vitscale.models.tensor_parallel import parallelize_vit
 from vitscale.models.vit import init_weights
 from vitscale.train.finetune import load_initial_weights
@@ -24,61 +28,142 @@ def compute_dtype(precision: str) -> torch.dtype:
     return _DTYPES[precision]
 
 
-def build_model(cfg: Config, dims=None) -> nn.Module:
+def build_model(cfg: Config, dims=None, loss_fn: Callable | None = None) -> nn.Module:
     """This rank's part of the model, with the weights the single-process model has.
 
     pipe = tensor = 1 (or ``dims`` None): the whole model. tensor > 1: every block's
-    linears sharded (``tensor_parallel.parallelize_vit``). pipe > 1: this rank's stage as
-    a ``PipelineModule`` (``pipeline.build_vit_pipeline``). The model is first built on the
-    meta device and only this rank's parameters are materialised and initialised, each
-    from (``train.seed``, its name in the whole model), so no process ever holds more than
-    its share, and every layout starts from the same function.
+    linears sharded (``tensor_parallel.parallelize_vit``; both CLIP towers alike). pipe >
+    1: this rank's stage as a ``PipelineModule`` (``models/pipeline.py``), with ``loss_fn``
+    on its last stage. The model is first built on the meta device and only this rank's
+    parameters are materialised and initialised, each from (``train.seed``, its name in
+    the whole model), so no process ever holds more than its share, and every layout
+    starts from the same function.
     """
     with torch.device("meta"):
         model = create_model(cfg.model.name, **model_kwargs(cfg))
     seed, device = cfg.train.seed, dims.device if dims is not None else torch.device("cpu")
+    clip = is_clip(cfg)
     shard = None
     if dims is not None and dims.tensor > 1:
         shard = partial(parallelize_vit, rank=dims.tensor_rank, world=dims.tensor, group=dims.tensor_group())
     every = cfg.parallel.activation_checkpoint
     if dims is not None and dims.pipe > 1:
-        from vitscale.models.pipeline import build_vit_pipeline
+        from vitscale.models.pipeline import build_clip_pipeline, build_vit_pipeline
 
-        smoothing = cfg.train.label_smoothing
-
-        def loss_fn(logits, labels):
-            return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
-
-        return build_vit_pipeline(model, dims.grid._topo, dims.stage, seed, loss_fn, device,
-                                  cfg.parallel.partition, every, shard)
+        build = build_clip_pipeline if clip else build_vit_pipeline
+        return build(model, dims.grid._topo, dims.stage, seed, loss_fn, device, cfg.parallel.partition, every, shard)
     if shard is not None:
         shard(model)
     model.to_empty(device=device)
-    init_weights(model, seed)
+    if clip:
+        clip_init_weights(model, model.cfg, seed)
+    else:
+        init_weights(model, seed)
     model.set_grad_checkpointing(every)
     if cfg.model.init:
         load_initial_weights(model, cfg.model.init)
     return model
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms (all 1-D tensors), position embeddings
-    and the class token, as in timm and the DeiT / FDSL recipes."""
-    skip = set(getattr(model, "no_weight_decay", lambda: {"pos_embed", "cls_token"})())
+class WholeBatchContrastive:
+    """CLIP's contrastive loss over the whole global batch, also under gradient accumulation
+    (open_clip's ``accum_freq`` feature caching), so every layout trains the same function.
+
+    A contrastive loss over each micro-batch alone would depend on the layout: data 2 with
+    one micro-batch each contrasts 2 x micro samples, data 1 with two accumulated
+    micro-batches contrasts micro samples twice. So with accumulation, a step first runs
+    every micro-batch forward without gradients (``collecting``: the features are cached,
+    the returned loss is a placeholder), then again with gradients, each time computing the
+    loss of the whole batch with this micro-batch's fresh features in place of its cached
+    ones. Each pass's gradient reaches only its own micro-batch, so their sum is the
+    gradient of the whole-batch loss; DeepSpeed divides each by the accumulation count,
+    which ``_scale_grad`` undoes without changing the loss value that is logged. Costs one
+    extra forward pass per step when accumulating, none otherwise. Works in the plain engine
+    (``loop.train_step``) and as a pipeline's ``loss_fn`` (``loop.pipeline_step`` runs
+    DeepSpeed's ``eval_batch`` to collect, then ``train_batch``).
+
+    Args:
+        loss: ``(image features, text features, logit scale) -> loss`` (``models.losses.ClipLoss``).
+        accum: micro-batches per optimizer step on this rank.
+    """
+
+    def __init__(self, loss: Callable, accum: int):
+        self.loss, self.accum = loss, accum
+        self.collecting = False
+        self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._next = 0
+
+    def collect(self) -> None:
+        """Start a step: the next ``accum`` calls cache features."""
+        self.collecting, self._cache, self._next = True, [], 0
+
+    def train(self) -> None:
+        """After collecting: the next ``accum`` calls compute the loss with gradients."""
+        if self._cache and len(self._cache) != self.accum:  # empty on pipeline stages without the loss
+            raise RuntimeError(f"collected {len(self._cache)} micro-batches, expected {self.accum}")
+        self.collecting, self._next = False, 0
+
+    def __call__(self, outputs, target=None) -> torch.Tensor:
+        image, text, scale = outputs
+        image, text, scale = image.float(), text.float(), scale.float().clamp(max=100.0)  # open_clip's clamp
+        if self.accum == 1:
+            return self.loss(image, text, scale)
+        if self.collecting:
+            self._cache.append((image.detach(), text.detach()))
+            return scale * 0.0  # a placeholder with a graph; nothing is trained on it
+        i, self._next = self._next, self._next + 1
+        images = torch.cat([image if j == i else cached[0] for j, cached in enumerate(self._cache)])
+        texts = torch.cat([text if j == i else cached[1] for j, cached in enumerate(self._cache)])
+        return self._scale_grad(self.loss(images, texts, scale))
+
+    def _scale_grad(self, loss: torch.Tensor) -> torch.Tensor:
+        # Value of ``loss``, gradient x accum: DeepSpeed divides every micro-batch's loss by
+        # the accumulation count, but each pass here carries a whole-batch loss.
+        return loss + (self.accum - 1) * (loss - loss.detach())
+
+
+def build_loss(cfg: Config, dims=None, accum: int = 1) -> Callable:
+    """``(model outputs, target) -> loss`` of the task: cross-entropy of a classifier's
+    logits, or CLIP's contrastive loss over the data-parallel group (each rank's images
+    against all texts and vice versa, gradients through the gather; ``models.losses.ClipLoss``)
+    and over all ``accum`` micro-batches of a step (``WholeBatchContrastive``), with the
+    logit scale clamped at 100 as open_clip does (as a clamp in the loss rather than on the
+    parameter, which under ZeRO lives in the optimizer's master copy)."""
+    if is_clip(cfg):
+        group = dims.data_group() if dims is not None and dims.data > 1 else None
+        return WholeBatchContrastive(ClipLoss(local_loss=True, group=group), accum)
+    smoothing = cfg.train.label_smoothing
+
+    def classification_loss(logits, labels):
+        return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+
+    return classification_loss
+
+
+def param_groups(model: nn.Module, weight_decay: float, skip: set[str] | None = None) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms (all 1-D tensors) and the parameters in
+    ``skip`` (default: the model's ``no_weight_decay()``: position embeddings, class token,
+    ...), as in timm / open_clip and the DeiT / FDSL recipes. Names are those of the whole
+    model; a pipeline stage's ``"<layer index>."`` prefix is ignored."""
+    if skip is None:
+        skip = set(getattr(model, "no_weight_decay", lambda: {"pos_embed", "cls_token"})())
+    piped = isinstance(model, PipelineModule)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+            whole = name.split(".", 1)[1] if piped else name
+            (no_decay if p.ndim <= 1 or whole in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(cfg: Config, dims, ds_config: dict):
+def build_engine(cfg: Config, dims, ds_config: dict, loss_fn: Callable | None = None):
     """``deepspeed.initialize`` on the model, with our grid as ``mpu``.
 
     Args:
         cfg: the experiment.
         dims: ``ParallelDims`` from ``vitscale.distributed.init_distributed``.
         ds_config: from ``vitscale.config.compose_ds_config``.
+        loss_fn: ``build_loss``'s; a pipeline computes it on its last stage.
 
     Returns:
         The DeepSpeed engine (its ``.module`` is the model).
@@ -89,7 +174,7 @@ def build_engine(cfg: Config, dims, ds_config: dict):
         logger.info("model %s: %s parameters, pipe %d x tensor %d x data %d, ZeRO-%d, %s", cfg.model.name,
                     _human(model_parameters(cfg)), dims.pipe, dims.tensor, dims.data, cfg.parallel.zero,
                     cfg.train.precision)
-    model = build_model(cfg, dims)
+    model = build_model(cfg, dims, loss_fn)
     if dims.is_node_main:
         logger.info("rank %d holds %s parameters", dims.rank, _human(sum(p.numel() for p in model.parameters())))
     o, t = cfg.optim, cfg.train
@@ -103,7 +188,7 @@ def build_engine(cfg: Config, dims, ds_config: dict):
     # refuses a second one as mpu.
     mpu = None if dims.pipe > 1 else dims.grid
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, mpu=mpu, lr_scheduler=schedule,
-                                           model_parameters=param_groups(model, o.weight_decay))
+                                           model_parameters=param_groups(model, o.weight_decay, no_decay_names(cfg)))
     if own_clipping(cfg):
         clip_in_step(engine, model, dims, o.grad_clip)
     return engine
@@ -162,6 +247,12 @@ def grad_norm_fp32(model: nn.Module, dims=None) -> float:
 
         dist.all_reduce(total, group=dims.model_group())
     return total.sqrt().item()
+
+
+def no_decay_names(cfg: Config) -> set[str]:
+    """The whole model's ``no_weight_decay()`` names (every layout decays the same parameters)."""
+    with torch.device("meta"):
+        return set(create_model(cfg.model.name, **model_kwargs(cfg)).no_weight_decay())
 
 
 def model_parameters(cfg: Config) -> int:

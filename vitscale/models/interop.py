@@ -1,0 +1,253 @@
+"""Weights between layouts and libraries: merge and split tensor-parallel shards, map
+pipeline layers to whole-model names, and write timm / open_clip state dicts.
+
+A training run holds its weights in pieces (the export tool reads them from a
+DeepSpeed checkpoint of any layout); this module turns the pieces into one plain
+state dict of the whole model with our names, and back:
+
+    tensor ranks' shards ──merge_tensor_parallel──▶ whole model
+    whole model ──shard_state_dict──▶ one tensor shard / pipeline layer / stage
+    pipeline layers (layer index -> state dict) ──pipeline_to_whole──▶ whole-model names
+
+Which tensors are sharded, and how, is read from the sharded model itself (a
+``tensor_parallel.ColumnParallelLinear`` / ``RowParallelLinear`` and its ``world`` /
+``chunks``), so merging is exactly the inverse of the ``shard()`` that initialised and
+trained the shards, for every model ``parallelize_vit`` shards (ViT, both CLIP towers).
+Build that model on the meta device: only its structure is read.
+
+Our ViT's state dict *is* timm's (``vit.py``), so ``to_timm`` only checks; CLIP keys are
+renamed for open_clip by ``clip.to_open_clip_state_dict``. Pure torch: nothing here starts
+or needs a process group.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Literal, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from vitscale.models.clip import CLIP, to_open_clip_state_dict
+from vitscale.models.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from vitscale.models.vit import VisionTransformer, ViTConfig
+
+__all__ = ["FORMATS", "merge_tensor_parallel", "shard_state_dict", "pipeline_to_whole", "to_timm", "to_open_clip",
+           "convert_state_dict", "timm_kwargs", "library_config", "check_state_dict"]
+
+logger = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+Format = Literal["timm", "open_clip", "vitscale"]
+FORMATS: tuple[str, ...] = ("timm", "open_clip", "vitscale")
+
+
+def _owners(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """State-dict key -> (the module that owns it, the key's last part), for every key of
+    ``model.state_dict()`` (persistent buffers included)."""
+    keys = set(model.state_dict(keep_vars=True))
+    owners = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for leaf, _ in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
+            key = f"{mod_name}.{leaf}" if mod_name else leaf
+            if key in keys:
+                owners[key] = (mod, leaf)
+    return owners
+
+
+def _merge_column(parts: Sequence[torch.Tensor], chunks: int) -> torch.Tensor:
+    # Inverse of ColumnParallelLinear.shard: each part holds, for every one of the
+    # ``chunks`` blocks (q, k, v of a fused qkv), that rank's rows of the block.
+    rest = parts[0].shape[1:]
+    blocks = torch.stack([p.reshape(chunks, -1, *rest) for p in parts], dim=1)  # (chunks, world, rows, ...)
+    return blocks.reshape(-1, *rest)
+
+
+def merge_tensor_parallel(shards: Sequence[Mapping[str, torch.Tensor]], model_part: nn.Module,
+                          atol: float = 0.0) -> StateDict:
+    """The tensor ranks' state dicts of one module -> the state dict of the unsharded module.
+
+    Column-parallel weights and biases are put back row block by row block (for qkv,
+    ``chunks=3``: each rank's q, k and v heads back into the q, k and v blocks);
+    row-parallel weights are concatenated along the input features; everything else is
+    replicated and taken from rank 0.
+
+    Args:
+        shards: ``shards[r]`` is tensor rank r's state dict of ``model_part``.
+        model_part: the module as sharded for training (``parallelize_vit(m, 0, world,
+            None)`` on a meta-built model is enough: only its structure is read). Its keys
+            are the shards' keys.
+        atol: replicated tensors must agree across ranks within this (they receive
+            identical gradients); a larger difference is logged as a warning.
+
+    Returns:
+        The merged state dict, keyed as ``model_part``'s.
+
+    Raises:
+        ValueError: when the number of shards or any key or shape does not fit ``model_part``.
+    """
+    if not shards:
+        raise ValueError("merge_tensor_parallel: no shards given")
+    owners = _owners(model_part)
+    for rank, shard in enumerate(shards):
+        missing, unexpected = sorted(set(owners) - set(shard)), sorted(set(shard) - set(owners))
+        if missing or unexpected:
+            raise ValueError(f"tensor rank {rank}'s state dict does not fit the model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+    merged: StateDict = {}
+    for key, (mod, leaf) in owners.items():
+        parts = [shard[key] for shard in shards]
+        sharded = ((isinstance(mod, ColumnParallelLinear) and leaf in ("weight", "bias"))
+                   or (isinstance(mod, RowParallelLinear) and leaf == "weight"))
+        if sharded and len(parts) != mod.world:
+            raise ValueError(f"{key} is sharded over {mod.world} tensor ranks but {len(parts)} shards were given")
+        if isinstance(mod, ColumnParallelLinear) and leaf in ("weight", "bias"):
+            merged[key] = _merge_column(parts, mod.chunks)
+        elif isinstance(mod, RowParallelLinear) and leaf == "weight":
+            merged[key] = torch.cat(parts, dim=1)
+        else:
+            first = parts[0]
+            for rank, other in enumerate(parts[1:], start=1):
+                if other.shape != first.shape:
+                    raise ValueError(f"replicated {key}: tensor rank {rank} has shape {tuple(other.shape)}, "
+                                     f"rank 0 {tuple(first.shape)}")
+                if first.is_floating_point() and not torch.allclose(other, first, rtol=0.0, atol=atol):
+                    logger.warning("replicated %s differs between tensor ranks 0 and %d by up to %.3g; "
+                                   "keeping rank 0's", key, rank, (other - first).abs().max().item())
+            merged[key] = first
+        if sharded:
+            expect = tuple(mod.full_shape(leaf))
+            if tuple(merged[key].shape) != expect:
+                raise ValueError(f"{key}: merged shape {tuple(merged[key].shape)} is not the full layer's {expect}")
+    return merged
+
+
+def _whole_name(key: str, prefix: str, layer_prefixes: Sequence[str] | None) -> str:
+    if layer_prefixes is not None:  # a PipelineModule: its children are named by layer index
+        index, _, rest = key.partition(".")
+        prefix = layer_prefixes[int(index)]
+        key = rest
+    return f"{prefix}.{key}" if prefix else key
+
+
+def shard_state_dict(full: Mapping[str, torch.Tensor], model_part: nn.Module, prefix: str = "",
+                     layer_prefixes: Sequence[str] | None = None) -> StateDict:
+    """A whole-model state dict -> the state dict of one piece of the model (the reverse of
+    ``merge_tensor_parallel`` / ``pipeline_to_whole``), ready for ``model_part.load_state_dict``.
+
+    The piece may be a tensor-parallel shard (its ``ColumnParallelLinear`` /
+    ``RowParallelLinear`` modules take their slices with their own ``shard()``), a
+    pipeline layer or stage, or both.
+
+    Args:
+        full: the whole model's state dict (our names, e.g. from ``vitscale-export --to vitscale``).
+        model_part: the piece, e.g. a model after ``parallelize_vit``, one layer of
+            ``pipeline.vit_layers``, or a ``PipelineModule`` stage.
+        prefix: ``model_part``'s name in the whole model (``"blocks.3"`` for a block; ``""``
+            for the whole model or a ViTEmbed / ViTHead layer).
+        layer_prefixes: for a ``PipelineModule``, whose children are named by layer index:
+            each layer's prefix, in layer order (``[p for p, _ in vit_layers(model)]``).
+
+    Returns:
+        ``model_part``'s state dict: fresh contiguous tensors, each the slice this piece holds.
+
+    Raises:
+        KeyError: when ``full`` lacks a tensor the piece needs.
+        ValueError: when a slice's shape does not fit the piece.
+    """
+    out: StateDict = {}
+    for key, (mod, leaf) in _owners(model_part).items():
+        name = _whole_name(key, prefix, layer_prefixes)
+        if name not in full:
+            raise KeyError(f"the whole-model state dict has no {name!r} (needed for {key!r} of the model piece)")
+        value = full[name]
+        if hasattr(mod, "shard"):
+            value = mod.shard(leaf, value)
+        local = getattr(mod, leaf)
+        if tuple(value.shape) != tuple(local.shape):
+            raise ValueError(f"{name}: {tuple(full[name].shape)} in the state dict gives a slice of shape "
+                             f"{tuple(value.shape)}, the model piece holds {tuple(local.shape)}")
+        out[key] = value.detach().clone().contiguous()
+    return out
+
+
+def pipeline_to_whole(layers: Mapping[int, Mapping[str, torch.Tensor]], layer_prefixes: Sequence[str]) -> StateDict:
+    """Pipeline layers' state dicts (as DeepSpeed writes them, one file per layer) -> one
+    state dict with whole-model names.
+
+    Args:
+        layers: layer index -> that layer's state dict (keys relative to the layer).
+        layer_prefixes: each layer's name prefix in the whole model, in layer order
+            (``pipeline.vit_layers``: ``""`` for the embedding and head, ``"blocks.N"``).
+
+    Returns:
+        The union, keys prefixed; a key two layers both hold (tied weights) must agree.
+    """
+    out: StateDict = {}
+    for index in sorted(layers):
+        if not 0 <= index < len(layer_prefixes):
+            raise ValueError(f"pipeline layer {index} does not exist: the model has {len(layer_prefixes)} layers")
+        for key, value in layers[index].items():
+            name = _whole_name(key, layer_prefixes[index], None)
+            if name in out and not torch.equal(out[name], value):
+                raise ValueError(f"{name} appears in two pipeline layers with different values")
+            out[name] = value
+    return out
+
+
+def check_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module, what: str = "state dict") -> None:
+    """Raise ``ValueError`` naming the keys and shapes when ``state`` does not fit ``model``
+    (which may be on the meta device)."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{what} does not fit {type(model).__name__}: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}, shape mismatch {shapes[:3]}")
+
+
+def to_timm(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """Our ViT's state dict for timm: the names already are timm's (``vit.py``), so this only
+    checks that it is a ViT's. Build the timm model with ``timm_kwargs(cfg)``."""
+    if "patch_embed.proj.weight" not in state or any(k.startswith(("visual.", "text.")) for k in state):
+        raise ValueError("to_timm: not a ViT state dict (a CLIP exports with --to open_clip)")
+    return dict(state)
+
+
+def to_open_clip(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """Our CLIP's state dict -> open_clip's ``CLIP`` names (``clip.to_open_clip_state_dict``)."""
+    if "visual.conv1.weight" not in state or "logit_scale" not in state:
+        raise ValueError("to_open_clip: not a CLIP state dict (a ViT exports with --to timm)")
+    return to_open_clip_state_dict(dict(state))
+
+
+def convert_state_dict(state: Mapping[str, torch.Tensor], to: Format) -> StateDict:
+    """Our whole-model state dict in the naming of ``to``: ``timm`` (a ViT), ``open_clip`` (a
+    CLIP) or ``vitscale`` (ours, unchanged: ``model.init`` and ``shard_state_dict`` read it)."""
+    if to == "timm":
+        return to_timm(state)
+    if to == "open_clip":
+        return to_open_clip(state)
+    if to == "vitscale":
+        return dict(state)
+    raise ValueError(f"unknown export format {to!r}; use one of {', '.join(FORMATS)}")
+
+
+def timm_kwargs(cfg: ViTConfig) -> dict:
+    """Keyword arguments of ``timm.models.vision_transformer.VisionTransformer`` that build the
+    model our ``cfg`` describes (the one our state dict loads into with ``strict=True``)."""
+    return dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+                num_classes=cfg.num_classes, global_pool=cfg.global_pool, embed_dim=cfg.embed_dim,
+                depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
+                qk_norm=cfg.qk_norm, init_values=cfg.init_values, class_token=cfg.class_token,
+                fc_norm=cfg.fc_norm)
+
+
+def library_config(model: nn.Module, to: Format) -> dict:
+    """What the target library needs to rebuild ``model``: timm's ``VisionTransformer`` kwargs,
+    open_clip's model-config JSON (``CLIP(**cfg)``), or nothing for ``vitscale``."""
+    if to == "timm" and isinstance(model, VisionTransformer):
+        return timm_kwargs(model.cfg)
+    if to == "open_clip" and isinstance(model, CLIP):
+        return model.cfg.to_dict()
+    return {}
