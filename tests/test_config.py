@@ -79,7 +79,6 @@ def test_parse_override():
     ("parallel.pipe=2 parallel.zero=3", "parallel.zero=3 cannot run with parallel.pipe=2"),
     ("parallel.partition=layers", "parallel.partition='layers' is not allowed; choose one of 'blocks'"),
     ("parallel.activation_checkpoint=-1", "parallel.activation_checkpoint=-1 must be >= 0"),
-    ("parallel.tensor=2 model.init=configs/vit_tiny.yaml", "starting weights load into the whole model only"),
     ("parallel.offload=all", "parallel.offload=all offloads parameters, which only ZeRO-3 does"),
     ("parallel.zero=0 parallel.offload=optimizer", "parallel.offload=optimizer needs ZeRO 1, 2 or 3"),
     ("parallel.ds_preset=zero9", "parallel.ds_preset='zero9' not found; choose one of"),

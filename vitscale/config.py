@@ -422,10 +422,6 @@ def validate(cfg: Config) -> None:
     if p.activation_checkpoint < 0:
         _fail(f"parallel.activation_checkpoint={p.activation_checkpoint} must be >= 0 (blocks per recomputed "
               "chunk; 0 turns it off)")
-    if cfg.model.init is not None and (p.pipe > 1 or p.tensor > 1):
-        _fail(f"model.init with parallel.pipe={p.pipe} / parallel.tensor={p.tensor}: starting weights load into "
-              "the whole model only; start with parallel.pipe=1 parallel.tensor=1, or from a checkpoint of this "
-              "layout with checkpoint.resume")
     if ck.resume not in ("auto", "never") and not Path(ck.resume).exists():
         _fail(f"checkpoint.resume='{ck.resume}' is neither auto, never, nor an existing checkpoint folder")
     if cfg.model.init is not None and not Path(cfg.model.init).is_file():

@@ -48,10 +48,17 @@ def build_model(cfg: Config, dims=None, loss_fn: Callable | None = None) -> nn.M
         shard = partial(parallelize_vit, rank=dims.tensor_rank, world=dims.tensor, group=dims.tensor_group())
     every = cfg.parallel.activation_checkpoint
     if dims is not None and dims.pipe > 1:
-        from vitscale.models.pipeline import build_clip_pipeline, build_vit_pipeline
+        from vitscale.models.pipeline import build_clip_pipeline, build_vit_pipeline, clip_layers, vit_layers
 
         build = build_clip_pipeline if clip else build_vit_pipeline
-        return build(model, dims.grid._topo, dims.stage, seed, loss_fn, device, cfg.parallel.partition, every, shard)
+        module = build(model, dims.grid._topo, dims.stage, seed, loss_fn, device, cfg.parallel.partition, every,
+                       shard)
+        if cfg.model.init:
+            with torch.device("meta"):
+                whole = create_model(cfg.model.name, **model_kwargs(cfg))
+            prefixes = [prefix for prefix, _ in (clip_layers(whole) if clip else vit_layers(whole))]
+            load_initial_weights(module, cfg.model.init, prefixes)
+        return module
     if shard is not None:
         shard(model)
     model.to_empty(device=device)
