@@ -62,3 +62,53 @@ def train_losses(run_dir: Path) -> list[float]:
 @pytest.fixture
 def tiny_config():
     return TINY
+
+
+def _gloo_worker(rank: int, world: int, check, init_file: str, errors) -> None:
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        check(rank, world)
+        dist.destroy_process_group()
+    except BaseException:  # report to the parent: a failing spawn otherwise shows little
+        import traceback
+
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
+
+
+def run_in_gloo(check, world: int) -> None:
+    """Run ``check(rank, world)`` in ``world`` spawned processes joined in a gloo group;
+    fail with every rank's traceback if any raises. ``check`` must be a module-level function."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    with tempfile.TemporaryDirectory() as d:
+        init_file = os.path.join(d, "init")
+        procs = [ctx.Process(target=_gloo_worker, args=(r, world, check, init_file, errors)) for r in range(world)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(timeout=300)
+    messages = []
+    while not errors.empty():
+        messages.append(errors.get())
+    assert not messages, "\n".join(messages)
+    assert all(proc.exitcode == 0 for proc in procs)
+
+
+def launch_layouts(root: Path, nprocs: int, layouts: dict, common: list[str], config: str = TINY) -> None:
+    """Train ``config`` in several layouts in one deepspeed launch (tests/train/layouts.py):
+    ``layouts`` is {name: overrides}; each run goes to ``root/name``."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("RANK", None)
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(free_port()),
+           str(ROOT / "tests" / "train" / "layouts.py"), config, str(root), json.dumps(common), json.dumps(layouts)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{nprocs}-process layouts failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

@@ -3,16 +3,14 @@ one process: the mean of the ranks' losses is the full-batch loss, and gradients
 the data ranks (as DeepSpeed does) are the full-batch gradients; with tensor 2 x data 2 only the
 data group is exchanged. Single-process values match open_clip's losses."""
 import math
-import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from tests.conftest import run_in_gloo
 from vitscale.models.losses import ClipLoss, SigLipLoss, create_loss, list_losses
 
 B_LOCAL, IMG_IN, TXT_IN, EMBED = 4, 6, 5, 8
@@ -140,34 +138,8 @@ def _tensor2_data2(rank: int, world: int):
                         _reference(kind, x_image, x_text), "4 data ranks")
 
 
-def _worker(rank: int, world: int, check, init_file: str, errors):
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-        check(rank, world)
-        dist.destroy_process_group()
-    except BaseException as e:  # report to the parent: a failing spawn otherwise shows little
-        import traceback
-
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
-        raise e
-
-
 def _spawn(check, world: int):
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    with tempfile.TemporaryDirectory() as d:
-        init_file = os.path.join(d, "init")
-        procs = [ctx.Process(target=_worker, args=(r, world, check, init_file, errors)) for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=300)
-    messages = []
-    while not errors.empty():
-        messages.append(errors.get())
-    assert not messages, "\n".join(messages)
-    assert all(p.exitcode == 0 for p in procs)
+    run_in_gloo(check, world)
 
 
 @pytest.mark.distributed

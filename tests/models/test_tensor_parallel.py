@@ -1,14 +1,11 @@
 """Tensor-parallel ViT on 2 gloo processes against the unsharded model: same weights,
 same outputs, and every sharded gradient equal to the slice of the unsharded gradient."""
-import os
-import tempfile
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from tests.conftest import run_in_gloo
 from vitscale.models import create_model
 from vitscale.models.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, gather_from_tensor_parallel,
                                              parallelize_vit)
@@ -32,64 +29,42 @@ def _sharded(seed: int, rank: int):
     return init_weights(model, seed)
 
 
-def _worker(rank: int, init_file: str, errors):
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-        full, tp = _full(7), _sharded(7, rank)
-        x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-        labels = torch.tensor([0, 1, 2, 3])
-        out_full, out_tp = full(x), tp(x)
-        torch.testing.assert_close(out_tp, out_full, rtol=1e-5, atol=1e-6)
-        F.cross_entropy(out_full, labels).backward()
-        F.cross_entropy(out_tp, labels).backward()
+def _check(rank: int, world: int):
+    full, tp = _full(7), _sharded(7, rank)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 3])
+    out_full, out_tp = full(x), tp(x)
+    torch.testing.assert_close(out_tp, out_full, rtol=1e-5, atol=1e-6)
+    F.cross_entropy(out_full, labels).backward()
+    F.cross_entropy(out_tp, labels).backward()
 
-        full_params = dict(full.named_parameters())
-        modules = dict(tp.named_modules())
-        sharded = 0
-        for name, p in tp.named_parameters():
-            owner_name, leaf = name.rsplit(".", 1) if "." in name else ("", name)
-            owner = modules[owner_name]
-            ref, ref_grad = full_params[name].detach(), full_params[name].grad
-            if isinstance(owner, (ColumnParallelLinear, RowParallelLinear)):
-                ref, ref_grad = owner.shard(leaf, ref), owner.shard(leaf, ref_grad)
-                sharded += p.numel() < full_params[name].numel()
-                assert getattr(p, "tensor_model_parallel") == (leaf == "weight" or isinstance(owner, ColumnParallelLinear))
-            assert p.shape == ref.shape, name
-            torch.testing.assert_close(p.detach(), ref, rtol=0, atol=0, msg=f"init of {name}")
-            torch.testing.assert_close(p.grad, ref_grad, rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
-        assert sharded == 6 * KW["depth"]  # qkv w+b, fc1 w+b, proj w, fc2 w per block (row biases are whole)
-        assert tp.blocks[0].attn.num_heads == 2
+    full_params = dict(full.named_parameters())
+    modules = dict(tp.named_modules())
+    sharded = 0
+    for name, p in tp.named_parameters():
+        owner_name, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        owner = modules[owner_name]
+        ref, ref_grad = full_params[name].detach(), full_params[name].grad
+        if isinstance(owner, (ColumnParallelLinear, RowParallelLinear)):
+            ref, ref_grad = owner.shard(leaf, ref), owner.shard(leaf, ref_grad)
+            sharded += p.numel() < full_params[name].numel()
+            assert getattr(p, "tensor_model_parallel") == (leaf == "weight" or isinstance(owner, ColumnParallelLinear))
+        assert p.shape == ref.shape, name
+        torch.testing.assert_close(p.detach(), ref, rtol=0, atol=0, msg=f"init of {name}")
+        torch.testing.assert_close(p.grad, ref_grad, rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
+    assert sharded == 6 * KW["depth"]  # qkv w+b, fc1 w+b, proj w, fc2 w per block (row biases are whole)
+    assert tp.blocks[0].attn.num_heads == 2
 
-        # gather: forward concatenates the shards, backward hands each rank its slice
-        part = torch.full((2, 3), float(rank), requires_grad=True)
-        whole = gather_from_tensor_parallel(part, dist.group.WORLD)
-        assert whole.shape == (2, 6) and whole[:, 3:].eq(1).all() and whole[:, :3].eq(0).all()
-        (whole * torch.arange(6.0)).sum().backward()
-        torch.testing.assert_close(part.grad, torch.arange(6.0)[3 * rank:3 * rank + 3].expand(2, 3))
-        dist.destroy_process_group()
-    except BaseException as e:  # report to the parent: a failing spawn otherwise shows little
-        import traceback
-
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
-        raise e
+    # gather: forward concatenates the shards, backward hands each rank its slice
+    part = torch.full((2, 3), float(rank), requires_grad=True)
+    whole = gather_from_tensor_parallel(part, dist.group.WORLD)
+    assert whole.shape == (2, 6) and whole[:, 3:].eq(1).all() and whole[:, :3].eq(0).all()
+    (whole * torch.arange(6.0)).sum().backward()
+    torch.testing.assert_close(part.grad, torch.arange(6.0)[3 * rank:3 * rank + 3].expand(2, 3))
 
 
 def test_tensor_parallel_vit_matches_unsharded_model():
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    with tempfile.TemporaryDirectory() as d:
-        init_file = os.path.join(d, "init")
-        procs = [ctx.Process(target=_worker, args=(r, init_file, errors)) for r in range(WORLD)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=300)
-    messages = []
-    while not errors.empty():
-        messages.append(errors.get())
-    assert not messages, "\n".join(messages)
-    assert all(p.exitcode == 0 for p in procs)
+    run_in_gloo(_check, WORLD)
 
 
 def test_init_is_independent_of_what_else_is_built():

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.conftest import BIN, ROOT, TINY, free_port, run_training
+from tests.conftest import BIN, ROOT, launch_layouts, run_training
 from vitscale.config import model_kwargs
 from vitscale.models import create_model
 from vitscale.models.interop import shard_state_dict
@@ -46,12 +46,7 @@ LAYOUTS = ["single", *TWO, *FOUR]
 
 
 def _launch(root: Path, nprocs: int, layouts: dict) -> None:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("RANK", None)
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(free_port()),
-           str(ROOT / "tests" / "train" / "layouts.py"), TINY, str(root), json.dumps(COMMON), json.dumps(layouts)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{nprocs}-process layouts failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    launch_layouts(root, nprocs, layouts, COMMON)
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,6 @@ within 1e-5 relative. Three launches cover all layouts: the single-process refer
 one 2-process launch and one 4-process launch that each train several layouts in turn
 (tests/train/layouts.py).
 """
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +16,7 @@ from safetensors.torch import save_file
 from vitscale.models import create_model
 from vitscale.models.clip import clip_config
 
-from tests.conftest import BIN, ROOT, TINY, free_port, read_metrics, run_training, train_losses
+from tests.conftest import ROOT, TINY, launch_layouts, read_metrics, run_training, train_losses
 
 pytestmark = pytest.mark.distributed
 
@@ -50,12 +46,7 @@ FOUR = {
 
 
 def _launch_layouts(root: Path, nprocs: int, layouts: dict, config: str = TINY, common: list = COMMON) -> None:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("RANK", None)
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(free_port()),
-           str(ROOT / "tests" / "train" / "layouts.py"), config, str(root), json.dumps(common), json.dumps(layouts)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{nprocs}-process layouts failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    launch_layouts(root, nprocs, layouts, common, config)
 
 
 # Starting weights (model.init) load into every layout: a whole-model file is sliced to

@@ -55,7 +55,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitscale.models.registry import register_model
-from vitscale.models.vit import Block, ViTConfig, _param_stream
+from vitscale.models.vit import Block, ViTConfig, init_by_name
 
 __all__ = ["CLIPVisionConfig", "CLIPTextConfig", "CLIPConfig", "CLIP", "CLIPBlock", "VisionTower", "TextTower",
            "QuickGELU", "CLIP_SIZES", "OPEN_CLIP_NAMES", "LOGIT_SCALE_MAX", "clip_config", "build_clip",
@@ -415,18 +415,7 @@ def clip_init_weights(module: nn.Module, cfg: CLIPConfig, seed: int, prefix: str
     Returns:
         ``module``.
     """
-    for mod_name, mod in module.named_modules(prefix=prefix):
-        for leaf, p in mod.named_parameters(recurse=False):
-            if p.is_meta:
-                continue
-            name = f"{mod_name}.{leaf}" if mod_name else leaf
-            shape = tuple(mod.full_shape(leaf)) if hasattr(mod, "full_shape") else tuple(p.shape)
-            value = _initial_value(name, mod, shape, _param_stream(seed, name), cfg)
-            if hasattr(mod, "shard"):
-                value = mod.shard(leaf, value)
-            with torch.no_grad():
-                p.copy_(value)
-    return module
+    return init_by_name(module, seed, prefix, lambda name, mod, shape, gen: _initial_value(name, mod, shape, gen, cfg))
 
 
 # ---- open_clip interop: key renames only (see the module docstring) ----

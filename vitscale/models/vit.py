@@ -355,13 +355,20 @@ def init_weights(module: nn.Module, seed: int, prefix: str = "") -> nn.Module:
     Returns:
         ``module``.
     """
+    return init_by_name(module, seed, prefix, _initial_value)
+
+
+def init_by_name(module: nn.Module, seed: int, prefix: str, initial_value) -> nn.Module:
+    """Give every parameter of ``module`` ``initial_value(full name, owner module, full shape,
+    generator)``, the generator keyed by (seed, full name); shards keep their slice (see
+    ``init_weights``). Shared by the ViT's and CLIP's inits."""
     for mod_name, mod in module.named_modules(prefix=prefix):
         for leaf, p in mod.named_parameters(recurse=False):
             if p.is_meta:
                 continue
             name = f"{mod_name}.{leaf}" if mod_name else leaf
             shape = tuple(mod.full_shape(leaf)) if hasattr(mod, "full_shape") else tuple(p.shape)
-            value = _initial_value(name, mod, shape, _param_stream(seed, name))
+            value = initial_value(name, mod, shape, _param_stream(seed, name))
             if hasattr(mod, "shard"):
                 value = mod.shard(leaf, value)
             with torch.no_grad():
