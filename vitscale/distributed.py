@@ -225,9 +225,12 @@ def init_distributed(pipe: int = 1, tensor: int = 1, timeout_s: float = 600.0,
 
 
 def shutdown() -> None:
+    """Leave together: a barrier first, so that no rank tears down its process group (and
+    its transport threads) while a peer still talks to it, then destroy every group."""
     import torch.distributed as dist
 
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
