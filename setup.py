@@ -21,11 +21,15 @@ setup(
         "timm>=1.0",
         "open_clip_torch>=2.24",
         "webdataset>=0.2.86",
+        "simplejpeg>=1.7",  # image-text loader's JPEG decoder (benchmarks/loader_speed.py)
+        "pyarrow",  # img2dataset's per-shard .parquet (vitscale-synth laion-sample)
         "numba>=0.59",
         "numpy",
         "pyyaml",
         "safetensors",
         "tqdm",
+        "matplotlib",  # vitscale-scaling's plot
+        "scikit-learn",  # the built-in digits fine-tuning set, the linear probe's logistic regression
     ],
     extras_require={
         "test": ["pytest>=7"],
@@ -34,5 +38,9 @@ setup(
     },
     entry_points={"console_scripts": ["vitscale-train=vitscale.train.__main__:main",
                                      "vitscale-synth=vitscale.tools.synth:main",
-                                     "vitscale-export=vitscale.tools.export:main"]},
+                                     "vitscale-export=vitscale.tools.export:main",
+                                     "vitscale-eval=vitscale.tools.eval:main",
+                                     "vitscale-scaling=vitscale.tools.scaling:main",
+                                     "vitscale-sweep=vitscale.tools.sweep:main",
+                                     "vitscale-recipe=vitscale.tools.recipe:main"]},
 )

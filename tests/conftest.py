@@ -3,6 +3,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,11 @@ def launch_command(launcher: str, nprocs: int, args: list[str]) -> list[str]:
                 sys.executable, "-m", "vitscale.train", *args]
     if launcher == "python":
         return [sys.executable, "-m", "vitscale.train", *args]
+    if launcher == "deepspeed-hostfile":  # launch/deepspeed.sh with a hostfile naming only this machine
+        hostfile = Path(tempfile.mkdtemp()) / "hostfile"
+        hostfile.write_text(f"localhost slots={nprocs}\n")
+        return ["env", f"PATH={BIN}:{os.environ['PATH']}", f"HOSTFILE={hostfile}", "MASTER_ADDR=127.0.0.1",
+                f"MASTER_PORT={port}", "DS_ARGS=--no_ssh_check", "bash", str(ROOT / "launch" / "deepspeed.sh"), *args]
     raise ValueError(launcher)
 
 

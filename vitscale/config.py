@@ -34,9 +34,33 @@ _DS_CONFIG_DIRS = (
 
 
 @dataclass
+class MoEConfig:
+    """Soft MoE (Puigcerver et al. 2024) in place of the MLP of the last ``blocks`` blocks."""
+
+    blocks: int = 0  # 0 = no MoE
+    experts: int = 8  # experts per MoE layer (each an MLP of the block's width); replicated on every rank
+    slots: int = 1  # slots per expert: each expert processes experts x slots weighted token averages per image
+
+
+@dataclass
+class PackingConfig:
+    """NaViT sequence packing (vitscale.data.packing): images at native aspect ratio and sampled
+    resolution (longest side in [min_size, data.image_size]) packed into sequences."""
+
+    seq_len: int = 0  # tokens per packed sequence; 0 = no packing (a micro-batch is micro_batch sequences)
+    max_images: int = 8  # image slots per sequence
+    min_size: int = 0  # smallest longest side of the resolution sampling, pixels; 0 = data.image_size (no sampling)
+    token_drop: float = 0.0  # fraction of each image's patches dropped at random
+
+
+@dataclass
 class ModelConfig:
     name: str = "vit_tiny_patch16"  # a registered name: vitscale.models.list_models()
-    init: str | None = None  # weights to start from: a .safetensors / .pt state dict with our (= timm) names
+    # Weights to start from: a .safetensors / .pt state dict with our (= timm) names, an open_clip
+    # checkpoint, or a vitscale run / checkpoint folder (any layout). A head of another class count
+    # is replaced (freshly initialised), a position embedding of another grid resampled (timm's
+    # resample_abs_pos_embed), so a pre-trained model fine-tunes at a new resolution on new classes.
+    init: str | None = None
     # Architecture overrides; None keeps the size's default. Image size and class
     # count come from the data section (stated once).
     patch_size: int | None = None
@@ -45,7 +69,12 @@ class ModelConfig:
     num_heads: int | None = None
     mlp_ratio: float | None = None
     qkv_bias: bool | None = None
-    qk_norm: bool | None = None
+    qk_norm: bool | None = None  # LayerNorm on queries and keys per head (ViT-22B)
+    bias: bool | None = None  # false: no bias in QKV and LayerNorms (ViT-22B); None keeps the model's
+    parallel_block: bool | None = None  # attention and MLP in parallel, fused projections (ViT-22B)
+    dual_patchnorm: bool | None = None  # LayerNorm before and after the patch embedding
+    pos_embed: Literal["learned", "factorized"] | None = None  # factorized: row + column tables (NaViT, packing)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     init_values: float | None = None  # LayerScale init; None = no LayerScale
     class_token: bool | None = None
     global_pool: Literal["token", "avg"] | None = None
@@ -61,7 +90,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "gratings"  # a generator (vitscale-synth list), rendered on the fly, or a shard folder / pattern
+    source: str = "gratings"  # a generator (vitscale-synth list), rendered on the fly, a shard folder / pattern,
+    # or fine-tuning data: digits (built in) or an image folder (one sub-folder per class)
     shards: Any = None  # shard folder, brace/glob pattern, or a list of them (vitscale-synth output); set -> read shards
     params: dict = field(default_factory=dict)  # on the fly: generator keyword arguments (as vitscale-synth --param)
     image_size: int = 64  # pixels, square
@@ -76,6 +106,21 @@ class DataConfig:
     crop_scale: list = field(default_factory=lambda: [0.08, 1.0])  # random resized crop: area fraction range
     crop_ratio: list = field(default_factory=lambda: [0.75, 1.3333333])  # aspect ratio range (log-uniform)
     hflip: float = 0.5  # probability of a horizontal flip
+    packing: PackingConfig = field(default_factory=PackingConfig)  # NaViT packing of a classifier's images
+    # data.source=laion (img2dataset image-text shards, vitscale.data.laion):
+    resampled: bool = True  # draw shards with replacement, epochs of epoch_samples (open_clip); false = exact epochs
+    epoch_samples: int | None = None  # resampled: samples per epoch over all data ranks (default: the shards' sizes)
+    filters: dict = field(default_factory=dict)  # metadata filters before decoding (vitscale.data.laion.FILTER_KEYS)
+    canvas: int = 0  # side of the uint8 canvas images travel on (crop + resize on the device); 0 = image_size * 8/7
+    # Fine-tuning (data.source=digits, an image folder, or labelled shards with rand_augment set;
+    # vitscale.data.downstream): timm's transforms and DeiT's batch augmentation.
+    test: str | None = None  # test split (digits | folder | shards): top-1/top-5 during (eval.every) and after training
+    rand_augment: str | None = None  # timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1 (DeiT); None = off
+    random_erasing: float = 0.0  # probability of timm's RandomErasing per image (DeiT: 0.25)
+    mixup: float = 0.0  # Mixup alpha (DeiT: 0.8); 0 = off
+    cutmix: float = 0.0  # CutMix alpha (DeiT: 1.0); 0 = off
+    mixup_prob: float = 1.0  # probability of mixing a batch at all
+    mixup_switch_prob: float = 0.5  # with both on: probability of CutMix instead of Mixup
 
 
 @dataclass
@@ -87,6 +132,14 @@ class ParallelConfig:
     ds_preset: str = "auto"  # a file in ds_configs/ (name or path); auto = zero{stage}.json
     partition: Literal["blocks", "parameters", "uniform"] = "blocks"  # how layers split over pipeline stages
     activation_checkpoint: int = 0  # recompute activations in chunks of this many blocks; 0 = off
+    # Network interface for rendezvous and collectives (ib0, or a prefix such as ib); None =
+    # VITSCALE_IFNAME / NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME, else the launcher's choice.
+    interface: str | None = None
+    # Fail fast (issue 9): a collective that waits longer than timeout_s ends the job (NCCL /
+    # gloo process-group timeout; NCCL's default is 10 minutes); a rank silent for
+    # heartbeat_s (dead process or node) ends it too, naming the rank. 0 turns the heartbeat off.
+    timeout_s: float = 300.0
+    heartbeat_s: float = 60.0
 
 
 @dataclass
@@ -101,6 +154,7 @@ class OptimConfig:
     warmup_init_ratio: float = 0.0
     min_lr_ratio: float = 0.0  # cosine ends at min_lr_ratio * lr
     torch_adam: bool = False  # torch.optim.AdamW instead of DeepSpeed's fused / CPU Adam kernel
+    layer_decay: float = 1.0  # layer-wise LR decay (BEiT / DeiT fine-tuning, timm's param_groups_layer_decay); 1 = off
 
 
 @dataclass
@@ -112,6 +166,11 @@ class TrainConfig:
     global_batch: int = 32  # samples per optimizer step over all data-parallel ranks
     lr: float = 1e-3  # peak learning rate
     label_smoothing: float = 0.0
+    loss: Literal["softmax", "sigmoid"] = "softmax"  # classifier: softmax cross-entropy, or sigmoid (multi-label, ViT-22B)
+    # bf16 / fp32: stop after this many steps in a row with a NaN / Inf loss (fp16's loss
+    # scaler skips such steps itself and lowers the scale); no checkpoint of them is written.
+    max_bad_steps: int = 3
+    ema: float = 0.0  # decay of an EMA of the weights (timm's ModelEmaV3, e.g. 0.9998), evaluated on data.test; 0 = off
 
 
 @dataclass
@@ -120,6 +179,7 @@ class LogConfig:
     progress: bool = True  # live progress bar on global rank 0
     warmup_steps: int = 2  # first steps left out of throughput figures (compilation, allocator warm-up)
     peak_tflops: float | None = None  # per-device peak for MFU; None = from the known-device table
+    straggler_fraction: float = 0.8  # warn about a node whose pace is below this fraction of the median node's; 0 = never
     level: Literal["debug", "info", "warning"] = "info"
 
 
@@ -134,6 +194,20 @@ class CheckpointConfig:
     at_end: bool = True
     resume: str = "auto"  # auto (latest in run.dir/checkpoints, if any) | never | PATH to a checkpoint folder
     keep: int = 2  # most recent checkpoints kept; 0 keeps all
+    # A checkpoint of another layout (parallel.pipe / tensor / data): error, or weights
+    # (resharded weights and LR schedule; optimizer moments start afresh).
+    reshard: Literal["error", "weights"] = "error"
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between evaluations during training (and at the end); 0 = off (CLIP, parallel.pipe=1)
+    zeroshot: str | None = None  # labelled webdataset / image folder for zero-shot top-1/top-5
+    retrieval: str | None = None  # held-out image-text shards for recall@1/5/10
+    classnames: str | None = None  # file (one per line) | imagenet; default: classnames.txt beside the data, else imagenet
+    templates: str | None = None  # file ('{}' per line) | openai | simple; default: templates.txt beside the data, else openai
+    batch_size: int = 64  # images per forward pass per rank
+    max_samples: int = 0  # evaluate at most this many samples (0 = all)
 
 
 @dataclass
@@ -146,6 +220,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     run: RunConfig = field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 class ConfigError(ValueError):
@@ -314,6 +389,12 @@ def _fail(msg: str) -> None:
 def _validate_data(d: DataConfig, generators: list[str]) -> None:
     from vitscale.data.shards import is_shard_source, resolve_shards  # no torch import
 
+    if d.source == "laion":
+        return _validate_laion(d)
+    from vitscale.data.downstream import is_downstream_source
+
+    if is_downstream_source(d.source):
+        return None  # digits or an image folder (vitscale.data.downstream); checked in _validate_finetune
     uses_shards = d.shards is not None or (d.source not in generators and is_shard_source(d.source))
     if not uses_shards and d.source not in generators:
         near = difflib.get_close_matches(d.source, generators, n=3, cutoff=0.5)
@@ -351,6 +432,104 @@ def _validate_data(d: DataConfig, generators: list[str]) -> None:
                   f"set data.num_classes={min(classes)}")
 
 
+def _validate_laion(d: DataConfig) -> None:
+    from vitscale.data.laion import check_filters, resolve_sources
+
+    try:
+        check_filters(d.filters)
+        sources = resolve_sources(d.shards, sizes=not d.resampled or d.epoch_samples is None)
+    except ValueError as e:
+        _fail(str(e) if str(e).startswith("data.") else f"data.shards: {e}")
+    if d.epoch_samples is not None and d.epoch_samples < 1:
+        _fail(f"data.epoch_samples={d.epoch_samples} must be positive")
+    if not d.resampled and any(s.sizes is None for s in sources):
+        _fail("data.resampled=false (exact epochs) needs every shard's size: keep img2dataset's {shard}_stats.json "
+              "beside the tars or write a sizes.json, or set data.resampled=true with data.epoch_samples")
+    if d.resampled and d.epoch_samples is None and any(s.sizes is None for s in sources):
+        _fail("data.epoch_samples is needed: the shard sizes are unknown (no _stats.json / sizes.json), so an epoch "
+              "cannot be derived from them")
+    if not d.resampled and len({s.weight for s in sources}) > 1:
+        _fail("data.shards weights mix sources by resampling; set data.resampled=true, or drop the weights")
+    if d.canvas < 0:
+        _fail(f"data.canvas={d.canvas} must be >= 0 (0 = image_size * 8 / 7)")
+
+
+def _validate_finetune(cfg: Config) -> None:
+    """The fine-tuning keys (issue 10): downstream data, DeiT augmentation, layer decay, EMA."""
+    d, o, t, p = cfg.data, cfg.optim, cfg.train, cfg.parallel
+    if d.test is not None and d.test != "digits" and not _is_remote_path(d.test) and not _exists_pattern(d.test):
+        _fail(f"data.test={d.test} does not exist; give digits, an image folder or labelled shards")
+    from vitscale.data.downstream import num_classes_of
+
+    for source, key in ((d.source, "data.source"), (d.test, "data.test")):
+        classes = num_classes_of(source) if source else None
+        if classes is not None and classes != d.num_classes:
+            _fail(f"{key}={source} has {classes} classes but data.num_classes={d.num_classes}; "
+                  f"set data.num_classes={classes}")
+    for key in ("random_erasing", "mixup_prob", "mixup_switch_prob"):
+        if not 0 <= getattr(d, key) <= 1:
+            _fail(f"data.{key}={getattr(d, key)} must be a probability in [0, 1]")
+    if d.mixup < 0 or d.cutmix < 0:
+        _fail(f"data.mixup={d.mixup} and data.cutmix={d.cutmix} are Beta alphas: >= 0 (0 turns each off)")
+    if d.rand_augment is not None and not d.rand_augment.startswith("rand"):
+        _fail(f"data.rand_augment={d.rand_augment!r} must be a timm RandAugment spec such as rand-m9-mstd0.5-inc1")
+    mixing = d.mixup > 0 or d.cutmix > 0
+    if (mixing or d.random_erasing or d.rand_augment) and (is_clip(cfg) or d.packing.seq_len):
+        _fail("data.rand_augment / random_erasing / mixup / cutmix fine-tune a ViT classifier on whole images; "
+              "turn them off for a CLIP or with data.packing")
+    if mixing and t.micro_batch % 2:
+        _fail(f"data.mixup / data.cutmix pair each image with another of its batch: train.micro_batch="
+              f"{t.micro_batch} must be even")
+    if mixing and t.loss == "sigmoid":
+        _fail("data.mixup / data.cutmix give soft targets for softmax cross-entropy; set train.loss=softmax")
+    if not 0 < o.layer_decay <= 1:
+        _fail(f"optim.layer_decay={o.layer_decay} must be in (0, 1] (1 = off; DeiT / BEiT fine-tuning use 0.65-0.75)")
+    if o.layer_decay < 1 and (p.pipe > 1 or is_clip(cfg)):
+        _fail("optim.layer_decay needs a ViT classifier with parallel.pipe=1 (the layer index comes from the whole "
+              "model's parameter names); set optim.layer_decay=1 or parallel.pipe=1")
+    if d.test and (p.pipe > 1 or is_clip(cfg)):
+        _fail("data.test evaluates a ViT classifier's top-1 on whole models: it needs parallel.pipe=1 (evaluate a "
+              "pipeline run afterwards with vitscale-eval RUN --task linear-probe, or unset data.test)")
+    if not 0 <= t.ema < 1:
+        _fail(f"train.ema={t.ema} must be in [0, 1) (an EMA decay such as 0.9998; 0 = off)")
+    if t.ema and (p.pipe > 1 or p.tensor > 1 or p.zero == 3):
+        _fail(f"train.ema keeps a whole copy of the weights on each rank: it needs parallel.pipe=1, "
+              f"parallel.tensor=1 and parallel.zero<3 (now {p.pipe}, {p.tensor}, {p.zero}); set train.ema=0")
+
+
+def _validate_eval(cfg: Config) -> None:
+    e = cfg.eval
+    if e.every < 0 or e.batch_size < 1 or e.max_samples < 0:
+        _fail("eval.every and eval.max_samples must be >= 0 and eval.batch_size >= 1")
+    if e.every and not is_clip(cfg) and not cfg.data.test:
+        _fail(f"eval.every={e.every} evaluates a classifier on its test split: set data.test (digits, an image "
+              "folder or labelled shards)")
+    if e.every and is_clip(cfg) and not (e.zeroshot or e.retrieval):
+        _fail(f"eval.every={e.every} but there is nothing to evaluate: set eval.zeroshot and / or eval.retrieval")
+    if (e.zeroshot or e.retrieval) and e.every and not is_clip(cfg):
+        _fail("eval.zeroshot / eval.retrieval evaluate a CLIP; model.name is not a CLIP model")
+    if e.every and cfg.parallel.pipe > 1:
+        _fail("eval.every needs parallel.pipe=1 (evaluation runs the whole model on each rank's share); evaluate "
+              "pipeline checkpoints with vitscale-eval CHECKPOINT --task zeroshot|retrieval")
+    for key in ("zeroshot", "retrieval"):
+        path = getattr(e, key)
+        if path and not _is_remote_path(path) and not _exists_pattern(path):
+            _fail(f"eval.{key}={path} does not exist")
+
+
+def _is_remote_path(path: str) -> bool:
+    return path.startswith("pipe:") or "://" in path
+
+
+def _exists_pattern(path: str) -> bool:
+    if Path(path).exists():
+        return True
+    import braceexpand
+
+    first = next(iter(braceexpand.braceexpand(path)), None)
+    return first is not None and Path(first).exists()
+
+
 def validate(cfg: Config) -> None:
     """Checks that need only the config. Raises ConfigError naming the key and the fix."""
     from vitscale.data.synthetic import list_generators
@@ -369,11 +548,16 @@ def validate(cfg: Config) -> None:
                             ("data.num_workers", d.num_workers, 0), ("data.prefetch", d.prefetch, 1),
                             ("log.every", log.every, 1), ("log.warmup_steps", log.warmup_steps, 0),
                             ("checkpoint.every", ck.every, 0), ("checkpoint.keep", ck.keep, 0),
+                            ("train.max_bad_steps", t.max_bad_steps, 1), ("parallel.heartbeat_s", p.heartbeat_s, 0),
                             ("optim.warmup_steps", o.warmup_steps, 0)]:
         if value < low:
             _fail(f"{key}={value} must be >= {low}")
     if t.lr <= 0:
         _fail(f"train.lr={t.lr} must be > 0")
+    if p.timeout_s <= 0:
+        _fail(f"parallel.timeout_s={p.timeout_s} must be > 0 seconds, e.g. 300")
+    if not 0 <= log.straggler_fraction < 1:
+        _fail(f"log.straggler_fraction={log.straggler_fraction} must be in [0, 1), e.g. 0.8 (0 turns the warning off)")
     if t.global_batch % t.micro_batch:
         _fail(f"train.global_batch={t.global_batch} must be a multiple of train.micro_batch={t.micro_batch} "
               f"(x data-parallel ranks); e.g. train.global_batch={t.micro_batch * max(1, round(t.global_batch / t.micro_batch))}")
@@ -382,6 +566,11 @@ def validate(cfg: Config) -> None:
     if len(o.betas) != 2:
         _fail(f"optim.betas={o.betas} needs two values, e.g. [0.9, 0.999]")
     _validate_data(d, list_generators())
+    if d.source == "laion" and not is_clip(cfg):
+        _fail(f"data.source=laion yields image-text pairs for a CLIP; model.name={cfg.model.name} is a classifier "
+              "(use a clip_* model, or synthetic / shard data)")
+    _validate_eval(cfg)
+    _validate_finetune(cfg)
     if p.offload == "all" and p.zero != 3:
         _fail(f"parallel.offload=all offloads parameters, which only ZeRO-3 does; set parallel.zero=3 "
               f"or parallel.offload=optimizer (now parallel.zero={p.zero})")
@@ -415,6 +604,8 @@ def validate(cfg: Config) -> None:
         if int(width * ratio) % p.tensor:
             _fail(f"parallel.tensor={p.tensor} must divide the MLP width {int(width * ratio)} of "
                   f"{where}{cfg.model.name}")
+    if not is_clip(cfg):
+        _validate_arch(cfg, arch)
     blocks = sum(stack[-1] for stack in stacks)
     if p.pipe > blocks:
         _fail(f"parallel.pipe={p.pipe} is more stages than the {blocks} blocks of {cfg.model.name}; "
@@ -424,9 +615,46 @@ def validate(cfg: Config) -> None:
               "chunk; 0 turns it off)")
     if ck.resume not in ("auto", "never") and not Path(ck.resume).exists():
         _fail(f"checkpoint.resume='{ck.resume}' is neither auto, never, nor an existing checkpoint folder")
-    if cfg.model.init is not None and not Path(cfg.model.init).is_file():
-        _fail(f"model.init='{cfg.model.init}' is not a file; give a .safetensors or .pt state dict")
+    if cfg.model.init is not None and not (Path(cfg.model.init).is_file() or _is_checkpoint_dir(cfg.model.init)):
+        _fail(f"model.init='{cfg.model.init}' is not a file or a vitscale run / checkpoint folder; give a "
+              ".safetensors or .pt state dict (ours, timm's or open_clip's) or a run folder with checkpoints")
     compose_ds_config(cfg, data_parallel=1, check_batch=False)  # surfaces preset problems now
+
+
+def _is_checkpoint_dir(path: str) -> bool:
+    p = Path(path)
+    return (p / "config.yaml").is_file() or (p.parent.name == "checkpoints" and p.is_dir())
+
+
+def _validate_arch(cfg: Config, arch) -> None:
+    """The architecture options (issue 11) against each other, the data and the layout."""
+    m, pk = cfg.model, cfg.data.packing
+    if m.bias is False and m.qkv_bias:
+        _fail("model.bias=false drops the QKV biases but model.qkv_bias=true asks for them; set one of them")
+    if m.moe.blocks < 0 or m.moe.experts < 1 or m.moe.slots < 1:
+        _fail(f"model.moe.blocks={m.moe.blocks} must be >= 0, model.moe.experts={m.moe.experts} and "
+              f"model.moe.slots={m.moe.slots} >= 1")
+    if not pk.seq_len:
+        return
+    grid = arch.grid_size
+    if arch.pos_embed != "factorized" or arch.class_token or arch.global_pool != "avg":
+        _fail("data.packing needs per-image average pooling and position embeddings that fit any grid: set "
+              "model.pos_embed=factorized model.class_token=false model.global_pool=avg")
+    if cfg.parallel.pipe > 1:
+        _fail(f"data.packing with parallel.pipe={cfg.parallel.pipe} is not supported (the pipeline sends one "
+              "tensor between stages, packed sequences need their segment ids in every stage); set parallel.pipe=1")
+    if arch.moe_blocks:
+        _fail("data.packing with model.moe is not supported: Soft MoE slots would mix the images of a packed "
+              "sequence; set model.moe.blocks=0 or data.packing.seq_len=0")
+    if pk.max_images < 1 or not 0 <= pk.token_drop < 1 or pk.min_size < 0 or pk.min_size > cfg.data.image_size:
+        _fail(f"data.packing: max_images={pk.max_images} must be >= 1, token_drop={pk.token_drop} in [0, 1), "
+              f"min_size={pk.min_size} between 0 and data.image_size={cfg.data.image_size}")
+    if pk.min_size and pk.min_size < arch.patch_size:
+        _fail(f"data.packing.min_size={pk.min_size} is smaller than one patch ({arch.patch_size} px)")
+    needed = round(grid * grid * (1 - pk.token_drop))
+    if pk.seq_len < needed:
+        _fail(f"data.packing.seq_len={pk.seq_len} cannot hold one {cfg.data.image_size} px image "
+              f"({needed} tokens after token_drop={pk.token_drop}); use data.packing.seq_len >= {needed}")
 
 
 def model_arch(cfg: Config):
@@ -445,7 +673,8 @@ def is_clip(cfg: Config) -> bool:
 
 # Model keys that only a ViT classifier has; a CLIP states its towers in model.vision / model.text.
 _VIT_ONLY = ("depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm", "init_values", "class_token", "global_pool",
-             "drop_rate", "attn_drop_rate", "drop_path_rate")
+             "drop_rate", "attn_drop_rate", "drop_path_rate", "bias", "parallel_block", "dual_patchnorm", "pos_embed",
+             "moe")
 
 
 def model_kwargs(cfg: Config) -> dict:
@@ -460,7 +689,12 @@ def model_kwargs(cfg: Config) -> dict:
             kwargs["embed_dim"] = m.embed_dim
         return kwargs
     kwargs = {f.name: getattr(m, f.name) for f in dataclasses.fields(ModelConfig)
-              if f.name not in ("name", "init", "vision", "text") and getattr(m, f.name) is not None}
+              if f.name not in ("name", "init", "vision", "text", "bias", "moe") and getattr(m, f.name) is not None}
+    if m.bias is not None:  # one switch for the QKV and LayerNorm biases, as ViT-22B drops both
+        kwargs.setdefault("qkv_bias", m.bias)
+        kwargs["norm_bias"] = m.bias
+    if m.moe.blocks:
+        kwargs.update(moe_blocks=m.moe.blocks, moe_experts=m.moe.experts, moe_slots=m.moe.slots)
     kwargs.update(img_size=cfg.data.image_size, num_classes=cfg.data.num_classes)
     return kwargs
 

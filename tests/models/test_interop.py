@@ -75,6 +75,21 @@ def test_vit_tensor_shards_merge_to_the_whole_model(world):
     _assert_equal_dicts(merge_tensor_parallel(shards, structure), whole)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_parallel_block_shards_merge_to_the_whole_model_and_back(world):
+    # The ViT-22B block: fused in_proj (MLP hidden, q, k, v) split per block, fused out_proj
+    # (attention, MLP hidden) split per block, and timm's separate mlp_bias split with the MLP.
+    options = dict(parallel_block=True, qkv_bias=False, norm_bias=False, dual_patchnorm=True)
+    whole = _vit(**options).state_dict()
+    shards = [_vit(r, world, **options) for r in range(world)]
+    with torch.device("meta"):
+        structure = parallelize_vit(create_model("vit_tiny_patch16", **{**VIT, **options}), 0, world, None)
+    _assert_equal_dicts(merge_tensor_parallel([s.state_dict() for s in shards], structure), whole)
+    for shard in shards:
+        _assert_equal_dicts(shard_state_dict(whole, shard), shard.state_dict())
+    assert shards[1].blocks[0].mlp_bias.shape == (4 * 192 // world,)
+
+
 def test_merge_refuses_a_wrong_number_of_shards():
     shards = [_vit(r, 2).state_dict() for r in range(2)]
     with torch.device("meta"):

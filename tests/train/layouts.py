@@ -2,7 +2,8 @@
 
     deepspeed --num_gpus N tests/train/layouts.py CONFIG RUN_ROOT '<common overrides JSON>' '<layouts JSON>'
 
-Layouts is a JSON object {name: [overrides]}; each trains to RUN_ROOT/name exactly as
+Layouts is a JSON object {name: [overrides]}; each trains to RUN_ROOT/name (or the run.dir
+its overrides name, e.g. to resume an earlier layout's run) exactly as
 ``vitscale-train CONFIG overrides`` would (same validation, DeepSpeed config, loop), but
 every layout after the first reuses the process group, so a test pays one start-up
 (13-30 s on CPU) for many layouts instead of one each.
@@ -11,7 +12,7 @@ import json
 import sys
 
 from vitscale.config import compose_ds_config, load_config, validate_layout
-from vitscale.distributed import init_distributed, world_size_from_env
+from vitscale.distributed import init_distributed, shutdown, world_size_from_env
 from vitscale.train.loop import train
 
 
@@ -19,10 +20,11 @@ def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
     config, root, common, layouts = args[0], args[1], json.loads(args[2]), json.loads(args[3])
     for name, overrides in layouts.items():
-        cfg = load_config(config, common + overrides + [f"run.dir={root}/{name}"])
+        cfg = load_config(config, common + [f"run.dir={root}/{name}"] + overrides)  # a layout may name its run.dir
         layout = validate_layout(cfg, world_size_from_env())
         dims = init_distributed(pipe=cfg.parallel.pipe, tensor=cfg.parallel.tensor)
         train(cfg, dims, compose_ds_config(cfg, layout.data))
+    shutdown()  # leave together, and free DeepSpeed's shared-memory buffers
 
 
 if __name__ == "__main__":

@@ -1,25 +1,34 @@
-"""The same command trains under torchrun, mpirun (MPI discovery) and as one plain process;
-bad configs are refused by the CLI before any process group starts."""
+"""The same command trains under torchrun, mpirun (MPI discovery), the deepspeed launcher
+with a hostfile (launch/deepspeed.sh), srun-style environments (posing as two nodes) and
+as one plain process, writing per-node and global records; bad configs are refused by the
+CLI before any process group starts; the launch scripts pass exit codes on."""
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT, TINY, read_metrics, run_training
+from tests.conftest import BIN, ROOT, TINY, read_metrics, run_training
 
 SHORT = ["train.steps=3", "log.every=1", "model.depth=2", "train.micro_batch=4", "train.global_batch=8",
          "checkpoint.at_end=false", "data.num_workers=0"]
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("launcher, nprocs", [("torchrun", 2), ("mpirun", 2), ("python", 1)])
-def test_launcher_trains(launcher, nprocs, tmp_path):
-    run_training(tmp_path, SHORT, launcher=launcher, nprocs=nprocs)
+@pytest.mark.parametrize("launcher, nprocs, extra", [
+    ("torchrun", 2, []), ("mpirun", 2, ["parallel.interface=lo"]), ("deepspeed-hostfile", 2, []), ("python", 1, [])])
+def test_launcher_trains(launcher, nprocs, extra, tmp_path):
+    proc = run_training(tmp_path, SHORT + extra, launcher=launcher, nprocs=nprocs)
     rows = read_metrics(tmp_path)
     train = [r for r in rows if r["kind"] == "train"]
     glob = [r for r in rows if r["kind"] == "throughput" and r["scope"] == "global"]
+    node = [r for r in rows if r["kind"] == "throughput" and r["scope"] == "node"]
     assert [r["step"] for r in train] == [1, 2, 3]
     assert glob[-1]["devices"] == nprocs and glob[-1]["layout"]["data"] == nprocs
+    assert [r["step"] for r in node] == [r["step"] for r in glob] == [3]  # one node here
+    assert node[-1]["devices"] == nprocs and node[-1]["samples"] == glob[-1]["samples"] == 3 * 8
+    assert node[-1]["hostname"] == glob[-1]["slowest_host"] and node[-1]["fwd_samples_per_s"] > 0
+    if extra:  # the rendezvous moved to the chosen interface, and the choice is logged
+        assert "network interface lo (127.0.0.1) from parallel.interface; master 127.0.0.1:" in proc.stderr + proc.stdout
 
 
 def _cli(*args):
@@ -51,23 +60,32 @@ def test_cli_help():
 
 
 @pytest.mark.distributed
-def test_srun_style_environment_trains(tmp_path):
-    """What srun gives each task: SLURM_* only; the master comes from the node list."""
+def test_srun_style_environment_trains_as_two_nodes(tmp_path):
+    """What srun gives each task on two nodes: SLURM_* only, the master from the node list.
+    The two local processes pose as nodes jwb0001 and jwb0002 (VITSCALE_HOSTNAME)."""
     import os
 
     from tests.conftest import free_port
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_STEP_ID="0",
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_STEP_ID="0", SLURM_NNODES="2",
                SLURM_JOB_ID="1234", SLURM_STEP_NODELIST="localhost", MASTER_PORT=str(free_port()))
     cmd = [sys.executable, "-m", "vitscale.train", TINY, f"run.dir={tmp_path}", "log.progress=false", *SHORT]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "SLURM_PROCID": str(r), "SLURM_NODEID": str(r),
+                                                  "SLURM_LOCALID": "0", "VITSCALE_HOSTNAME": f"jwb000{r + 1}"},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
-    assert "via slurm" in outs[0]
-    glob = [r for r in read_metrics(tmp_path) if r["kind"] == "throughput" and r["scope"] == "global"]
-    assert glob[-1]["devices"] == 2 and glob[-1]["samples"] == 3 * 8
+    assert "started 2 processes on 2 node(s) via slurm" in outs[0]
+    assert "node 1 (jwb0002): network interface" in outs[1]  # each node's local rank 0 reports its network
+    rows = [r for r in read_metrics(tmp_path) if r["kind"] == "throughput"]
+    glob = [r for r in rows if r["scope"] == "global"]
+    node = [r for r in rows if r["scope"] == "node"]
+    assert glob[-1]["devices"] == 2 and glob[-1]["nodes"] == 2 and glob[-1]["samples"] == 3 * 8
+    assert [(r["node"], r["hostname"], r["devices"], r["samples"]) for r in node] == \
+        [(0, "jwb0001", 1, 3 * 4), (1, "jwb0002", 1, 3 * 4)]
+    assert {glob[-1]["slowest_host"], glob[-1]["fastest_host"]} <= {"jwb0001", "jwb0002"}
+    assert glob[-1]["node_spread"] >= 0 and all(r["fwd_samples_per_s"] > 0 for r in node)
 
 
 @pytest.mark.distributed
@@ -85,3 +103,47 @@ def test_console_script_is_installed():
     exe = shutil.which("vitscale-train") or str(__import__("pathlib").Path(sys.executable).parent / "vitscale-train")
     proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "usage: vitscale-train" in proc.stdout
+
+
+def test_launch_scripts_are_documented_and_pass_exit_codes(tmp_path):
+    import os
+
+    scripts = sorted((ROOT / "launch").rglob("*.sh")) + sorted((ROOT / "launch").rglob("*.sbatch"))
+    assert {p.name for p in scripts} >= {"deepspeed.sh", "mpirun.sh", "torchrun.sh", "generic.sbatch",
+                                         "juwels_booster.sbatch"}
+    for script in scripts:
+        text = script.read_text()
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
+        assert text.splitlines()[1].startswith("# ") and "exit code" in text, script
+        if script.suffix == ".sbatch":
+            assert "#SBATCH --signal=USR1@120" in text and "srun " in text and "MASTER_ADDR" in text
+        else:  # no config: usage and exit 2
+            proc = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+            assert proc.returncode == 2 and "CONFIG" in proc.stdout, script
+    # a bad key fails in every rank before any process group: mpirun passes the 2 on
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "NP": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "mpirun.sh"), TINY, "train.lrr=1"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "did you mean 'train.lr'" in proc.stderr + proc.stdout
+
+
+@pytest.mark.distributed
+def test_usr1_saves_a_checkpoint_and_stops(tmp_path):
+    """SLURM's --signal=USR1@120: the run checkpoints at the next log interval and exits 0."""
+    import os
+    import signal
+    import time
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "vitscale.train", TINY, f"run.dir={tmp_path}", "log.progress=false", *SHORT,
+           "train.steps=100000", "log.every=2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 300
+    while not (metrics.exists() and '"kind": "train"' in metrics.read_text()) and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    last = [r for r in read_metrics(tmp_path) if r["kind"] == "train"][-1]["step"]
+    assert "stopped at step" in out and last % 2 == 0 and last < 100000
+    assert (tmp_path / "checkpoints" / f"step{last:08d}").is_dir()

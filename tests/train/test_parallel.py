@@ -35,6 +35,11 @@ TWO = {
     "pipe2_recompute": ["parallel.pipe=2", "parallel.zero=1", "parallel.activation_checkpoint=1",
                         "log.peak_tflops=1.0"],
 }
+# The ViT-22B recipe and Dual PatchNorm (issue 11) in the same launch: data 2, tensor 2 and
+# pipe 2 (with recomputation of the parallel blocks) must train the same function.
+ARCH = ["model.qk_norm=true", "model.parallel_block=true", "model.dual_patchnorm=true", "model.bias=false"]
+ARCH_TWO = {"arch_data2": ARCH + ["parallel.zero=1"], "arch_tensor2": ARCH + ["parallel.tensor=2"],
+            "arch_pipe2": ARCH + ["parallel.pipe=2", "parallel.activation_checkpoint=1"]}
 FOUR = {
     "tensor2_data2_zero1": ["parallel.tensor=2", "parallel.zero=1"],
     "tensor2_data2_zero3": ["parallel.tensor=2", "parallel.zero=3"],
@@ -65,7 +70,7 @@ def runs(tmp_path_factory):
     init = root / "init.safetensors"
     save_file(create_model("vit_tiny_patch16", img_size=64, num_classes=10, depth=4, num_heads=4).state_dict(), init)
     run_training(root / "single", COMMON + ["parallel.zero=0"], launcher="python", nprocs=1)
-    _launch_layouts(root, 2, {**TWO, **_with_init(INIT, init)})
+    _launch_layouts(root, 2, {**TWO, **_with_init(INIT, init), **ARCH_TWO})
     _launch_layouts(root, 4, FOUR)
     return root
 
@@ -86,6 +91,14 @@ def test_gradient_norm_counts_shards_once(runs, layout):
     got = [r["grad_norm"] for r in read_metrics(runs / layout) if r["kind"] == "train"]
     assert min(ref) > 1.0  # clipping is active in this test
     assert got == pytest.approx(ref, rel=1e-4)
+
+
+def test_architecture_options_train_the_same_function_in_every_layout(runs):
+    ref = train_losses(runs / "arch_data2")
+    assert len(ref) == STEPS and ref[-1] != ref[0]  # it trained
+    assert ref[0] != pytest.approx(train_losses(runs / "single")[0], rel=1e-3)  # the options changed the model
+    for layout in ("arch_tensor2", "arch_pipe2"):
+        assert train_losses(runs / layout) == pytest.approx(ref, rel=1e-5), layout
 
 
 def test_initial_weights_load_into_every_layout(runs):

@@ -43,8 +43,8 @@ import struct
 import tarfile
 import zlib
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 from PIL import Image
@@ -472,6 +472,29 @@ def _expand(pattern: str) -> list[str]:
 
 def _is_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
+
+
+def check_member_name(name: str, url: str) -> None:
+    """Refuse a tar member with an absolute path or a ``..`` component: no shard we write
+    has one, and a tool that extracts such a member writes outside its folder."""
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or re.match(r"^[A-Za-z]:", name):
+        raise ValueError(f"shard {url}: member '{name}' has an absolute or '..' path; refusing the shard "
+                         "(rewrite it with vitscale-synth, or remove the member)")
+
+
+def tar_samples(urls: Iterable[dict]) -> Iterator[dict]:
+    """webdataset's ``tarfile_to_samples`` ({"url": ...} dicts -> samples of raw bytes, no
+    decoding, so nothing is unpickled) with every member name checked (``check_member_name``)."""
+    from webdataset import tariterators
+
+    def checked(files):
+        for f in files:
+            if "fname" in f:  # not the end-of-shard marker ({})
+                check_member_name(f["fname"], f["__url__"])
+            yield f
+
+    return tariterators.group_by_keys(checked(tariterators.tar_file_expander(tariterators.url_opener(urls))))
 
 
 def is_shard_source(source: str) -> bool:

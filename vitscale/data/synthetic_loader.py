@@ -10,9 +10,11 @@ data rank:
   same samples in each step. Parity tests and layout comparisons use it.
 - **Shards** (``data.shards`` set, or ``data.source`` a shard folder / pattern): WebDataset
   tars written by ``vitscale-synth`` are streamed, shuffled and augmented (random resized
-  crop + horizontal flip, as in FDSL pre-training). Not position-exact -- a resumed run
-  continues from the epoch it had reached with fresh shuffling, and what a rank sees
-  depends on the number of ranks and workers -- as for any streaming WebDataset loader.
+  crop + horizontal flip, as in FDSL pre-training). What a rank sees depends on the number
+  of data ranks and loader workers, as for any streaming WebDataset loader; a resume in
+  the same layout is exact: each worker replays its stream up to the samples its batches
+  already held (reading the tars and drawing the same shuffle / augmentation numbers, but
+  decoding no image), so the cost of a resume grows with the samples consumed.
 
 On the fly, order is a function of the *global sample position*, not of the layout: optimizer
 step ``s`` consumes positions ``[s * G, (s + 1) * G)`` of one seeded stream (G = the
@@ -43,7 +45,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from vitscale.data.shards import is_shard_source, load_categories, resolve_shards
+from vitscale.data.shards import is_shard_source, load_categories, resolve_shards, tar_samples
 from vitscale.data.synthetic import Generator, create_generator, list_generators
 
 
@@ -186,9 +188,9 @@ class ShardStream(IterableDataset):
         micro_batch: samples per yielded batch.
         seed: shard order, shuffle buffer and augmentation derive from it.
         data_rank, data_world: this rank and the number of data-parallel ranks.
-        start_epoch: first epoch (resume).
-        resume_salt: mixed into the shuffle / augmentation seeds, so a resumed run does not
-            replay the draws of the run's start (pass the start step).
+        skip_batches: micro-batches this rank already consumed (resume). The DataLoader takes
+            batch ``k`` from worker ``k % W``, so worker ``w`` replays its stream past the
+            samples of its batches among the first ``skip_batches``.
         num_classes: labels outside ``[0, num_classes)`` raise; None skips the check.
         shuffle_buffer: samples held per worker for shuffling (raw bytes, before decoding).
         augment: random resized crop (``crop_scale``, ``crop_ratio``) + flip with probability
@@ -196,13 +198,13 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, urls: list[str], image_size: int, micro_batch: int, seed: int, data_rank: int,
-                 data_world: int, start_epoch: int = 0, resume_salt: int = 0, num_classes: int | None = None,
+                 data_world: int, skip_batches: int = 0, num_classes: int | None = None,
                  shuffle_buffer: int = 1000, augment: bool = True, crop_scale: tuple[float, float] = (0.08, 1.0),
                  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5):
         if not 0 <= data_rank < data_world:
             raise ValueError(f"data rank {data_rank} outside [0, {data_world})")
         self.urls, self.image_size, self.micro_batch, self.seed = list(urls), image_size, micro_batch, seed
-        self.rank, self.world, self.start_epoch, self.resume_salt = data_rank, data_world, start_epoch, resume_salt
+        self.rank, self.world, self.skip_batches = data_rank, data_world, skip_batches
         self.num_classes, self.shuffle_buffer, self.augment = num_classes, shuffle_buffer, augment
         self.crop_scale, self.crop_ratio, self.hflip = tuple(crop_scale), tuple(crop_ratio), hflip
 
@@ -213,7 +215,7 @@ class ShardStream(IterableDataset):
         return [self.urls[i] for i in perm[self.rank::self.world][worker::workers]]
 
     def _urls(self, worker: int, workers: int, counter: list[int]) -> Iterator[dict]:
-        for epoch in itertools.count(self.start_epoch):
+        for epoch in itertools.count():
             order = self.shard_order(epoch, worker, workers)
             if not order:
                 raise ValueError(f"data worker {worker} of {workers} on data rank {self.rank} of {self.world} has "
@@ -251,10 +253,18 @@ class ShardStream(IterableDataset):
             out = np.asarray(img)
         return out, label  # (H, W, 3) uint8
 
+    def _replay(self, sample: dict, rng: random.Random) -> None:
+        """Draw what ``_decode`` draws for ``sample``, reading only the image header."""
+        if self.augment:
+            ext = next(e for e in ("png", "jpg", "jpeg") if e in sample)
+            with Image.open(io.BytesIO(sample[ext])) as img:
+                random_resized_crop_box(img.width, img.height, rng, self.crop_scale, self.crop_ratio)
+            rng.random()
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        state = np.random.SeedSequence([self.seed, self.rank, worker, self.resume_salt]).generate_state(2)
+        state = np.random.SeedSequence([self.seed, self.rank, worker, 0]).generate_state(2)
         shuffle_rng, augment_rng = random.Random(int(state[0])), random.Random(int(state[1]))
         counter = [0]
 
@@ -263,11 +273,16 @@ class ShardStream(IterableDataset):
                 counter[0] += 1
                 yield sample
 
-        samples = counted(wds.tarfile_to_samples()(self._urls(worker, workers, counter)))
+        samples = counted(tar_samples(self._urls(worker, workers, counter)))
         if self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=shuffle_rng)(samples)
         images, labels = None, []
+        skip = len(range(worker, self.skip_batches, workers)) * self.micro_batch
         for sample in samples:
+            if skip:  # resume: the same draws as the first run, no decoding
+                skip -= 1
+                self._replay(sample, augment_rng)
+                continue
             image, label = self._decode(sample, augment_rng)
             if images is None:
                 images = np.empty((self.micro_batch, 3, self.image_size, self.image_size), dtype=np.uint8)
@@ -292,8 +307,8 @@ def build_shard_loader(shards: str | list, image_size: int, seed: int, micro_bat
         image_size: training image size, pixels.
         seed: shard order, shuffling and augmentation.
         micro_batch, global_batch, data_rank, data_world: as for the on-the-fly path.
-        start_step: optimizer step to start from: the stream restarts at the epoch that step
-            had reached (approximate; see the module docstring).
+        start_step: optimizer step to start from: the stream is replayed to that step's
+            position (exact in the same layout; see the module docstring).
         num_classes: the model's classes; checked against ``dataset.json`` and every label.
         num_workers, prefetch, pin_memory: as in ``torch.utils.data.DataLoader``.
         shuffle_buffer, augment, crop_scale, crop_ratio, hflip: see ``ShardStream``.
@@ -318,11 +333,8 @@ def build_shard_loader(shards: str | list, image_size: int, seed: int, micro_bat
         raise ValueError(f"data.num_classes={num_classes} but the shards hold {next(iter(classes))} classes "
                          f"(dataset.json); set data.num_classes={next(iter(classes))}")
     num_classes = num_classes if num_classes is not None else (next(iter(classes)) if classes else None)
-    # Resume at the epoch the run had reached, where dataset.json files give the size of all shards.
-    covered = sum(info["num_shards"] for info in infos) == len(urls)
-    total = sum(info["num_samples"] for info in infos) if covered else 0
-    start_epoch = start_step * global_batch // total if total else 0
-    stream = ShardStream(urls, image_size, micro_batch, seed, data_rank, data_world, start_epoch, start_step,
+    skip_batches = start_step * (global_batch // (micro_batch * data_world))
+    stream = ShardStream(urls, image_size, micro_batch, seed, data_rank, data_world, skip_batches,
                          num_classes, shuffle_buffer, augment, crop_scale, crop_ratio, hflip)
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0, prefetch_factor=prefetch if num_workers > 0 else None)

@@ -55,7 +55,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitscale.models.registry import register_model
-from vitscale.models.vit import Block, ViTConfig, init_by_name
+from vitscale.models.moe import SoftMoE
+from vitscale.models.vit import Block, ViTConfig, init_by_name, patchify
 
 __all__ = ["CLIPVisionConfig", "CLIPTextConfig", "CLIPConfig", "CLIP", "CLIPBlock", "VisionTower", "TextTower",
            "QuickGELU", "CLIP_SIZES", "OPEN_CLIP_NAMES", "LOGIT_SCALE_MAX", "clip_config", "build_clip",
@@ -81,6 +82,13 @@ class CLIPVisionConfig:
     layers: int = 12  # number of blocks
     head_width: int = 64  # channels per head: heads = width / head_width
     mlp_ratio: float = 4.0  # MLP hidden width = int(width * mlp_ratio)
+    # Architecture options of the ViT (``vit.ViTConfig``); open_clip has none of them, so they
+    # leave ``CLIPConfig.to_dict`` only when set, and then open_clip cannot rebuild the model.
+    qk_norm: bool = False  # LayerNorm on queries and keys per head (ViT-22B)
+    dual_patchnorm: bool = False  # LayerNorm before and after the patch embedding
+    moe_blocks: int = 0  # Soft MoE in place of the MLP of the last N image blocks
+    moe_experts: int = 8
+    moe_slots: int = 1
 
     def __post_init__(self):
         _check_positive("vision", self, ("image_size", "patch_size", "width", "layers", "head_width"))
@@ -93,6 +101,11 @@ class CLIPVisionConfig:
                              f"vision.head_width={self.head_width} (heads = width / head_width)")
         if self.mlp_ratio <= 0 or int(self.width * self.mlp_ratio) < 1:
             raise ValueError(f"CLIP option vision.mlp_ratio={self.mlp_ratio} must give an MLP width >= 1")
+        try:
+            self.vit  # noqa: B018 (the ViT's own checks of the architecture options)
+        except ValueError as e:
+            message = str(e).replace("ViT option ", "vision.").replace("depth=", "vision.layers=")
+            raise ValueError(f"CLIP image tower: {message}") from None
 
     @property
     def heads(self) -> int:
@@ -102,7 +115,13 @@ class CLIPVisionConfig:
     def vit(self) -> ViTConfig:
         """The tower as a ViT without classifier (what its blocks and FLOPs are built from)."""
         return ViTConfig(img_size=self.image_size, patch_size=self.patch_size, embed_dim=self.width,
-                         depth=self.layers, num_heads=self.heads, mlp_ratio=self.mlp_ratio, num_classes=0)
+                         depth=self.layers, num_heads=self.heads, mlp_ratio=self.mlp_ratio, num_classes=0,
+                         qk_norm=self.qk_norm, dual_patchnorm=self.dual_patchnorm, moe_blocks=self.moe_blocks,
+                         moe_experts=self.moe_experts, moe_slots=self.moe_slots)
+
+    def options(self) -> dict:
+        """The architecture options set to other than their defaults (none exist in open_clip)."""
+        return {f: getattr(self, f) for f in _VISION_OPTIONS if getattr(self, f) != getattr(CLIPVisionConfig, f)}
 
 
 @dataclass
@@ -157,8 +176,13 @@ class CLIPConfig:
 
     def to_dict(self) -> dict:
         """open_clip's JSON layout: ``open_clip.model.CLIP(**cfg.to_dict())`` builds the same model."""
+        vision = {k: v for k, v in dataclasses.asdict(self.vision).items()
+                  if k not in _VISION_OPTIONS or k in self.vision.options()}
         return dict(embed_dim=self.embed_dim, quick_gelu=self.quick_gelu, init_logit_scale=self.init_logit_scale,
-                    vision_cfg=dataclasses.asdict(self.vision), text_cfg=dataclasses.asdict(self.text))
+                    vision_cfg=vision, text_cfg=dataclasses.asdict(self.text))
+
+
+_VISION_OPTIONS = ("qk_norm", "dual_patchnorm", "moe_blocks", "moe_experts", "moe_slots")
 
 
 def _checked(cls, options: dict, owner: str) -> dict:
@@ -194,14 +218,17 @@ class CLIPBlock(Block):
         quick_gelu: QuickGELU instead of exact GELU.
     """
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, causal: bool = False, quick_gelu: bool = False):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, causal: bool = False, quick_gelu: bool = False,
+                 qk_norm: bool = False, moe: tuple[int, int] | None = None):
         # Only the block fields of this ViTConfig are read; the image fields are placeholders.
+        experts, slots = moe or (1, 1)
         super().__init__(ViTConfig(img_size=1, patch_size=1, embed_dim=width, depth=1, num_heads=heads,
-                                   mlp_ratio=mlp_ratio, num_classes=0))
+                                   mlp_ratio=mlp_ratio, num_classes=0, qk_norm=qk_norm, moe_experts=experts,
+                                   moe_slots=slots), moe=moe is not None)
         self.norm1, self.norm2 = nn.LayerNorm(width, eps=1e-5), nn.LayerNorm(width, eps=1e-5)
         self.attn.causal = causal
         if quick_gelu:
-            self.mlp.act = QuickGELU()
+            self.mlp.act = QuickGELU()  # a Soft MoE's experts too: they call self.mlp.act
 
 
 def _run_blocks(blocks: nn.Sequential, x: torch.Tensor, every: int, training: bool) -> torch.Tensor:
@@ -224,9 +251,16 @@ class VisionTower(nn.Module):
         self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.empty(width))
         self.positional_embedding = nn.Parameter(torch.empty(cfg.vit.seq_len, width))  # class token first
+        # Dual PatchNorm (Kumar et al. 2023): LayerNorm over each flattened patch before conv1, and
+        # over each token after it. Our names: open_clip has no such option.
+        self.patch_norm_pre = nn.LayerNorm(3 * cfg.patch_size**2, eps=1e-5) if cfg.dual_patchnorm else None
+        self.patch_norm = nn.LayerNorm(width, eps=1e-5) if cfg.dual_patchnorm else None
         self.ln_pre = nn.LayerNorm(width, eps=1e-5)
-        self.blocks = nn.Sequential(*[CLIPBlock(width, cfg.heads, cfg.mlp_ratio, quick_gelu=quick_gelu)
-                                      for _ in range(cfg.layers)])
+        first_moe = cfg.layers - cfg.moe_blocks
+        self.blocks = nn.Sequential(*[CLIPBlock(width, cfg.heads, cfg.mlp_ratio, quick_gelu=quick_gelu,
+                                                qk_norm=cfg.qk_norm,
+                                                moe=(cfg.moe_experts, cfg.moe_slots) if i >= first_moe else None)
+                                      for i in range(cfg.layers)])
         self.ln_post = nn.LayerNorm(width, eps=1e-5)
         self.proj = nn.Parameter(torch.empty(width, embed_dim))  # no bias; x @ proj, as open_clip
         self.grad_checkpointing = 0
@@ -242,7 +276,11 @@ class VisionTower(nn.Module):
             raise ValueError(f"input images are {tuple(images.shape[-2:])} pixels but the CLIP image tower was "
                              f"built with vision.image_size={size}; resize the input or build with "
                              f"vision.image_size={images.shape[-1]}")
-        x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
+        if self.patch_norm_pre is not None:
+            x = self.patch_norm_pre(patchify(images, self.cfg.patch_size))  # (B, N, 3 p p)
+            x = self.patch_norm(F.linear(x, self.conv1.weight.flatten(1)))  # conv1 as a linear map of each patch
+        else:
+            x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         return self.ln_pre(x)
@@ -367,6 +405,8 @@ def _initial_value(name: str, module: nn.Module, shape: tuple[int, ...], gen: to
     leaf = name.rsplit(".", 1)[-1]
     if isinstance(module, nn.LayerNorm):
         return torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
+    if isinstance(module, SoftMoE):
+        return module.initial_value(leaf, shape, gen)
     if leaf == "bias":
         return torch.zeros(shape)
     if name == "logit_scale":

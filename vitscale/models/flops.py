@@ -37,20 +37,57 @@ def vit_forward_flops(cfg: ViTConfig) -> int:
     Returns:
         FLOPs per image (2 per multiply-add).
     """
+    head = 2 * cfg.embed_dim * cfg.num_classes  # one pooled vector per image; 0 classes = no head
+    return _patch_embed_flops(cfg, cfg.num_patches) + _blocks_flops(cfg, cfg.seq_len) + head
+
+
+def packed_forward_flops(cfg: ViTConfig, seq_len: int, images: int) -> int:
+    """Forward FLOPs of one packed sequence (NaViT): ``seq_len`` tokens, padding included (the
+    block-diagonal mask does not make SDPA skip work), then ``images`` image slots pooled
+    (a (K, L) x (L, D) product) and classified.
+
+    Args:
+        cfg: the architecture.
+        seq_len: tokens per packed sequence.
+        images: image slots per sequence (the pooling and the head run on every slot).
+    """
     d = cfg.embed_dim
-    patch_embed = 2 * cfg.num_patches * (cfg.in_chans * cfg.patch_size**2) * d  # conv = a linear per patch
-    head = 2 * d * cfg.num_classes  # one pooled vector per image; 0 classes = no head
-    return patch_embed + cfg.depth * _block_flops(cfg.seq_len, d, cfg.mlp_hidden) + head
+    pooling = 2 * images * seq_len * d
+    return _patch_embed_flops(cfg, seq_len) + _blocks_flops(cfg, seq_len) + pooling + 2 * d * cfg.num_classes * images
+
+
+def _patch_embed_flops(cfg: ViTConfig, patches: int) -> int:
+    return 2 * patches * (cfg.in_chans * cfg.patch_size**2) * cfg.embed_dim  # conv = a linear per patch
+
+
+def _blocks_flops(cfg: ViTConfig, n: int) -> int:
+    """All blocks on n tokens. A parallel block's fused projections hold the same products
+    as the sequential block's four linears; a Soft MoE block's MLP is replaced by its own count."""
+    d, hidden, moe = cfg.embed_dim, cfg.mlp_hidden, cfg.moe_blocks
+    dense = (cfg.depth - moe) * _block_flops(n, d, hidden)
+    return dense + moe * (_attention_flops(n, d) + soft_moe_flops(n, d, hidden, cfg.moe_experts * cfg.moe_slots))
+
+
+def soft_moe_flops(n: int, d: int, hidden: int, slots: int) -> int:
+    """One Soft MoE layer on n tokens with ``slots`` slots in all (experts x slots per expert):
+    token-slot logits, dispatch (slots = D^T X), one expert MLP per slot, combine. Fixed by the
+    slot count, whatever the routing: Soft MoE has no data-dependent cost."""
+    logits = 2 * n * d * slots
+    dispatch = combine = 2 * slots * n * d
+    experts = slots * 2 * d * hidden * 2  # fc1 and fc2 of an expert on each of its slots
+    return logits + dispatch + experts + combine
+
+
+def _attention_flops(n: int, d: int) -> int:
+    return (2 * n * d * 3 * d  # qkv
+            + 2 * n * n * d  # Q K^T, summed over heads: heads x N x N x head_dim
+            + 2 * n * n * d  # A V
+            + 2 * n * d * d)  # proj
 
 
 def _block_flops(n: int, d: int, hidden: int) -> int:
     """One transformer block on n tokens of width d with an MLP of width hidden."""
-    attention = (2 * n * d * 3 * d  # qkv
-                 + 2 * n * n * d  # Q K^T, summed over heads: heads x N x N x head_dim
-                 + 2 * n * n * d  # A V
-                 + 2 * n * d * d)  # proj
-    mlp = 2 * n * d * hidden * 2  # fc1 and fc2
-    return attention + mlp
+    return _attention_flops(n, d) + 2 * n * d * hidden * 2  # + fc1 and fc2
 
 
 def clip_forward_flops(cfg: CLIPConfig) -> int:

@@ -10,9 +10,9 @@ state dict of the whole model with our names, and back:
     pipeline layers (layer index -> state dict) ──pipeline_to_whole──▶ whole-model names
 
 Which tensors are sharded, and how, is read from the sharded model itself (a
-``tensor_parallel.ColumnParallelLinear`` / ``RowParallelLinear`` and its ``world`` /
-``chunks``), so merging is exactly the inverse of the ``shard()`` that initialised and
-trained the shards, for every model ``parallelize_vit`` shards (ViT, both CLIP towers).
+``tensor_parallel.ColumnParallelLinear`` / ``RowParallelLinear`` / ``ShardedParallelBlock``
+says ``is_sharded(name)`` and ``merge``s its own slices), so merging is exactly the
+inverse of the ``shard()`` that initialised and trained the shards, for every model ``parallelize_vit`` shards (ViT, both CLIP towers).
 Build that model on the meta device: only its structure is read.
 
 Our ViT's state dict *is* timm's (``vit.py``), so ``to_timm`` only checks; CLIP keys are
@@ -28,11 +28,10 @@ import torch
 from torch import nn
 
 from vitscale.models.clip import CLIP, to_open_clip_state_dict
-from vitscale.models.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from vitscale.models.vit import VisionTransformer, ViTConfig
 
 __all__ = ["FORMATS", "merge_tensor_parallel", "shard_state_dict", "pipeline_to_whole", "to_timm", "to_open_clip",
-           "convert_state_dict", "timm_kwargs", "library_config", "check_state_dict"]
+           "convert_state_dict", "timm_kwargs", "create_timm_model", "library_config", "check_state_dict"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +51,6 @@ def _owners(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
             if key in keys:
                 owners[key] = (mod, leaf)
     return owners
-
-
-def _merge_column(parts: Sequence[torch.Tensor], chunks: int) -> torch.Tensor:
-    # Inverse of ColumnParallelLinear.shard: each part holds, for every one of the
-    # ``chunks`` blocks (q, k, v of a fused qkv), that rank's rows of the block.
-    rest = parts[0].shape[1:]
-    blocks = torch.stack([p.reshape(chunks, -1, *rest) for p in parts], dim=1)  # (chunks, world, rows, ...)
-    return blocks.reshape(-1, *rest)
 
 
 def merge_tensor_parallel(shards: Sequence[Mapping[str, torch.Tensor]], model_part: nn.Module,
@@ -96,14 +87,11 @@ def merge_tensor_parallel(shards: Sequence[Mapping[str, torch.Tensor]], model_pa
     merged: StateDict = {}
     for key, (mod, leaf) in owners.items():
         parts = [shard[key] for shard in shards]
-        sharded = ((isinstance(mod, ColumnParallelLinear) and leaf in ("weight", "bias"))
-                   or (isinstance(mod, RowParallelLinear) and leaf == "weight"))
+        sharded = hasattr(mod, "is_sharded") and mod.is_sharded(leaf)
         if sharded and len(parts) != mod.world:
             raise ValueError(f"{key} is sharded over {mod.world} tensor ranks but {len(parts)} shards were given")
-        if isinstance(mod, ColumnParallelLinear) and leaf in ("weight", "bias"):
-            merged[key] = _merge_column(parts, mod.chunks)
-        elif isinstance(mod, RowParallelLinear) and leaf == "weight":
-            merged[key] = torch.cat(parts, dim=1)
+        if sharded:
+            merged[key] = mod.merge(leaf, parts)
         else:
             first = parts[0]
             for rank, other in enumerate(parts[1:], start=1):
@@ -233,14 +221,56 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], to: Format) -> StateDi
     raise ValueError(f"unknown export format {to!r}; use one of {', '.join(FORMATS)}")
 
 
+# Options timm's VisionTransformer cannot express: (config field, value that is fine, why).
+_NOT_IN_TIMM = [("dual_patchnorm", False, "has no LayerNorm on the pixels before the patch embedding"),
+                ("moe_blocks", 0, "has no Soft MoE layer"),
+                ("pos_embed", "learned", "has no factorized (row + column) position embedding")]
+# Names in timm_kwargs for timm objects that JSON cannot hold; create_timm_model resolves them.
+_TIMM_BLOCK = "ParallelScalingBlock(fuse_out_proj=True)"
+_TIMM_NORM = "LayerNorm(bias=False)"
+
+
 def timm_kwargs(cfg: ViTConfig) -> dict:
     """Keyword arguments of ``timm.models.vision_transformer.VisionTransformer`` that build the
-    model our ``cfg`` describes (the one our state dict loads into with ``strict=True``)."""
-    return dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
-                num_classes=cfg.num_classes, global_pool=cfg.global_pool, embed_dim=cfg.embed_dim,
-                depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
-                qk_norm=cfg.qk_norm, init_values=cfg.init_values, class_token=cfg.class_token,
-                fc_norm=cfg.fc_norm)
+    model our ``cfg`` describes (the one our state dict loads into with ``strict=True``).
+
+    JSON-serialisable: a parallel block is named ``block_fn="ParallelScalingBlock(fuse_out_proj=True)"``
+    and bias-free norms ``norm_layer="LayerNorm(bias=False)"``; ``create_timm_model`` builds
+    the model from these kwargs, resolving both names.
+
+    Raises:
+        ValueError: for an option timm's ViT does not have (Dual PatchNorm, Soft MoE,
+            factorized position embeddings): export those with ``--to vitscale``.
+    """
+    for name, plain, why in _NOT_IN_TIMM:
+        if getattr(cfg, name) != plain:
+            raise ValueError(f"timm's VisionTransformer {why} ({name}={getattr(cfg, name)!r}); export this model "
+                             f"with --to vitscale, or train it with {name}={plain!r}")
+    kwargs = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+                  num_classes=cfg.num_classes, global_pool=cfg.global_pool, embed_dim=cfg.embed_dim,
+                  depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
+                  qk_norm=cfg.qk_norm, init_values=cfg.init_values, class_token=cfg.class_token,
+                  fc_norm=cfg.fc_norm)
+    if cfg.parallel_block:
+        kwargs["block_fn"] = _TIMM_BLOCK
+    if not cfg.norm_bias:
+        kwargs["norm_layer"] = _TIMM_NORM
+    return kwargs
+
+
+def create_timm_model(kwargs: dict | ViTConfig) -> nn.Module:
+    """timm's ``VisionTransformer`` from ``timm_kwargs`` (or straight from our config)."""
+    from functools import partial
+
+    from timm.layers import LayerNorm
+    from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer as TimmViT
+
+    kwargs = dict(timm_kwargs(kwargs) if isinstance(kwargs, ViTConfig) else kwargs)
+    if kwargs.get("block_fn") == _TIMM_BLOCK:
+        kwargs["block_fn"] = partial(ParallelScalingBlock, fuse_out_proj=True)
+    if kwargs.get("norm_layer") == _TIMM_NORM:
+        kwargs["norm_layer"] = partial(LayerNorm, bias=False)
+    return TimmViT(**kwargs)
 
 
 def library_config(model: nn.Module, to: Format) -> dict:
@@ -249,5 +279,8 @@ def library_config(model: nn.Module, to: Format) -> dict:
     if to == "timm" and isinstance(model, VisionTransformer):
         return timm_kwargs(model.cfg)
     if to == "open_clip" and isinstance(model, CLIP):
+        if model.cfg.vision.options():
+            raise ValueError(f"open_clip's image tower has no {', '.join(model.cfg.vision.options())}; export this "
+                             "CLIP with --to vitscale")
         return model.cfg.to_dict()
     return {}

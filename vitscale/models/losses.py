@@ -38,7 +38,7 @@ from torch import nn
 
 from vitscale.registry import Registry
 
-__all__ = ["ClipLoss", "SigLipLoss", "all_gather_with_grad", "neighbour_exchange_with_grad", "create_loss",
+__all__ = ["ClipLoss", "SigLipLoss", "sigmoid_cross_entropy", "all_gather_with_grad", "neighbour_exchange_with_grad", "create_loss",
            "list_losses", "register_loss"]
 
 LOSSES: Registry[nn.Module] = Registry("loss", "list_losses()")
@@ -314,3 +314,22 @@ class SigLipLoss(nn.Module):
             (from_left,) = neighbour_exchange_with_grad((to_right,), (+1,), self.group)
             loss = loss + self._chunk_loss(image_features, from_left, logit_scale, logit_bias, positives=False)
         return loss
+
+
+def sigmoid_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Sigmoid (multi-label) cross-entropy of a classifier, as big_vision's ``sigmoid_xent``
+    that ViT-22B trains with: every class an independent binary problem, summed over
+    classes, averaged over samples.
+
+    Args:
+        logits: (B, C).
+        labels: (B,) class indices (one positive each) or (B, C) multi-hot targets in [0, 1].
+        label_smoothing: targets become ``t (1 - s) + s / C``.
+
+    Returns:
+        A scalar.
+    """
+    targets = F.one_hot(labels, logits.shape[-1]).to(logits.dtype) if labels.dim() == 1 else labels.to(logits.dtype)
+    if label_smoothing:
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / logits.shape[-1]
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1).mean()

@@ -23,7 +23,7 @@ from deepspeed.runtime import utils as ds_utils
 from torch import nn
 
 from vitscale.models.clip import CLIP, CLIPBlock, TextTower, VisionTower, clip_init_weights
-from vitscale.models.vit import Block, VisionTransformer, init_weights
+from vitscale.models.vit import Block, ParallelBlock, VisionTransformer, init_weights
 
 __all__ = ["ViTEmbed", "ViTHead", "vit_layers", "stage_bounds", "build_pipeline", "build_vit_pipeline", "PARTITIONS",
            "CLIPEmbed", "ImageBlock", "TextBlock", "CLIPHead", "clip_layers", "build_clip_pipeline"]
@@ -43,9 +43,13 @@ class ViTEmbed(nn.Module):
         super().__init__()
         self.cfg = model.cfg
         self.patch_embed, self.cls_token, self.pos_embed = model.patch_embed, model.cls_token, model.pos_embed
+        self.pos_embed_h, self.pos_embed_w = model.pos_embed_h, model.pos_embed_w  # factorized positions
         self.pos_drop = model.pos_drop
 
-    forward = VisionTransformer.embed
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Contiguous: DeepSpeed's pipeline sends only contiguous tensors between stages, and
+        # without a class token to concatenate, the patch tokens keep the conv's transposed strides.
+        return VisionTransformer.embed(self, x).contiguous()
 
 
 class ViTHead(nn.Module):
@@ -78,13 +82,15 @@ def stage_bounds(layers: list[nn.Module], stages: int, method: str) -> list[int]
     if method == "parameters":
         weights = [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in layers]
     elif method == "blocks":
-        weights = [int(isinstance(layer, Block)) for layer in layers]
+        weights = [int(isinstance(layer, (Block, ParallelBlock))) for layer in layers]
     else:
         raise ValueError(f"unknown pipeline partition {method!r}; use one of {', '.join(PARTITIONS)}")
     return ds_utils.partition_balanced(weights=weights, num_parts=stages)
 
 
 def _ds_method(method: str) -> str:
+    # DeepSpeed matches the regex against class names, case-insensitively: Block, ParallelBlock,
+    # ShardedParallelBlock, ImageBlock, TextBlock, never ViTEmbed / ViTHead.
     return "type:Block" if method == "blocks" else method
 
 
@@ -129,7 +135,8 @@ def build_vit_pipeline(model: VisionTransformer, topology, stage: int, seed: int
     """This rank's stage of ``model`` (a ViT built on the meta device) as a ``PipelineModule``;
     ``seed`` gives the weights the single-process model has. See ``build_pipeline``."""
     return build_pipeline(vit_layers(model), topology, stage, lambda layer, prefix: init_weights(layer, seed, prefix),
-                          loss_fn, device, partition, checkpoint_every, ["Block"], shard)
+                          loss_fn, device, partition, checkpoint_every,
+                          ["Block", "ParallelBlock", "ShardedParallelBlock"], shard)
 
 
 # ---- CLIP: stages pass (image tokens, text tokens, EOT positions) ----
@@ -158,7 +165,8 @@ class CLIPEmbed(nn.Module):
         super().__init__()
         v, t = model.visual, model.text
         self.visual = _Parts(v.cfg, conv1=v.conv1, class_embedding=v.class_embedding,
-                             positional_embedding=v.positional_embedding, ln_pre=v.ln_pre)
+                             positional_embedding=v.positional_embedding, ln_pre=v.ln_pre,
+                             patch_norm_pre=v.patch_norm_pre, patch_norm=v.patch_norm)
         self.text = _Parts(t.cfg, token_embedding=t.token_embedding, positional_embedding=t.positional_embedding)
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]):

@@ -30,8 +30,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear", "SharedLayerNorm", "copy_to_tensor_parallel",
-           "reduce_from_tensor_parallel", "gather_from_tensor_parallel", "parallelize_vit"]
+from vitscale.models.moe import SoftMoE
+from vitscale.models.vit import ParallelBlock
+
+__all__ = ["ColumnParallelLinear", "RowParallelLinear", "SharedLayerNorm", "ShardedParallelBlock",
+           "copy_to_tensor_parallel", "reduce_from_tensor_parallel", "gather_from_tensor_parallel", "parallelize_vit"]
 
 
 class _CopyToTensorParallel(torch.autograd.Function):
@@ -92,6 +95,25 @@ def gather_from_tensor_parallel(x: torch.Tensor, group) -> torch.Tensor:
     return _GatherFromTensorParallel.apply(x, group)
 
 
+def _chunk_sizes(chunks: int | tuple[int, ...], features: int, world: int, what: str) -> tuple[int, ...]:
+    sizes = (features // chunks,) * chunks if isinstance(chunks, int) else tuple(chunks)
+    if sum(sizes) != features or any(size % world for size in sizes):
+        raise ValueError(f"{what} {features} do not split into blocks {list(sizes)} each divisible by "
+                         f"{world} tensor ranks")
+    return sizes
+
+
+def _shard_chunks(full: torch.Tensor, sizes: tuple[int, ...], rank: int, world: int, dim: int) -> torch.Tensor:
+    # Each rank holds its 1/world of every block, blocks in order.
+    return torch.cat([block.chunk(world, dim=dim)[rank] for block in full.split(list(sizes), dim=dim)], dim=dim)
+
+
+def _merge_chunks(parts: list[torch.Tensor], sizes: tuple[int, ...], world: int, dim: int) -> torch.Tensor:
+    local = [size // world for size in sizes]
+    pieces = [part.split(local, dim=dim) for part in parts]  # pieces[rank][block]
+    return torch.cat([pieces[rank][block] for block in range(len(sizes)) for rank in range(world)], dim=dim)
+
+
 class _ShardedLinear(nn.Module):
     """Shared bookkeeping: the full layer's shape and which slice this rank holds."""
 
@@ -116,6 +138,9 @@ class _ShardedLinear(nn.Module):
         """Shape of parameter ``name`` in the unsharded layer."""
         return (self.out_features, self.in_features) if name == "weight" else (self.out_features,)
 
+    def is_sharded(self, name: str) -> bool:
+        return name in self._sharded
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self._has_bias}, "
                 f"shard={self.rank}/{self.world}")
@@ -130,16 +155,14 @@ class ColumnParallelLinear(_ShardedLinear):
         rank, world, group: this rank's index in, the size of, and the tensor-parallel group.
         chunks: the output is ``chunks`` equal blocks that are each split, e.g. 3 for a
             fused qkv whose rows are (q heads, k heads, v heads): each rank gets its heads of
-            q, k and v, not a contiguous third of the rows.
+            q, k and v, not a contiguous third of the rows. Or a tuple of block sizes, e.g.
+            (MLP hidden, D, D, D) for a parallel block's fused input projection.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, rank: int, world: int, group,
-                 chunks: int = 1, device=None, dtype=None):
+                 chunks: int | tuple[int, ...] = 1, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, rank, world, group)
-        if out_features % (chunks * world):
-            raise ValueError(f"column-parallel linear: {out_features} output features do not split into "
-                             f"{chunks} x {world} tensor ranks")
-        self.chunks = chunks
+        self.chunks = _chunk_sizes(chunks, out_features, world, "column-parallel linear: output features")
         local = out_features // world
         self.weight = nn.Parameter(torch.empty(local, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(local, device=device, dtype=dtype)) if bias else None
@@ -147,9 +170,12 @@ class ColumnParallelLinear(_ShardedLinear):
         self._mark()
 
     def shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of the full parameter ``name``."""
-        blocks = full.reshape(self.chunks, self.world, -1, *full.shape[1:])  # (chunks, world, rows, ...)
-        return blocks[:, self.rank].reshape(-1, *full.shape[1:])
+        """This rank's slice of the full parameter ``name``: its rows of every chunk."""
+        return _shard_chunks(full, self.chunks, self.rank, self.world, dim=0)
+
+    def merge(self, name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Inverse of ``shard``: the ranks' slices -> the full parameter."""
+        return _merge_chunks(parts, self.chunks, self.world, dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(copy_to_tensor_parallel(x, self.group), self.weight, self.bias)
@@ -158,21 +184,23 @@ class ColumnParallelLinear(_ShardedLinear):
 class RowParallelLinear(_ShardedLinear):
     """``nn.Linear`` split by input features: takes a sharded input, returns the full,
     summed output (identical on every rank). The bias is replicated and added once, after
-    the reduction."""
+    the reduction. ``chunks`` as for ``ColumnParallelLinear``, over the input features
+    (a parallel block's fused output projection reads (attention, MLP hidden))."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, rank: int, world: int, group,
-                 device=None, dtype=None):
+                 chunks: int | tuple[int, ...] = 1, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, rank, world, group)
-        if in_features % world:
-            raise ValueError(f"row-parallel linear: {in_features} input features do not split into {world} "
-                             "tensor ranks")
+        self.chunks = _chunk_sizes(chunks, in_features, world, "row-parallel linear: input features")
         self.weight = nn.Parameter(torch.empty(out_features, in_features // world, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self._sharded = ("weight",)  # the bias is replicated: counted once in gradient norms
         self._mark()
 
     def shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        return full.chunk(self.world, dim=1)[self.rank] if name == "weight" else full
+        return _shard_chunks(full, self.chunks, self.rank, self.world, dim=1) if name == "weight" else full
+
+    def merge(self, name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+        return _merge_chunks(parts, self.chunks, self.world, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = reduce_from_tensor_parallel(F.linear(x, self.weight), self.group)
@@ -195,16 +223,68 @@ class SharedLayerNorm(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
-def _column(linear: nn.Linear, rank: int, world: int, group, chunks: int = 1) -> ColumnParallelLinear:
+def _column(linear: nn.Linear, rank: int, world: int, group, chunks=1) -> ColumnParallelLinear:
     w = linear.weight
     return ColumnParallelLinear(linear.in_features, linear.out_features, linear.bias is not None, rank, world,
                                 group, chunks=chunks, device=w.device, dtype=w.dtype)
 
 
-def _row(linear: nn.Linear, rank: int, world: int, group) -> RowParallelLinear:
+def _row(linear: nn.Linear, rank: int, world: int, group, chunks=1) -> RowParallelLinear:
     w = linear.weight
     return RowParallelLinear(linear.in_features, linear.out_features, linear.bias is not None, rank, world,
-                             group, device=w.device, dtype=w.dtype)
+                             group, chunks=chunks, device=w.device, dtype=w.dtype)
+
+
+class ShardedParallelBlock(ParallelBlock):
+    """A ``vit.ParallelBlock`` whose own ``mlp_bias`` (timm's name, present when the fused
+    input projection has no bias) is split with the MLP hidden units it belongs to; its
+    linears are Column/RowParallelLinear. An existing block is re-classed, so parameter
+    names stay the model's."""
+
+    @property
+    def world(self) -> int:
+        return self.tp_world
+
+    def full_shape(self, name: str) -> tuple[int, ...]:
+        return (self.mlp_hidden_full,)
+
+    def is_sharded(self, name: str) -> bool:
+        return name == "mlp_bias"
+
+    def shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        return full.chunk(self.tp_world)[self.tp_rank]
+
+    def merge(self, name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(parts)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)  # see _ShardedLinear._apply
+        if self.mlp_bias is not None:
+            self.mlp_bias.tensor_model_parallel = True
+        return out
+
+
+def _parallelize_parallel_block(block: ParallelBlock, rank: int, world: int, group) -> None:
+    # One column split of [MLP hidden, q, k, v] and one row split of [attention, MLP hidden]:
+    # the block's only collectives are copy_to before in_proj and reduce_from after out_proj.
+    dim = block.num_heads * block.head_dim
+    hidden = block.in_proj.out_features - 3 * dim
+    block.in_proj = _column(block.in_proj, rank, world, group, chunks=(hidden, dim, dim, dim))
+    block.out_proj = _row(block.out_proj, rank, world, group, chunks=(dim, hidden))
+    block.num_heads //= world
+    _share_qk_norms(block, group)
+    block.__class__ = ShardedParallelBlock
+    block.mlp_hidden_full, block.tp_rank, block.tp_world = hidden, rank, world
+    if block.mlp_bias is not None:
+        local = block.mlp_bias.detach()[:hidden // world]  # the right shape; values come from init / load
+        block.mlp_bias = nn.Parameter(torch.empty_like(local))
+        block.mlp_bias.tensor_model_parallel = True
+
+
+def _share_qk_norms(module: nn.Module, group) -> None:
+    for name in ("q_norm", "k_norm"):
+        if isinstance(getattr(module, name), nn.LayerNorm):
+            setattr(module, name, SharedLayerNorm(getattr(module, name), group))
 
 
 def parallelize_vit(model: nn.Module, rank: int, world: int, group) -> nn.Module:
@@ -212,7 +292,11 @@ def parallelize_vit(model: nn.Module, rank: int, world: int, group) -> nn.Module
 
     qkv and fc1 become column-parallel (heads / hidden units split), proj and fc2
     row-parallel; each attention keeps ``num_heads / world`` heads, and per-head q/k norms
-    sum their gradients over the ranks (``SharedLayerNorm``). Works on any module
+    sum their gradients over the ranks (``SharedLayerNorm``). A ``vit.ParallelBlock`` splits
+    its fused input projection (MLP hidden, q, k, v) by columns and its fused output
+    projection (attention, MLP hidden) by rows: one all-reduce forward, one backward. Soft
+    MoE experts are not split: each tensor rank runs all of them on identical slots.
+    Works on any module
     that contains ``vitscale.models.vit.Block``-shaped blocks (a whole ViT, a pipeline
     stage, one block). The new layers are created on the old weights' device with
     uninitialised values: build on the meta device, parallelize, then materialise with
@@ -224,17 +308,25 @@ def parallelize_vit(model: nn.Module, rank: int, world: int, group) -> nn.Module
     if world == 1:
         return model
     for module in list(model.modules()):
+        if isinstance(module, ParallelBlock):
+            _check_heads(module.num_heads, world)
+            _parallelize_parallel_block(module, rank, world, group)
+            continue
         attn, mlp = getattr(module, "attn", None), getattr(module, "mlp", None)
         if attn is None or mlp is None:
             continue
-        if attn.num_heads % world:
-            raise ValueError(f"{attn.num_heads} attention heads do not split over tensor={world} ranks")
+        _check_heads(attn.num_heads, world)
         attn.qkv = _column(attn.qkv, rank, world, group, chunks=3)
         attn.proj = _row(attn.proj, rank, world, group)
         attn.num_heads //= world
-        for name in ("q_norm", "k_norm"):
-            if isinstance(getattr(attn, name), nn.LayerNorm):
-                setattr(attn, name, SharedLayerNorm(getattr(attn, name), group))
+        _share_qk_norms(attn, group)
+        if isinstance(mlp, SoftMoE):
+            continue  # experts stay whole on every tensor rank (identical inputs, identical gradients)
         mlp.fc1 = _column(mlp.fc1, rank, world, group)
         mlp.fc2 = _row(mlp.fc2, rank, world, group)
     return model
+
+
+def _check_heads(heads: int, world: int) -> None:
+    if heads % world:
+        raise ValueError(f"{heads} attention heads do not split over tensor={world} ranks")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vitscale.models.moe import SoftMoE
 from vitscale.models.registry import register_model
 
 
@@ -41,6 +42,13 @@ class ViTConfig:
     mlp_ratio: float = 4.0  # MLP hidden width = int(embed_dim * mlp_ratio)
     qkv_bias: bool = True
     qk_norm: bool = False  # LayerNorm on queries and keys per head (ViT-22B, Dehghani et al. 2023)
+    norm_bias: bool = True  # False: every LayerNorm without bias (ViT-22B)
+    parallel_block: bool = False  # attention and MLP from one normed input, summed (ViT-22B; timm's ParallelScalingBlock)
+    dual_patchnorm: bool = False  # LayerNorm before and after the patch embedding (Kumar et al. 2023)
+    pos_embed: Literal["learned", "factorized"] = "learned"  # factorized: row + column tables (NaViT; any grid <= img_size)
+    moe_blocks: int = 0  # the last N blocks get a Soft MoE instead of the MLP (Puigcerver et al. 2024); 0 = none
+    moe_experts: int = 8  # experts per Soft MoE layer, each an MLP of width mlp_hidden
+    moe_slots: int = 1  # slots per expert
     init_values: float | None = None  # LayerScale init (CaiT, Touvron et al. 2021); None = off
     class_token: bool = True
     global_pool: Literal["token", "avg"] = "token"
@@ -74,6 +82,15 @@ class ViTConfig:
                 raise ValueError(f"ViT option {name}={value} must be in [0, 1); 0 turns it off")
         if self.global_pool not in ("token", "avg"):
             raise ValueError(f"ViT option global_pool={self.global_pool!r} must be 'token' or 'avg'")
+        if self.pos_embed not in ("learned", "factorized"):
+            raise ValueError(f"ViT option pos_embed={self.pos_embed!r} must be 'learned' or 'factorized'")
+        if not 0 <= self.moe_blocks <= self.depth:
+            raise ValueError(f"ViT option moe_blocks={self.moe_blocks} must be between 0 and depth={self.depth}")
+        if self.moe_blocks and (self.moe_experts < 1 or self.moe_slots < 1):
+            raise ValueError(f"ViT options moe_experts={self.moe_experts} and moe_slots={self.moe_slots} must be >= 1")
+        if self.moe_blocks and self.parallel_block:
+            raise ValueError("ViT options moe_blocks and parallel_block cannot be combined: a parallel block fuses "
+                             "the MLP into the attention's input projection; set one of them off")
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("ViT option global_pool='token' needs class_token=True; "
                              "set class_token=True or global_pool='avg'")
@@ -102,8 +119,8 @@ class ViTConfig:
         return self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
 
 
-def _layer_norm(dim: int) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, eps=1e-6)  # timm's ViT epsilon, not torch's 1e-5
+def _layer_norm(dim: int, bias: bool = True) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=1e-6, bias=bias)  # timm's ViT epsilon, not torch's 1e-5
 
 
 class DropPath(nn.Module):
@@ -125,14 +142,39 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
-class PatchEmbed(nn.Module):
-    """Non-overlapping patches -> tokens, as a strided convolution (``proj``, timm's name)."""
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Images (B, C, H, W) -> patches (B, N, C * p * p), row-major over the grid, each patch
+    flattened as (C, p, p): the layout of ``PatchEmbed.proj.weight.flatten(1)``."""
+    B, C, H, W = images.shape
+    p = patch_size
+    x = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, p)
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens, as a strided convolution (``proj``, timm's name).
+
+    ``dual_norm`` (Dual PatchNorm, Kumar et al. 2023): LayerNorm over each flattened patch
+    before the projection (``pre_norm``) and over each token after it (``norm``, timm's name
+    for the latter). ``embed_patches`` takes already flattened patches (packed sequences)."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, dual_norm: bool = False,
+                 norm_bias: bool = True):
         super().__init__()
+        self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.pre_norm = _layer_norm(in_chans * patch_size**2, norm_bias) if dual_norm else None
+        self.norm = _layer_norm(embed_dim, norm_bias) if dual_norm else nn.Identity()
+
+    def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """Flattened patches (..., C * p * p) -> tokens (..., D); the convolution as a linear map."""
+        if self.pre_norm is not None:
+            patches = self.pre_norm(patches)
+        return self.norm(F.linear(patches, self.proj.weight.flatten(1), self.proj.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_norm is not None:  # the pre-norm needs whole patches: unfold first
+            return self.embed_patches(patchify(x, self.patch_size))
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, D, h, w) -> (B, N, D)
 
 
@@ -145,28 +187,37 @@ class Attention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, causal: bool = False):
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, causal: bool = False, norm_bias: bool = True):
         super().__init__()
         self.num_heads = num_heads  # heads held by this module
         self.causal = causal
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.q_norm = _layer_norm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = _layer_norm(self.head_dim) if qk_norm else nn.Identity()
+        self.q_norm = _layer_norm(self.head_dim, norm_bias) if qk_norm else nn.Identity()
+        self.k_norm = _layer_norm(self.head_dim, norm_bias) if qk_norm else nn.Identity()
         self.attn_drop = attn_drop  # a probability: SDPA applies it, no module needed
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens (B, N, D) -> (B, N, D); ``attn_mask`` (B, 1, N, N) bool, True = may attend
+        (the block-diagonal mask of packed sequences)."""
         B, N, _ = x.shape
         # qkv's output is laid out (3, heads, head_dim), as in timm, so checkpoints agree.
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
-        q, k = self.q_norm(q), self.k_norm(k)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
-                                           is_causal=self.causal)
-        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)  # (B, N, local D)
+        x = attend(q, k, v, self.q_norm, self.k_norm, attn_mask, self.attn_drop if self.training else 0.0,
+                   self.causal)
         return self.proj_drop(self.proj(x))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module,
+           attn_mask: torch.Tensor | None, dropout: float, causal: bool = False) -> torch.Tensor:
+    """Per-head q/k norms, then SDPA: q, k, v (B, heads, N, head_dim) -> (B, N, heads * head_dim)."""
+    B, heads, N, head_dim = q.shape
+    x = F.scaled_dot_product_attention(q_norm(q), k_norm(k), v, attn_mask=attn_mask, dropout_p=dropout,
+                                       is_causal=causal)
+    return x.transpose(1, 2).reshape(B, N, heads * head_dim)
 
 
 class Mlp(nn.Module):
@@ -202,23 +253,70 @@ class Block(nn.Module):
     Args:
         cfg: the architecture (width, heads, options).
         drop_path: stochastic-depth probability of this block.
+        moe: a Soft MoE layer (``models/moe.py``) in place of the MLP.
+    """
+
+    def __init__(self, cfg: ViTConfig, drop_path: float = 0.0, moe: bool = False):
+        super().__init__()
+        dim = cfg.embed_dim
+        self.norm1 = _layer_norm(dim, cfg.norm_bias)
+        self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias, cfg.qk_norm, cfg.attn_drop_rate, cfg.drop_rate,
+                              norm_bias=cfg.norm_bias)
+        self.ls1 = LayerScale(dim, cfg.init_values) if cfg.init_values is not None else nn.Identity()
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = _layer_norm(dim, cfg.norm_bias)
+        if moe:
+            self.mlp = SoftMoE(dim, cfg.mlp_hidden, cfg.moe_experts, cfg.moe_slots, cfg.drop_rate)
+        else:
+            self.mlp = Mlp(dim, cfg.mlp_hidden, cfg.drop_rate)
+        self.ls2 = LayerScale(dim, cfg.init_values) if cfg.init_values is not None else nn.Identity()
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class ParallelBlock(nn.Module):
+    """ViT-22B's parallel block (Dehghani et al. 2023, after GPT-J / PaLM):
+    ``x + out_proj([attn(q, k, v), GELU(h)])`` where ``[h, q, k, v] = in_proj(in_norm(x))``.
+
+    Attention and MLP read the same normed input, so their input projections are one fused
+    matrix (``in_proj``: rows MLP hidden, q, k, v) and their output projections another
+    (``out_proj``: columns attention, MLP hidden). Under tensor parallelism each is split
+    once, so a block needs one all-reduce forward and one backward instead of two each.
+    Names and layouts are timm's ``ParallelScalingBlock(fuse_out_proj=True)``: with
+    ``qkv_bias=False`` the MLP keeps its bias as ``mlp_bias``.
     """
 
     def __init__(self, cfg: ViTConfig, drop_path: float = 0.0):
         super().__init__()
-        dim = cfg.embed_dim
-        self.norm1 = _layer_norm(dim)
-        self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias, cfg.qk_norm, cfg.attn_drop_rate, cfg.drop_rate)
-        self.ls1 = LayerScale(dim, cfg.init_values) if cfg.init_values is not None else nn.Identity()
-        self.drop_path1 = DropPath(drop_path)
-        self.norm2 = _layer_norm(dim)
-        self.mlp = Mlp(dim, cfg.mlp_hidden, cfg.drop_rate)
-        self.ls2 = LayerScale(dim, cfg.init_values) if cfg.init_values is not None else nn.Identity()
-        self.drop_path2 = DropPath(drop_path)
+        dim, hidden = cfg.embed_dim, cfg.mlp_hidden
+        self.num_heads = cfg.num_heads  # heads held by this module (a tensor shard sets its local count)
+        self.head_dim = dim // cfg.num_heads
+        self.in_norm = _layer_norm(dim, cfg.norm_bias)
+        self.in_proj = nn.Linear(dim, hidden + 3 * dim, bias=cfg.qkv_bias)
+        self.mlp_bias = None if cfg.qkv_bias else nn.Parameter(torch.zeros(hidden))
+        self.q_norm = _layer_norm(self.head_dim, cfg.norm_bias) if cfg.qk_norm else nn.Identity()
+        self.k_norm = _layer_norm(self.head_dim, cfg.norm_bias) if cfg.qk_norm else nn.Identity()
+        self.attn_drop = cfg.attn_drop_rate
+        self.mlp_act = nn.GELU()
+        self.mlp_drop = nn.Dropout(cfg.drop_rate)
+        self.out_proj = nn.Linear(dim + hidden, dim)
+        self.ls = LayerScale(dim, cfg.init_values) if cfg.init_values is not None else nn.Identity()
+        self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, _ = x.shape
+        y = self.in_proj(self.in_norm(x))  # (B, N, hidden + 3 D), local widths under tensor parallelism
+        width = self.num_heads * self.head_dim
+        x_mlp, q, k, v = y.split([y.shape[-1] - 3 * width, width, width, width], dim=-1)
+        if self.mlp_bias is not None:
+            x_mlp = x_mlp + self.mlp_bias
+        q, k, v = (t.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        x_attn = attend(q, k, v, self.q_norm, self.k_norm, attn_mask, self.attn_drop if self.training else 0.0)
+        y = self.out_proj(torch.cat([x_attn, self.mlp_drop(self.mlp_act(x_mlp))], dim=-1))
+        return x + self.drop_path(self.ls(y))
 
 
 class VisionTransformer(nn.Module):
@@ -236,15 +334,24 @@ class VisionTransformer(nn.Module):
         self.cfg = cfg
         dim = cfg.embed_dim
         self.num_features = dim
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, dim)
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, dim, cfg.dual_patchnorm, cfg.norm_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.class_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.seq_len, dim))  # covers the class token too
+        learned = cfg.pos_embed == "learned"
+        # Learned: one vector per position, the class token's included.
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.seq_len, dim)) if learned else None
+        # Factorized (NaViT): a row and a column table, summed; any grid up to img_size fits,
+        # and the class token gets no position.
+        self.pos_embed_h = None if learned else nn.Parameter(torch.zeros(1, cfg.grid_size, dim))
+        self.pos_embed_w = None if learned else nn.Parameter(torch.zeros(1, cfg.grid_size, dim))
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         # Deeper blocks are dropped more often: rate grows linearly from 0 to drop_path_rate.
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.blocks = nn.Sequential(*[Block(cfg, rate) for rate in rates])
-        self.norm = nn.Identity() if cfg.use_fc_norm else _layer_norm(dim)
-        self.fc_norm = _layer_norm(dim) if cfg.use_fc_norm else nn.Identity()
+        first_moe = cfg.depth - cfg.moe_blocks
+        self.blocks = nn.Sequential(*[
+            ParallelBlock(cfg, rate) if cfg.parallel_block else Block(cfg, rate, moe=i >= first_moe)
+            for i, rate in enumerate(rates)])
+        self.norm = nn.Identity() if cfg.use_fc_norm else _layer_norm(dim, cfg.norm_bias)
+        self.fc_norm = _layer_norm(dim, cfg.norm_bias) if cfg.use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.grad_checkpointing = 0
@@ -254,7 +361,7 @@ class VisionTransformer(nn.Module):
         """timm's default init (see ``init_weights``), seeded from torch's current RNG, so
         ``torch.manual_seed(s)`` before building fixes every weight. Parameters on the meta
         device are left alone: materialise them later with ``init_weights``."""
-        if not self.pos_embed.is_meta:
+        if not self.patch_embed.proj.weight.is_meta:
             init_weights(self, int(torch.randint(0, 2**62, (), device="cpu").item()))
 
     def set_grad_checkpointing(self, every: int = 1) -> None:
@@ -264,7 +371,13 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that optimizers conventionally exempt from weight decay."""
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "pos_embed_h", "pos_embed_w", "cls_token"}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups by depth, timm's convention (read by timm's layer-wise LR decay):
+        embeddings first, then each block, then the final norm; the head after them."""
+        return {"stem": r"^cls_token|pos_embed|patch_embed",
+                "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]}
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> tokens (B, N, D): patches, class token, position embedding.
@@ -277,20 +390,33 @@ class VisionTransformer(nn.Module):
                              f"img_size={self.cfg.img_size}; resize the input or build with "
                              f"img_size={x.shape[-1]}")
         x = self.patch_embed(x)
+        if self.pos_embed is None:  # factorized: row + column of each patch of the full grid
+            x = x + (self.pos_embed_h[:, :, None] + self.pos_embed_w[:, None, :]).flatten(1, 2)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.pos_drop(x + self.pos_embed)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        return self.pos_drop(x)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> normed tokens (B, N, D)."""
-        x = self.embed(x)
+    def embed_packed(self, patches: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """Packed sequences (NaViT) -> tokens: flattened patches (B, L, C * p * p) at grid
+        positions ``coords`` (B, L, 2) (row, column) -> (B, L, D), factorized positions added."""
+        if self.pos_embed_h is None:
+            raise ValueError("packed sequences need model.pos_embed=factorized (NaViT's row + column embedding)")
+        x = self.patch_embed.embed_patches(patches)
+        return self.pos_drop(x + self.pos_embed_h[0][coords[..., 0]] + self.pos_embed_w[0][coords[..., 1]])
+
+    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (B, C, H, W) -> normed tokens (B, N, D); with ``attn_mask``, ``x`` are tokens
+        already embedded (``embed_packed``)."""
+        x = self.embed(x) if attn_mask is None else x
         every = self.grad_checkpointing
+        blocks = list(self.blocks)
         if every and self.training and torch.is_grad_enabled():
-            blocks = list(self.blocks)
             for i in range(0, len(blocks), every):
-                x = checkpoint(nn.Sequential(*blocks[i:i + every]), x, use_reentrant=False)
+                x = checkpoint(_run_blocks, blocks[i:i + every], x, attn_mask, use_reentrant=False)
         else:
-            x = self.blocks(x)
+            x = _run_blocks(blocks, x, attn_mask)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -310,9 +436,38 @@ class VisionTransformer(nn.Module):
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> logits (B, num_classes)."""
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (B, C, H, W) -> logits (B, num_classes); or packed sequences (NaViT):
+        flattened patches ``x`` (B, L, C * p * p), ``coords`` (B, L, 2) and ``segments`` (B, L)
+        (image 1, 2, ... of its sequence, 0 = padding) -> logits (B, K, num_classes) of image
+        slots 1..K, K the largest segment id in the batch (one host sync)."""
+        if coords is None:
+            return self.forward_head(self.forward_features(x))
+        x = self.forward_features(self.embed_packed(x, coords), packed_attention_mask(segments))
+        pooled = pool_segments(x, segments, int(segments.max()))  # (B, K, D), average over each image's tokens
+        x = self.head_drop(self.fc_norm(pooled))
+        return x if self.cfg.num_classes == 0 else self.head(x)
+
+
+def _run_blocks(blocks: list[nn.Module], x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    for block in blocks:
+        x = block(x, attn_mask)
+    return x
+
+
+def packed_attention_mask(segments: torch.Tensor) -> torch.Tensor:
+    """Segment ids (B, L) -> block-diagonal mask (B, 1, L, L), True where query and key belong
+    to the same image. Padding (id 0) attends to padding only, so no row is empty (an empty
+    row would make SDPA return NaN); padding is never pooled."""
+    return (segments[:, :, None] == segments[:, None, :])[:, None]
+
+
+def pool_segments(x: torch.Tensor, segments: torch.Tensor, images: int) -> torch.Tensor:
+    """Average tokens (B, L, D) per image: segment ids (B, L) -> (B, images, D) for ids
+    1..images; an id absent from a row gives zeros."""
+    onehot = (segments[:, None, :] == torch.arange(1, images + 1, device=x.device)[None, :, None]).to(x.dtype)
+    return (onehot @ x) / onehot.sum(-1, keepdim=True).clamp(min=1)
 
 
 def _param_stream(seed: int, name: str) -> torch.Generator:
@@ -327,14 +482,16 @@ def _initial_value(name: str, module: nn.Module, shape: tuple[int, ...], gen: to
         return torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
     if isinstance(module, LayerScale):
         return torch.full(shape, module.init_values)
-    if leaf == "bias":
+    if isinstance(module, SoftMoE):
+        return module.initial_value(leaf, shape, gen)
+    if leaf in ("bias", "mlp_bias"):
         return torch.zeros(shape)
     out = torch.empty(shape)
     if name.endswith("patch_embed.proj.weight"):  # a linear map of the flattened patch, LeCun-style
         return nn.init.trunc_normal_(out, std=1.0 / math.sqrt(math.prod(shape[1:])), generator=gen)
     if leaf == "cls_token":
         return nn.init.normal_(out, std=1e-6, generator=gen)
-    if leaf in ("weight", "pos_embed"):
+    if leaf in ("weight", "pos_embed", "pos_embed_h", "pos_embed_w"):
         return nn.init.trunc_normal_(out, std=0.02, generator=gen)
     raise ValueError(f"init_weights: no rule for parameter {name!r} of {type(module).__name__}")
 
@@ -447,9 +604,9 @@ for _size in VIT_SIZES:
 @register_model("vit_22b_patch14")
 def vit_22b_patch14(**overrides) -> VisionTransformer:
     """ViT-22B's shape (Dehghani et al. 2023): width 6144, depth 48, 48 heads, MLP 24576,
-    patch 14, QK-norm, no qkv bias; 21.7B parameters. Its parallel attention/MLP
-    formulation and bias-free LayerNorms are not reproduced: the blocks are the
-    sequential pre-norm blocks above. Build it on the meta device (or sharded through
+    patch 14, QK-norm, no qkv bias, bias-free LayerNorms, parallel attention/MLP blocks;
+    21.7B parameters. Build it on the meta device (or sharded through
     ``train.engine.build_model``): in fp32 it takes 87 GB."""
-    kwargs = dict(embed_dim=6144, depth=48, num_heads=48, qk_norm=True, qkv_bias=False)
+    kwargs = dict(embed_dim=6144, depth=48, num_heads=48, qk_norm=True, qkv_bias=False, norm_bias=False,
+                  parallel_block=True)
     return build_vit("huge", 14, **{**kwargs, **overrides})

@@ -8,7 +8,10 @@ parallel), as one whole-model state dict:
 
 ``timm``: load with ``timm.create_model(<name>, pretrained=False, ...)`` or
 ``timm.models.vision_transformer.VisionTransformer(**kwargs)`` (a .safetensors file's
-metadata ``timm_config`` holds those kwargs) and ``load_state_dict(..., strict=True)``.
+metadata ``timm_config`` holds those kwargs) and ``load_state_dict(..., strict=True)``; with
+parallel blocks or bias-free norms (ViT-22B's recipe) build it with
+``vitscale.models.interop.create_timm_model(kwargs)``, which resolves ``block_fn`` / ``norm_layer``.
+Dual PatchNorm, Soft MoE and factorized positions have no timm equivalent: export those ``--to vitscale``.
 ``open_clip``: a CLIP's weights under open_clip's names (``open_clip_config`` in the
 metadata is the model-config JSON). ``vitscale``: our names.
 """

@@ -6,6 +6,7 @@
     vitscale-synth search GENERATOR --classes N --out FILE [--seed S] [--size S] [--param ...]
     vitscale-synth preview GENERATOR --out grid.png [--classes C] [--instances I] [--size S] ...
     vitscale-synth list
+    vitscale-synth laion-sample --out DIR [--generator G] [--classes N] [--instances M] [--size S] ...
 
 Writing splits over launcher ranks and local processes: rank ``r`` of ``R`` (from the
 environment, so ``mpirun -np 64 vitscale-synth ...``, ``srun`` and ``torchrun`` work without
@@ -136,7 +137,32 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     preview.add_argument("--categories", type=Path, help="category file from 'vitscale-synth search'")
 
     listing = argparse.ArgumentParser(prog=f"{prog} list", description="Registered generators.")
-    return {"write": write, "search": search, "preview": preview, "list": listing}
+
+    laion = argparse.ArgumentParser(prog=f"{prog} laion-sample", description="A small image-caption shard set in "
+                                    "img2dataset's format (tar + parquet + _stats.json per shard, val/ held out, "
+                                    "classnames.txt) from synthetic images captioned with their class.")
+    laion.add_argument("--out", type=Path, required=True, help="folder (train shards; val/ beside them)")
+    laion.add_argument("--generator", default="gratings", help="synthetic generator (default gratings)")
+    laion.add_argument("--classes", type=int, default=10, help="classes (default 10)")
+    laion.add_argument("--instances", type=int, default=64, help="training rows per class (default 64)")
+    laion.add_argument("--val-instances", type=int, default=16, help="held-out rows per class (default 16)")
+    laion.add_argument("--size", type=int, default=64, help="image side, pixels (default 64)")
+    laion.add_argument("--shard-size", type=int, default=80, help="rows per shard (default 80)")
+    laion.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+    return {"write": write, "search": search, "preview": preview, "list": listing, "laion-sample": laion}
+
+
+def _cmd_laion_sample(args) -> None:
+    from vitscale.data.laion_sample import write_laion_sample
+
+    _positive(classes=args.classes, instances=args.instances, val_instances=args.val_instances, size=args.size,
+              shard_size=args.shard_size)
+    if args.generator not in list_generators():
+        raise UsageError(f"--generator {args.generator} is not registered; choose from {', '.join(list_generators())}")
+    done = write_laion_sample(args.out, args.generator, args.classes, args.instances, args.val_instances, args.size,
+                              args.shard_size, args.seed)
+    logger.info("%d image-caption pairs in %d shards -> %s; %d held out in %d shards -> %s", done["train"],
+                done["shards"], args.out, done["val"], done["val_shards"], args.out / "val")
 
 
 def _positive(**values: int) -> None:
@@ -250,10 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parsers = _parsers()
-    command = argv[0] if argv and argv[0] in ("search", "preview", "list") else "write"
+    command = argv[0] if argv and argv[0] in ("search", "preview", "list", "laion-sample") else "write"
     args = parsers[command].parse_args(argv[1:] if command != "write" else argv)
     try:
-        {"write": _cmd_write, "search": _cmd_search, "preview": _cmd_preview, "list": _cmd_list}[command](args)
+        {"write": _cmd_write, "search": _cmd_search, "preview": _cmd_preview, "list": _cmd_list,
+         "laion-sample": _cmd_laion_sample}[command](args)
     except (UsageError, ValueError, RuntimeError, OSError) as e:
         # A generator's or the shard writer's ValueError names the argument to change, an
         # OSError the path; the traceback would only bury it.

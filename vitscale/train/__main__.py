@@ -7,10 +7,13 @@ vitscale.train``, or plain ``python -m vitscale.train`` for one process.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 
 from vitscale.config import ConfigError, compose_ds_config, load_config, validate_layout
-from vitscale.distributed import configure_cpu_threads, init_distributed, shutdown, world_size_from_env
+from vitscale.distributed import (EXIT_CONFIG, EXIT_NUMERIC, EXIT_TERMINATED, Heartbeat, configure_cpu_threads,
+                                  init_distributed, shutdown, world_size_from_env)
 
 USAGE = """usage: vitscale-train [CONFIG.yaml] [key.sub=value ...]
 
@@ -62,23 +65,54 @@ def main(argv: list[str] | None = None) -> int:
         layout = validate_layout(cfg, world_size_from_env())
         ds_config = compose_ds_config(cfg, layout.data)
         check_precision(cfg.train.precision)
-    except ConfigError as e:
+        from vitscale.train.checkpoint import check_resume
+
+        check_resume(cfg, {"pipe": layout.pipe, "tensor": layout.tensor, "data": layout.data, "zero": cfg.parallel.zero})
+    except (ConfigError, ValueError) as e:
         log.error("config error: %s", e)
-        return 2
+        return EXIT_CONFIG
 
-    from vitscale.train.loop import train
+    from vitscale.train.loop import NumericFault, train
 
-    dims = init_distributed(pipe=cfg.parallel.pipe, tensor=cfg.parallel.tensor)
+    dims = init_distributed(pipe=cfg.parallel.pipe, tensor=cfg.parallel.tensor, interface=cfg.parallel.interface,
+                            timeout_s=cfg.parallel.timeout_s)
     level = getattr(logging, cfg.log.level.upper()) if dims.is_main else logging.WARNING
     logging.getLogger().setLevel(level)
     logging.getLogger("DeepSpeed").setLevel(max(level, logging.WARNING))
     configure_cpu_threads(dims)
-    last = train(cfg, dims, ds_config)
+    with Heartbeat(dims, cfg.parallel.heartbeat_s) as heartbeat:
+        try:
+            last = train(cfg, dims, ds_config)
+        except NumericFault as e:  # raised on every rank at the same step
+            last = {"fault": e}
+        except RuntimeError as e:  # a collective failed: if a peer died, let the watchdog name it
+            heartbeat.settle(e)
+            raise
+    if "fault" in last:
+        if dims.is_main:
+            log.error("%s", last["fault"])
+        shutdown()
+        _leave(EXIT_NUMERIC)
     if dims.is_main:
         log.info("done: step %s, loss %.4f; logs in %s/metrics.jsonl", last.get("step"), last.get("loss", float("nan")),
                  cfg.run.dir)
     shutdown()
-    return 0
+    _leave(EXIT_TERMINATED if last.get("stop_signal") == signal.SIGTERM else 0)
+
+
+def _leave(code: int) -> None:
+    """Exit now, without the interpreter's teardown. Everything is written and the process
+    group is gone, but C++ threads of torch's transports can still be joinable when their
+    destructors run at exit, and std::terminate then aborts a finished run ("terminate
+    called without an active exception", seen under mpirun and torchrun on a loaded
+    machine), turning success into signal 6. MPI is finalised first where mpi4py started it."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    os._exit(code)
 
 
 if __name__ == "__main__":

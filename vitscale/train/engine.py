@@ -14,7 +14,7 @@ from torch import nn
 from vitscale.config import Config, is_clip, model_kwargs, own_clipping
 from vitscale.models import create_model
 from vitscale.models.clip import clip_init_weights
-from vitscale.models.losses import ClipLoss
+from vitscale.models.losses import ClipLoss, sigmoid_cross_entropy
 from vitscale.models.tensor_parallel import parallelize_vit
 from vitscale.models.vit import init_weights
 from vitscale.train.finetune import load_initial_weights
@@ -57,7 +57,7 @@ def build_model(cfg: Config, dims=None, loss_fn: Callable | None = None) -> nn.M
             with torch.device("meta"):
                 whole = create_model(cfg.model.name, **model_kwargs(cfg))
             prefixes = [prefix for prefix, _ in (clip_layers(whole) if clip else vit_layers(whole))]
-            load_initial_weights(module, cfg.model.init, prefixes)
+            load_initial_weights(module, cfg.model.init, prefixes, whole=whole)
         return module
     if shard is not None:
         shard(model)
@@ -130,8 +130,8 @@ class WholeBatchContrastive:
 
 
 def build_loss(cfg: Config, dims=None, accum: int = 1) -> Callable:
-    """``(model outputs, target) -> loss`` of the task: cross-entropy of a classifier's
-    logits, or CLIP's contrastive loss over the data-parallel group (each rank's images
+    """``(model outputs, target) -> loss`` of the task: softmax or sigmoid (``train.loss``)
+    cross-entropy of a classifier's logits (per image slot of packed sequences), or CLIP's contrastive loss over the data-parallel group (each rank's images
     against all texts and vice versa, gradients through the gather; ``models.losses.ClipLoss``)
     and over all ``accum`` micro-batches of a step (``WholeBatchContrastive``), with the
     logit scale clamped at 100 as open_clip does (as a clamp in the loss rather than on the
@@ -139,12 +139,38 @@ def build_loss(cfg: Config, dims=None, accum: int = 1) -> Callable:
     if is_clip(cfg):
         group = dims.data_group() if dims is not None and dims.data > 1 else None
         return WholeBatchContrastive(ClipLoss(local_loss=True, group=group), accum)
-    smoothing = cfg.train.label_smoothing
+    smoothing, sigmoid = cfg.train.label_smoothing, cfg.train.loss == "sigmoid"
+    from timm.loss import SoftTargetCrossEntropy
+
+    soft_target = SoftTargetCrossEntropy()  # Mixup / CutMix targets (finetune.BatchAugment), smoothing folded in
 
     def classification_loss(logits, labels):
+        if labels.dim() == 2 and logits.dim() == 2:
+            return soft_target(logits.float(), labels.float())
+        if logits.dim() == 3:  # packed sequences: (B, K, classes) per image slot; labels (B, slots), -1 = empty
+            labels = labels[:, :logits.shape[1]].flatten()
+            keep = labels >= 0
+            logits, labels = logits.flatten(0, 1)[keep], labels[keep]
+        if sigmoid:
+            return sigmoid_cross_entropy(logits.float(), labels, smoothing)
         return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
 
     return classification_loss
+
+
+def layer_decay_groups(model: nn.Module, weight_decay: float, lr: float, layer_decay: float,
+                       skip: set[str]) -> list[dict]:
+    """timm's ``param_groups_layer_decay`` (BEiT / DeiT fine-tuning): block ``i`` of ``L`` trains at
+    ``lr * layer_decay ** (L + 1 - i)``, the embeddings lowest, the head at ``lr``; weight decay as in
+    ``param_groups``. timm writes the factor as ``lr_scale`` for its own schedulers; ours is a
+    ``LambdaLR`` over each group's initial lr, so the factor goes into each group's ``lr``."""
+    from timm.optim import param_groups_layer_decay
+
+    groups = param_groups_layer_decay(model, weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)
+    for group in groups:
+        group["lr"] = lr * group.pop("lr_scale", 1.0)
+        group.pop("param_names", None)
+    return groups
 
 
 def param_groups(model: nn.Module, weight_decay: float, skip: set[str] | None = None) -> list[dict]:
@@ -194,8 +220,10 @@ def build_engine(cfg: Config, dims, ds_config: dict, loss_fn: Callable | None = 
     # A PipelineModule brings its own grid (built from the same topology); DeepSpeed
     # refuses a second one as mpu.
     mpu = None if dims.pipe > 1 else dims.grid
+    groups = (layer_decay_groups(model, o.weight_decay, t.lr, o.layer_decay, no_decay_names(cfg)) if o.layer_decay < 1
+              else param_groups(model, o.weight_decay, no_decay_names(cfg)))
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, mpu=mpu, lr_scheduler=schedule,
-                                           model_parameters=param_groups(model, o.weight_decay, no_decay_names(cfg)))
+                                           model_parameters=groups)
     if own_clipping(cfg):
         clip_in_step(engine, model, dims, o.grad_clip)
     return engine

@@ -1,11 +1,15 @@
-"""Starting weights for a run (``model.init``), into any layout.
+"""Fine-tuning: starting weights for a run (``model.init``) into any layout, and DeiT's
+batch augmentation and weight EMA (from timm).
 
-Accepted: a state dict with our parameter names (a ``vitscale-export``; for a ViT these
-are timm's, so a timm ``VisionTransformer`` checkpoint of the same shape loads as is) or
-an open_clip CLIP checkpoint (converted with ``clip.from_open_clip_state_dict``). The
-whole-model tensors are sliced to what this rank holds (``interop.shard_state_dict``),
-so the same file starts a tensor shard or a pipeline stage. Head swapping and
-position-embedding resizing belong to the fine-tuning work.
+Accepted weights: a state dict with our parameter names (a ``vitscale-export``; for a ViT
+these are timm's, so a timm ``VisionTransformer`` checkpoint loads as is), an open_clip
+CLIP checkpoint (converted with ``clip.from_open_clip_state_dict``), or a vitscale run /
+checkpoint folder of any layout (merged with ``export.read_checkpoint``). Before loading,
+a classifier head of another class count is dropped (the model keeps its freshly
+initialised head) and a position embedding of another grid is resampled with timm's
+``resample_abs_pos_embed`` (224 -> 384 px fine-tuning). The whole-model tensors are then
+sliced to what this rank holds (``interop.shard_state_dict``), so the same file starts a
+tensor shard or a pipeline stage.
 """
 from __future__ import annotations
 
@@ -16,17 +20,23 @@ import torch
 from torch import nn
 
 from vitscale.models.clip import from_open_clip_state_dict
-from vitscale.models.interop import shard_state_dict
+from vitscale.models.interop import _whole_name, shard_state_dict
 
 logger = logging.getLogger(__name__)
 
 
+HEAD_KEYS = ("head.weight", "head.bias")
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from ``.safetensors`` or a torch file (loaded with ``weights_only=True``).
+    """Tensors from ``.safetensors``, a torch file (loaded with ``weights_only=True``) or a
+    vitscale run / checkpoint folder (its latest checkpoint, any layout, merged).
 
     Wrapped checkpoints (``{"state_dict": ...}``, ``{"model": ...}``, ``{"module": ...}``) are unwrapped.
     """
     path = Path(path)
+    if path.is_dir():
+        return _read_run(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -40,21 +50,74 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _read_run(path: Path) -> dict[str, torch.Tensor]:
+    from vitscale.train.export import find_checkpoint, load_run_config, read_checkpoint
+
+    run_dir = path if (path / "config.yaml").is_file() else path.parent.parent
+    folder = find_checkpoint(run_dir)[0] if run_dir == path else path
+    return {k: v.float() for k, v in read_checkpoint(folder, load_run_config(run_dir)).items()}
+
+
+def adapt_state_dict(state: dict[str, torch.Tensor], whole: dict[str, torch.Size],
+                     num_prefix_tokens: int = 1) -> dict[str, torch.Tensor | None]:
+    """``state`` made to fit a model whose whole-model tensor shapes are ``whole``:
+    a classifier head of another shape is dropped (the model keeps its own, new head), a
+    learned position embedding of another grid is resampled with timm's
+    ``resample_abs_pos_embed`` (bicubic, the ``num_prefix_tokens`` class-token positions
+    kept as they are). A dropped head is None in the result. Everything else is returned
+    unchanged, so the strict load that follows still names any other mismatch."""
+    from timm.layers import resample_abs_pos_embed
+
+    state = dict(state)
+    for key in HEAD_KEYS:
+        if key in whole and (key not in state or state[key].shape != whole[key]):
+            if key in state:
+                logger.info("model.init: %s %s replaced by a new head %s", key, tuple(state[key].shape),
+                            tuple(whole[key]))
+            state[key] = None  # marker: keep the model's initialised tensor
+    old, new = state.get("pos_embed"), whole.get("pos_embed")
+    if old is not None and new is not None and old.shape != new and old.shape[-1] == new[-1]:
+        grid_old, grid_new = _grid(old.shape[1] - num_prefix_tokens), _grid(new[1] - num_prefix_tokens)
+        if grid_old and grid_new:
+            state["pos_embed"] = resample_abs_pos_embed(old.float(), [grid_new] * 2, [grid_old] * 2,
+                                                        num_prefix_tokens=num_prefix_tokens).to(old.dtype)
+            logger.info("model.init: pos_embed resampled from a %dx%d to a %dx%d grid", grid_old, grid_old,
+                        grid_new, grid_new)
+    return state
+
+
+def _grid(tokens: int) -> int | None:
+    side = int(round(tokens ** 0.5))
+    return side if side * side == tokens else None
+
+
 def _is_open_clip(state: dict) -> bool:
     return any(k.startswith(("transformer.resblocks.", "visual.transformer.")) for k in state)
 
 
-def load_initial_weights(model: nn.Module, path: str | Path, layer_prefixes: list[str] | None = None) -> None:
-    """Load ``path`` into ``model`` strictly; a mismatch names the keys and shapes to fix.
+def load_initial_weights(model: nn.Module, path: str | Path, layer_prefixes: list[str] | None = None,
+                         whole: nn.Module | None = None) -> None:
+    """Load ``path`` into ``model`` strictly, after ``adapt_state_dict`` (new head, resampled
+    position embedding); any other mismatch raises, naming the keys and shapes to fix.
 
     Args:
         model: the whole model, a tensor shard of it, or a ``PipelineModule`` stage.
         path: the weights (see the module docstring).
         layer_prefixes: for a pipeline stage, each layer's name in the whole model.
+        whole: the whole model (e.g. on the meta device) when ``model`` is a pipeline stage;
+            its head and position-embedding shapes decide what is adapted.
     """
     state = read_state_dict(path)
     if _is_open_clip(state):
         state = from_open_clip_state_dict(state)
+    reference = whole if whole is not None else model
+    cfg = getattr(reference, "cfg", None)
+    whole_shapes = {k: v.shape for k, v in reference.state_dict().items()}
+    state = adapt_state_dict(state, whole_shapes, int(bool(getattr(cfg, "class_token", True))))
+    # A new head keeps the model's own initialised tensors: a placeholder of the whole shape
+    # goes through the slicing, and this rank's own values replace it afterwards.
+    new_head = {k for k, v in state.items() if v is None}
+    state.update({k: torch.zeros(whole_shapes[k]) for k in new_head})
     if layer_prefixes is not None or any(hasattr(m, "shard") for m in model.modules()):
         try:
             state = shard_state_dict(state, model, layer_prefixes=layer_prefixes)
@@ -62,6 +125,9 @@ def load_initial_weights(model: nn.Module, path: str | Path, layer_prefixes: lis
             raise ValueError(f"model.init={path} does not fit the model: {e}. Check model.name and "
                              "data.image_size") from None
     own = model.state_dict()
+    for key in own:
+        if _whole_name(key, "", layer_prefixes) in new_head:
+            state[key] = own[key]
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -78,3 +144,44 @@ def load_initial_weights(model: nn.Module, path: str | Path, layer_prefixes: lis
                          f"Check model.name, data.image_size and data.num_classes")
     model.load_state_dict(state, strict=True)
     logger.info("initial weights from %s", path)
+
+
+# -- DeiT's recipe on the device batch --------------------------------------------------------------
+
+class BatchAugment:
+    """DeiT's batch augmentation after normalisation, on the device, as timm's
+    ``PrefetchLoader`` + train script apply it: timm's ``RandomErasing`` per image
+    (``data.random_erasing``, pixel mode), then timm's ``Mixup`` / CutMix (``data.mixup``,
+    ``data.cutmix``), which turns the labels into soft targets with ``train.label_smoothing``
+    folded in (the loss is then timm's ``SoftTargetCrossEntropy``)."""
+
+    def __init__(self, cfg, device: torch.device):
+        from timm.data import Mixup
+        from timm.data.random_erasing import RandomErasing
+
+        d = cfg.data
+        self.erase = (RandomErasing(d.random_erasing, mode="pixel", device=str(device))
+                      if d.random_erasing else None)
+        self.mixup = (Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, prob=d.mixup_prob,
+                            switch_prob=d.mixup_switch_prob, label_smoothing=cfg.train.label_smoothing,
+                            num_classes=d.num_classes) if d.mixup > 0 or d.cutmix > 0 else None)
+
+    @staticmethod
+    def wanted(cfg) -> bool:
+        d = cfg.data
+        return bool(d.random_erasing or d.mixup > 0 or d.cutmix > 0)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images (B, 3, H, W), int labels (B,) -> augmented images, labels or soft targets (B, classes)."""
+        if self.erase is not None:
+            images = self.erase(images)
+        if self.mixup is not None:
+            images, labels = self.mixup(images, labels)
+        return images, labels
+
+
+def build_ema(model: nn.Module, decay: float):
+    """timm's ``ModelEmaV3`` of ``model`` (a whole, unsharded model), updated after each step."""
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay)

@@ -1,10 +1,20 @@
 """Throughput: samples/s globally and per node, TFLOP/s and MFU per device, data-wait fraction.
 
-Every rank times its own steps and the time it waits for data. At each log interval
-the ranks exchange those few numbers (one small all-gather), and global rank 0 writes
-one ``scope: global`` record and one ``scope: node`` record per node, each computed
-from that node's own ranks. A single writer keeps ``metrics.jsonl`` free of concurrent
-appends from many nodes over a parallel file system.
+Every rank times its own steps, the time it waits for data and the time of its forward
+passes. At each log interval the ranks exchange those few numbers (one small
+all-gather), and global rank 0 writes one ``scope: global`` record and one ``scope:
+node`` record per node, each computed from that node's own ranks. A single writer keeps
+``metrics.jsonl`` free of concurrent appends from many nodes over a parallel file
+system (and of one file per node), and the straggler figures need every node's numbers
+in one place anyway.
+
+Stragglers: in synchronous training every node's step takes as long as the slowest
+node's, so step times cannot show which node is slow. A node's own pace is its forward
+passes (``fwd_samples_per_s``: samples / forward seconds), which wait for no other node
+under data parallelism with ZeRO 0-2 (as Megatron-LM's straggler detector times the
+forward step). The global record names the slowest and fastest node by that pace,
+the spread (max - min) / median, and warns about nodes below ``straggler_fraction`` of
+the median. Pipelines time no forward of their own; there the pace is samples/s.
 
 Like big_vision's ``Chrono``, the first ``warmup_steps`` are left out of the figures
 (compilation, allocator and communicator warm-up), and checkpoints happen between
@@ -18,11 +28,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import statistics
 import time
 from pathlib import Path
 from typing import Iterator
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 # bf16 dense peak TFLOP/s per device (vendor data sheets). MFU is reported against it.
 PEAK_TFLOPS = {
@@ -61,16 +75,20 @@ class ThroughputMeter:
         peak_tflops: per-device peak for MFU, or None (then MFU is null).
         recompute: activation checkpointing recomputes the forward (counted in HFU only).
         info: constant fields added to every record (model, layout, batch sizes).
+        straggler_fraction: warn about nodes whose pace is below this fraction of the median's; 0 = never.
     """
 
     def __init__(self, dims, global_batch: int, flops_per_sample: int, warmup_steps: int,
-                 peak_tflops: float | None, recompute: bool = False, info: dict | None = None):
+                 peak_tflops: float | None, recompute: bool = False, info: dict | None = None,
+                 straggler_fraction: float = 0.8):
         self.dims, self.global_batch = dims, global_batch
         self.flops_per_sample, self.warmup_steps, self.peak_tflops = flops_per_sample, warmup_steps, peak_tflops
-        self.recompute, self.info = recompute, dict(info or {})
+        self.recompute, self.info, self.straggler_fraction = recompute, dict(info or {}), straggler_fraction
         self.steps_done = 0  # steps timed by this meter (after warm-up)
         self.elapsed_s = 0.0
         self.data_wait_s = 0.0
+        self.forward_s = 0.0
+        self._forward_events: list = []  # (start, end) CUDA events, read at the next records()
         self.step_times_s: list[float] = []
         self._step_start: float | None = None
         self._seen = 0
@@ -85,6 +103,29 @@ class ThroughputMeter:
         if self._seen >= self.warmup_steps:
             self.data_wait_s += time.perf_counter() - t0
 
+    @contextlib.contextmanager
+    def forward(self) -> Iterator[None]:
+        """Times a forward pass (and loss); on a GPU with events, so no synchronisation is added."""
+        if self._seen < self.warmup_steps:
+            yield
+        elif self.dims.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._forward_events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.forward_s += time.perf_counter() - t0
+
+    def _forward_total_s(self) -> float:
+        for start, end in self._forward_events:
+            end.synchronize()
+            self.forward_s += start.elapsed_time(end) / 1e3
+        self._forward_events.clear()
+        return self.forward_s
+
     def end_step(self) -> None:
         dt = time.perf_counter() - self._step_start
         self._seen += 1
@@ -98,28 +139,58 @@ class ThroughputMeter:
         import torch.distributed as dist
 
         d = self.dims
-        mine = torch.tensor([self.elapsed_s, self.data_wait_s, float(d.data_rank)], dtype=torch.float64,
-                            device=d.device)
+        mine = torch.tensor([self.elapsed_s, self.data_wait_s, float(d.data_rank), self._forward_total_s()],
+                            dtype=torch.float64, device=d.device)
         gathered = [torch.zeros_like(mine) for _ in range(d.world_size)]
         dist.all_gather(gathered, mine)
         if not d.is_main or self.steps_done == 0:
             return []
-        table = torch.stack(gathered).cpu()  # (world, 3): elapsed, data wait, data rank
+        return self.build_records(step, torch.stack(gathered).cpu().tolist())
+
+    def build_records(self, step: int, table: list[list[float]]) -> list[dict]:
+        """The global record, then one per node, from every rank's numbers.
+
+        Args:
+            step: the optimizer step just finished.
+            table: per global rank [elapsed_s, data_wait_s, data_rank, forward_s] since warm-up.
+
+        Returns:
+            ``scope: global`` record first, then ``scope: node`` records by node index.
+        """
+        d = self.dims
         per_rank_samples = self.global_batch / d.data  # samples per step of one data-parallel replica
-        measured = self.steps_done * self.global_batch
-        rows = [self._record("global", step, measured, self.global_batch * step, table[:, 0].max().item(),
-                             table[:, 1].sum().item() / max(table[:, 0].sum().item(), 1e-12), d.world_size)]
-        rows[0].update(self._percentiles())
+        wait_fraction = lambda rows: sum(r[1] for r in rows) / max(sum(r[0] for r in rows), 1e-12)  # noqa: E731
+        glob = self._record("global", step, self.steps_done * self.global_batch, self.global_batch * step,
+                            max(r[0] for r in table), wait_fraction(table), d.world_size)
+        glob.update(self._percentiles())
+        nodes = []
         for node in range(d.num_nodes):
-            ranks = [r for r in range(d.world_size) if d.node_of_rank[r] == node]
-            sub = table[ranks]
-            replicas = len(set(sub[:, 2].tolist()))  # distinct data ranks: tensor/pipe peers share samples
+            rows = [table[r] for r in range(d.world_size) if d.node_of_rank[r] == node]
+            replicas = len({r[2] for r in rows})  # distinct data ranks: tensor/pipe peers share samples
             node_samples = replicas * per_rank_samples
-            rows.append(self._record("node", step, node_samples * self.steps_done, node_samples * step,
-                                     sub[:, 0].max().item(),
-                                     sub[:, 1].sum().item() / max(sub[:, 0].sum().item(), 1e-12), len(ranks),
-                                     node=node))
-        return rows
+            rec = self._record("node", step, node_samples * self.steps_done, node_samples * step,
+                               max(r[0] for r in rows), wait_fraction(rows), len(rows), node=node)
+            forward_s = max(r[3] for r in rows)
+            rec["fwd_samples_per_s"] = node_samples * self.steps_done / forward_s if forward_s > 0 else None
+            nodes.append(rec)
+        glob.update(self._stragglers(nodes))
+        return [glob] + nodes
+
+    def _stragglers(self, nodes: list[dict]) -> dict:
+        """Slowest and fastest node by pace, their spread, and the nodes below the threshold (warned)."""
+        basis = "fwd_samples_per_s" if all(n["fwd_samples_per_s"] for n in nodes) else "samples_per_s"
+        pace = [n[basis] for n in nodes]
+        median = statistics.median(pace)
+        slow, fast = min(range(len(nodes)), key=pace.__getitem__), max(range(len(nodes)), key=pace.__getitem__)
+        below = [i for i, p in enumerate(pace) if p < self.straggler_fraction * median]
+        for i in below:
+            logger.warning("straggler: node %d (%s) runs at %.4g %s, %.2f of the median node's %.4g "
+                           "(log.straggler_fraction=%g)", i, nodes[i]["hostname"], pace[i], basis,
+                           pace[i] / median, median, self.straggler_fraction)
+        return {"straggler_basis": basis, "slowest_node": slow, "slowest_host": nodes[slow]["hostname"],
+                "fastest_node": fast, "fastest_host": nodes[fast]["hostname"],
+                "node_spread": (pace[fast] - pace[slow]) / median if median > 0 else 0.0,
+                "stragglers": [nodes[i]["hostname"] for i in below]}
 
     def _record(self, scope: str, step: int, measured: float, samples: float, elapsed_s: float,
                 data_wait_fraction: float, devices: int, node: int | None = None) -> dict:

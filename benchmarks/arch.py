@@ -1,0 +1,136 @@
+"""Training speed of the architecture options (issue 11) against the plain ViT, in one run.
+
+For each model size, four variants train side by side on one device (one process; CPU
+here, a GPU when there is one), each a forward + backward + AdamW step on the same
+random uint8 batches:
+
+- ``plain``: the sequential pre-norm ViT.
+- ``vit22b``: ViT-22B's recipe: parallel blocks (fused in/out projections), QK-norm, no
+  QKV / LayerNorm biases. Same FLOPs as ``plain`` (the fused matrices hold the same products).
+- ``soft_moe``: the last half of the blocks with Soft MoE MLPs, 8 experts with
+  ceil(tokens / 8) slots each, so experts x slots ~ tokens: the expert MLPs cost what the
+  dense MLPs cost (equal FLOPs up to the dispatch / combine products); 8x the MLP parameters.
+- ``packed``: NaViT packing: sequences of the plain model's token count filled with images
+  whose longest side is sampled in [img/2, img] (aspect kept), factorized positions,
+  average pooling. Equal FLOPs per sequence; images/s counts the images the sequences hold.
+
+Rounds interleave the variants (timings swing run to run); medians are reported.
+samples/s is images/s; TFLOP/s counts 3 x the forward FLOPs of ``vitscale.models.flops``
+(what really runs, packing padding included); MFU = TFLOP/s / ``--peak-tflops`` (no
+default: a CPU has no meaningful peak in our table).
+
+    python benchmarks/arch.py                                   # tiny and base ViT/16 at 64 px, batch 8
+    python benchmarks/arch.py --models vit_large_patch16 --img 224 --batch 32 --peak-tflops 989  # an H100, bf16
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+
+def _variants(tokens: int) -> dict[str, dict]:
+    slots = math.ceil(tokens / 8)
+    return {
+        "plain": {},
+        "vit22b": dict(parallel_block=True, qk_norm=True, qkv_bias=False, norm_bias=False),
+        "soft_moe": dict(moe_experts=8, moe_slots=slots),  # moe_blocks is set per model: the last half
+        "packed": dict(pos_embed="factorized", class_token=False, global_pool="avg"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["vit_tiny_patch16", "vit_base_patch16"])
+    ap.add_argument("--img", type=int, default=64, help="image side, pixels (packing: the largest side)")
+    ap.add_argument("--batch", type=int, default=8, help="images (packed: sequences) per step")
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per variant per round (after one warm-up)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU")
+    args = ap.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+
+    from vitscale.data.packing import pack_batches, normalize_patches
+    from vitscale.models import create_model
+    from vitscale.models.flops import forward_flops, packed_forward_flops
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    gen = torch.Generator().manual_seed(0)
+    mean = torch.full((3,), 0.5, device=device)
+    std = torch.full((3,), 0.5, device=device)
+    images = [(torch.randint(0, 256, (args.batch, 3, args.img, args.img), dtype=torch.uint8, generator=gen),
+               torch.randint(0, args.classes, (args.batch,), generator=gen)) for _ in range(4)]
+
+    rows = []
+    for name in args.models:
+        base = dict(img_size=args.img, num_classes=args.classes)
+        with torch.device("meta"):
+            probe = create_model(name, **base).cfg
+        runs = {}
+        for variant, options in _variants(probe.seq_len).items():
+            torch.manual_seed(0)
+            if variant == "soft_moe":
+                options = {**options, "moe_blocks": probe.depth // 2}
+            model = create_model(name, **base, **options).to(device)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            if variant == "packed":
+                seq_len = probe.seq_len  # the plain model's tokens per image: equal FLOPs per sequence
+                batches = list(pack_batches(images * 8, args.batch, patch_size=probe.patch_size, seq_len=seq_len,
+                                            max_images=16, max_size=args.img, min_size=args.img // 2, seed=0))[:4]
+                inputs = [((normalize_patches(p.to(device), mean, std, dtype), c.to(device), s.to(device)),
+                           y.to(device)) for p, c, s, y in batches]
+                per_step = statistics.mean(int((y >= 0).sum()) for _, y in inputs)
+                flops = packed_forward_flops(model.cfg, seq_len, 16) * args.batch
+            else:
+                inputs = [(((x.to(device).to(dtype) / 127.5 - 1.0),), y.to(device)) for x, y in images]
+                per_step, flops = args.batch, forward_flops(model.cfg) * args.batch
+            runs[variant] = dict(model=model, opt=opt, inputs=inputs, images=per_step, flops=flops, times=[])
+
+        def step(run, i):
+            x, y = run["inputs"][i % len(run["inputs"])]
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                out = run["model"](*x)
+            if out.dim() == 3:  # packed: per image slot
+                y = y[:, :out.shape[1]].flatten()
+                out, y = out.flatten(0, 1)[y >= 0], y[y >= 0]
+            F.cross_entropy(out.float(), y).backward()
+            run["opt"].step()
+            run["opt"].zero_grad(set_to_none=True)
+
+        for run in runs.values():  # warm-up (allocator, kernels) outside the timings
+            step(run, 0)
+        for _ in range(args.rounds):  # interleaved rounds
+            for run in runs.values():
+                sync()
+                start = time.perf_counter()
+                for i in range(args.steps):
+                    step(run, i)
+                sync()
+                run["times"].append((time.perf_counter() - start) / args.steps)
+        for variant, run in runs.items():
+            step_s = statistics.median(run["times"])
+            tflops = 3 * run["flops"] / step_s / 1e12
+            mfu = f"{tflops / args.peak_tflops:.1%}" if args.peak_tflops else "n/a"
+            rows.append((name, variant, run["images"] / step_s, tflops, mfu,
+                         sum(p.numel() for p in run["model"].parameters()) / 1e6,
+                         3 * run["flops"] / args.batch / 1e9))
+        del runs
+
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} "
+          f"({torch.get_num_threads()} threads), {args.precision}, {args.img} px, batch {args.batch}, "
+          f"median of {args.rounds} rounds x {args.steps} steps")
+    print("| model | variant | images/s | TFLOP/s | MFU | params (M) | GFLOP per sample (train) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, variant, ips, tflops, mfu, params, gflop in rows:
+        print(f"| {name} | {variant} | {ips:.1f} | {tflops:.3f} | {mfu} | {params:.1f} | {gflop:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""``vitscale-recipe fdsl-transfer --quick`` end to end (issue 10): pre-training on synthetic
+sources, fine-tuning on digits from their checkpoints, the table, CSV and PNG it writes with
+every number read back from the runs; the fine-tuned model starts from the checkpoint's
+backbone exactly, with a new head; ``vitscale-eval --task linear-probe`` on a run."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import BIN, ROOT, read_metrics
+from vitscale.config import load_config
+from vitscale.train.engine import build_model
+from vitscale.train.export import find_checkpoint, load_run_config, read_checkpoint
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fdsl")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("RANK", None)
+    proc = subprocess.run([str(BIN / "vitscale-recipe"), "fdsl-transfer", "--quick", "--out", str(out),
+                           "--generators", "scratch,dead_leaves,fractal"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return out, proc.stdout
+
+
+def test_quick_recipe_writes_the_table_from_its_runs(recipe):
+    out, stdout = recipe
+    rows = list(csv.DictReader(open(out / "fdsl_transfer.csv")))
+    assert [r["pretraining"] for r in rows] == ["Scratch", "Dead leaves", "FractalDB"]
+    markdown = (out / "fdsl_transfer.md").read_text()
+    assert "| Pre-training | top-1 | top-5 |" in markdown and markdown in stdout
+    for row in rows:
+        tuned = read_metrics(out / "runs" / f"finetune_{row['source']}")
+        last_eval = [r for r in tuned if r["kind"] == "eval"][-1]
+        assert float(row["top1"]) == pytest.approx(last_eval["top1"]) and 0 <= last_eval["top1"] <= 100
+        assert float(row["top5"]) == pytest.approx(last_eval["top5"]) and last_eval["top5"] >= last_eval["top1"]
+        assert last_eval["test_samples"] == 360 and last_eval["step"] == int(row["finetune_steps"])
+        assert len([r for r in tuned if r["kind"] == "eval"]) == 2  # during (half-way) and after training
+        assert f"| {row['pretraining']} | {float(row['top1']):.1f} | {float(row['top5']):.1f} |" in markdown
+        if row["source"] == "scratch":
+            assert row["pretrain_steps"] == "0" and row["pretrain_loss"] == ""
+        else:
+            pre = [r for r in read_metrics(out / "runs" / f"pretrain_{row['source']}") if r["kind"] == "train"]
+            assert pre[-1]["step"] == int(row["pretrain_steps"]) > 0
+            assert float(row["pretrain_loss"]) == pytest.approx(pre[-1]["loss"])
+    with Image.open(out / "fdsl_transfer.png") as png:
+        assert png.format == "PNG" and png.width > 200 and png.height > 100
+
+
+def test_finetuning_restores_the_backbone_and_replaces_only_the_head(recipe):
+    out, _ = recipe
+    cfg = load_config(out / "runs" / "finetune_fractal" / "config.yaml")  # the resolved config, model.init kept
+    pre_dir = out / "runs" / "pretrain_fractal"
+    assert cfg.model.init == str(pre_dir)
+    pre_cfg = load_run_config(pre_dir)
+    pretrained = read_checkpoint(find_checkpoint(pre_dir)[0], pre_cfg)
+    model = build_model(cfg)  # what the fine-tuning run started from
+    start = model.state_dict()
+    assert set(start) == set(pretrained)
+    for key, value in start.items():
+        if key.startswith("head."):
+            assert value.shape[0] == cfg.data.num_classes != pretrained[key].shape[0]
+        else:
+            torch.testing.assert_close(value, pretrained[key].float(), rtol=0, atol=0, msg=key)
+    cfg.model.init = None
+    fresh = build_model(cfg).state_dict()  # the head is the run's own seeded initialisation
+    torch.testing.assert_close(start["head.weight"], fresh["head.weight"], rtol=0, atol=0)
+    assert not torch.equal(start["blocks.0.attn.qkv.weight"], fresh["blocks.0.attn.qkv.weight"])
+
+
+def test_linear_probe_on_frozen_features(recipe, tmp_path):
+    out, _ = recipe
+    proc = subprocess.run([sys.executable, "-m", "vitscale.tools.eval", str(out / "runs" / "pretrain_fractal"),
+                           "--task", "linear-probe", "--data", "digits", "--out", str(tmp_path / "probe.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "probe.json").read_text())
+    assert (result["train_samples"], result["test_samples"], result["feature_dim"]) == (1437, 360, 192)
+    assert 10 < result["top1"] <= result["top5"] <= 100  # digits are linearly separable well above chance
+    proc = subprocess.run([sys.executable, "-m", "vitscale.tools.eval", str(out / "runs" / "pretrain_fractal"),
+                           "--task", "linear-probe", "--data", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and "--test-data" in proc.stderr

@@ -1,0 +1,328 @@
+"""Issue 9: exact resume, atomic checkpoints, fail fast on a lost rank, stop signals, NaN steps,
+disk faults, tar safety.
+
+Distributed tests pay for launches (15-30 s each on 2 cores): one deepspeed launch trains
+every exact-resume pair (data 2 and pipe 2, on the fly and from shards) and the layout
+change; the fault drills start their ranks as separate processes, as ``srun`` does, so
+that no launcher kills the job for us: what ends it is vitscale's own watchdog.
+"""
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import ROOT, TINY, free_port, launch_layouts, read_metrics, run_in_gloo
+from vitscale.data import shards as sh
+from vitscale.data.synthetic import create_generator
+from vitscale.data.synthetic_loader import ShardStream
+from vitscale.distributed import EXIT_LOST_RANK, EXIT_NUMERIC, EXIT_TERMINATED
+from vitscale.train import checkpoint
+from vitscale.train.loop import NumericFault, _report_bad_step
+
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+# A 2-block tiny ViT (pipe 2 still splits it), 4 micro-batches of 4 per step on 2 ranks.
+COMMON = ["model.depth=2", "data.source=gratings", "data.image_size=32", "train.micro_batch=4",
+          "train.global_batch=16", "log.every=1", "log.progress=false", "checkpoint.at_end=false",
+          "data.num_workers=1", "train.precision=fp32", "optim.warmup_steps=2", "train.lr=2e-3",
+          "optim.schedule=constant"]  # a first half of fewer steps has the same schedule as the whole run
+STEPS, HALF = 8, 4
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"}
+
+
+# --------------------------------------------------------------------------- exact resume (one launch)
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    spec = sh.DatasetSpec(generator="gratings", classes=10, instances=8, seed=3, image_size=32, shard_size=20)
+    shards = root / "shards"
+    sh.prepare_out_dir(spec, shards)
+    sh.write_shards(partial(create_generator, spec.generator, spec.classes, spec.image_size, spec.seed), spec, shards,
+                    sh.claim_shards(spec, shards), 1)
+    sh.finish_dataset(spec, shards)
+    kinds = {"d2": [], "p2": ["parallel.pipe=2"], "shards": [f"data.shards={shards}", "data.shuffle_buffer=8"]}
+    layouts = {}
+    for name, extra in kinds.items():
+        layouts[name] = extra + [f"train.steps={STEPS}"]
+        layouts[f"{name}_half"] = extra + [f"train.steps={HALF}", f"checkpoint.every={HALF}"]
+        layouts[f"{name}_resumed"] = extra + [f"train.steps={STEPS}", f"run.dir={root}/{name}_half",
+                                              "checkpoint.resume=auto"]
+    # Layout change: data 2's checkpoint at step HALF, resumed as tensor 2 (weights and schedule).
+    layouts["to_tensor2"] = ["parallel.tensor=2", f"train.steps={HALF + 1}", "checkpoint.reshard=weights",
+                             f"checkpoint.resume={root}/d2_half/checkpoints/step{HALF:08d}"]
+    layouts["to_pipe1"] = [f"train.steps={HALF + 1}", "checkpoint.reshard=weights",  # pipe 2 -> pipe 1 (data 2)
+                           f"checkpoint.resume={root}/p2_half/checkpoints/step{HALF:08d}"]
+    launch_layouts(root, 2, layouts, COMMON)
+    return root
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", ["d2", "p2", "shards"])
+def test_stop_and_resume_gives_bitwise_the_losses_of_a_straight_run(resumed_runs, kind):
+    straight, resumed = _losses(resumed_runs / kind), _losses(resumed_runs / f"{kind}_half")
+    assert sorted(straight) == sorted(resumed) == list(range(1, STEPS + 1))
+    assert [resumed[s] for s in range(HALF + 1, STEPS + 1)] == [straight[s] for s in range(HALF + 1, STEPS + 1)]
+    assert len({straight[s] for s in straight}) > 1  # the model trains: the comparison is not trivially equal
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("changed, original", [("to_tensor2", "d2"), ("to_pipe1", "p2")])
+def test_resume_in_another_layout_continues_the_function(resumed_runs, changed, original):
+    """data 2 -> tensor 2, pipe 2 -> pipe 1: the first resumed loss is the loss the original
+    layout had at that step."""
+    first = _losses(resumed_runs / changed)
+    assert sorted(first) == [HALF + 1]
+    assert first[HALF + 1] == pytest.approx(_losses(resumed_runs / original)[HALF + 1], rel=1e-5, abs=1e-6)
+    lrs = {r["step"]: r["lr"] for r in read_metrics(resumed_runs / changed) if r["kind"] == "train"}
+    assert lrs[HALF + 1] == pytest.approx(2e-3)  # the schedule continued past its warm-up
+
+
+# --------------------------------------------------------------------------- checkpoint files (no launch)
+
+
+def _complete(folder: Path, step: int) -> Path:
+    folder.mkdir(parents=True)
+    (folder / checkpoint.MARKER).write_text(json.dumps({"step": step}))
+    return folder
+
+
+def test_resume_auto_ignores_a_half_written_checkpoint(tmp_path):
+    root = checkpoint.checkpoint_root(tmp_path)
+    good = _complete(root / "step00000005", 5)
+    (root / "step00000010").mkdir()  # a save that died: DeepSpeed's files, no marker
+    (root / "step00000010" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    (root / "latest").write_text("step00000010")  # even where `latest` already points at it
+    assert checkpoint.find_resume(tmp_path, "auto") == good
+    assert checkpoint.find_resume(tmp_path, str(root)) == good
+    with pytest.raises(ValueError, match=r"step00000010 is incomplete .* resume from .*step00000005"):
+        checkpoint.find_resume(tmp_path, str(root / "step00000010"))
+    assert checkpoint.find_resume(tmp_path / "fresh", "auto") is None
+    assert checkpoint.find_resume(tmp_path, "never") is None
+
+
+def test_a_layout_change_is_refused_before_start_unless_resharding_is_asked_for(tmp_path):
+    from vitscale.config import load_config
+
+    folder = _complete(checkpoint.checkpoint_root(tmp_path) / "step00000004", 4)
+    data2 = {"pipe": 1, "tensor": 1, "data": 2, "zero": 1}
+    (folder / checkpoint.MARKER).write_text(json.dumps({"step": 4, "samples": 64, "layout": data2}))
+    tensor2 = {**data2, "tensor": 2, "data": 1}
+    cfg = load_config(TINY, [f"run.dir={tmp_path}"])
+    checkpoint.check_resume(cfg, data2)  # the same layout
+    with pytest.raises(ValueError, match=r"another layout \(tensor 1 -> 2, data 2 -> 1\): set checkpoint.reshard=weights"):
+        checkpoint.check_resume(cfg, tensor2)
+    checkpoint.check_resume(load_config(TINY, [f"run.dir={tmp_path}", "checkpoint.reshard=weights"]), tensor2)
+    zero3 = load_config(TINY, [f"run.dir={tmp_path}", "checkpoint.reshard=weights", "parallel.zero=3"])
+    with pytest.raises(ValueError, match=r"reshard=weights into parallel.zero=3 is not supported"):
+        checkpoint.check_resume(zero3, {**tensor2, "zero": 3})
+
+
+class FakeEngine:
+    """What ``checkpoint.save`` uses of a DeepSpeed engine; ``fail`` makes the next save raise
+    the error a full disk gives, after writing part of its files."""
+
+    def __init__(self):
+        self.module, self.device, self.fail = nn.Linear(2, 2), torch.device("cpu"), False
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "mp_rank_00_model_states.pt").write_bytes(b"x")
+        if self.fail:
+            raise OSError(28, "No space left on device")
+
+
+def _save_faults(rank, world):
+    import tempfile
+
+    run_dir, engine = Path(tempfile.mkdtemp()), FakeEngine()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("vitscale.train.checkpoint").addHandler(handler)
+    save = partial(checkpoint.save, engine, run_dir, samples=0, keep=2, is_main=True, layout={"data": 1})
+    for step in (2, 4, 6):
+        assert save(step) == checkpoint.checkpoint_root(run_dir) / f"step{step:08d}"
+    root = checkpoint.checkpoint_root(run_dir)
+    assert [p.name for p in checkpoint.complete_checkpoints(root)] == ["step00000004", "step00000006"]  # keep 2
+    assert (root / "latest").read_text() == "step00000006"
+    assert (root / "step00000006" / "rng_rank00000.pt").is_file()
+
+    engine.fail = True  # disk full at step 8: the folder goes, step 6 stays the one to resume from
+    assert save(8) is None
+    assert not (root / "step00000008").exists() and (root / "latest").read_text() == "step00000006"
+    assert checkpoint.find_resume(run_dir, "auto") == root / "step00000006"
+    failed = [r.getMessage() for r in records if "FAILED" in r.getMessage()]
+    assert failed and "No space left" in failed[0] and "step00000006 stays the latest complete" in failed[0]
+
+    engine.fail = False
+    with torch.no_grad():
+        engine.module.weight[0, 0] = float("nan")
+    assert save(10) is None and not (root / "step00000010").exists()  # never a NaN checkpoint
+    assert any("NaN" in r.getMessage() for r in records)
+
+
+def test_failed_or_nan_saves_keep_the_previous_checkpoint_and_keep_last_k():
+    run_in_gloo(_save_faults, 1)
+
+
+def test_rng_states_round_trip_through_weights_only_files(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    torch.save(checkpoint._rng_state(), tmp_path / "rng.pt")
+    want = (torch.rand(3), np.random.rand(3), random.random())
+    checkpoint._set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(want[0], got[0]) and (want[1] == got[1]).all() and want[2] == got[2]
+
+
+def test_bad_steps_stop_bf16_but_not_fp16():
+    for in_a_row in range(1, 10):
+        _report_bad_step(in_a_row, in_a_row, "fp16", 3, True)  # fp16's loss scaler skips, never a stop
+    _report_bad_step(5, 2, "bf16", 3, True)
+    with pytest.raises(NumericFault, match=r"NaN / Inf for 3 step\(s\) in a row \(train.max_bad_steps=3"):
+        _report_bad_step(6, 3, "bf16", 3, True)
+
+
+def test_a_tar_member_with_a_dotdot_or_absolute_path_is_refused(tmp_path):
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    for bad in ("../000000_0000000.png", "/etc/000000_0000000.png"):
+        shard = tmp_path / "shard-000000.tar"
+        with tarfile.open(shard, "w") as tar:
+            for name, data in ((bad, png.getvalue()), (bad.replace(".png", ".cls"), b"0")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        with pytest.raises(ValueError, match=r"member '.*' has an absolute or '\.\.' path; refusing the shard"):
+            next(iter(ShardStream([str(shard)], 8, 1, 0, 0, 1, shuffle_buffer=0)))
+
+
+# --------------------------------------------------------------------------- fault drills (separate ranks)
+
+
+def _start_ranks(run_dir: Path, overrides: list[str], world: int = 2, env: dict | None = None) -> list:
+    """``world`` ranks of ``vitscale.train`` as separate processes (as srun starts them): no
+    launcher watches them, so nothing but vitscale ends the job when one dies."""
+    port, procs = str(free_port()), []
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for rank in range(world):
+        rank_env = {**ENV, **(env or {}), "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        log = open(run_dir / f"rank{rank}.log", "a")
+        procs.append(subprocess.Popen([sys.executable, "-m", "vitscale.train", TINY, f"run.dir={run_dir}", *COMMON,
+                                       *overrides], env=rank_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+    return procs
+
+
+def _wait_for_step(run_dir: Path, step: int, procs: list, timeout: float = 240, after: int = 0) -> None:
+    """Until a train record (past the first ``after`` records) reaches ``step``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and any(r["kind"] == "train" and r["step"] >= step for r in read_metrics(run_dir)[after:]):
+            return
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError(f"a rank ended early: {_logs(run_dir)}")
+        time.sleep(0.3)
+    raise AssertionError(f"no train record for step {step} within {timeout} s: {_logs(run_dir)}")
+
+
+def _logs(run_dir: Path) -> str:
+    return "\n".join(p.read_text()[-2000:] for p in sorted(run_dir.glob("rank*.log")))
+
+
+def _wait(procs: list, timeout: float) -> list[int]:
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)  # only the process groups this test started
+
+
+HEARTBEAT_S = 8  # the bound the kill drill asserts: heartbeat + one beat + slack for a loaded machine
+BOUND_S = HEARTBEAT_S + 20
+
+
+@pytest.mark.distributed
+def test_kill_9_of_a_rank_ends_the_job_naming_it_and_resume_continues(tmp_path):
+    run = ["train.steps=100000", "checkpoint.every=2", f"parallel.heartbeat_s={HEARTBEAT_S}", "parallel.timeout_s=60"]
+    procs = _start_ranks(tmp_path, run)
+    _wait_for_step(tmp_path, 3, procs)
+    os.kill(procs[1].pid, signal.SIGKILL)
+    t0 = time.time()
+    code = _wait(procs[:1], timeout=BOUND_S + 30)[0]
+    took = time.time() - t0
+    out = (tmp_path / "rank0.log").read_text()
+    assert code == EXIT_LOST_RANK, out[-3000:]
+    assert took <= BOUND_S, f"rank 0 ended {took:.1f} s after the kill (bound {BOUND_S} s)"
+    print(f"kill -9 of rank 1: rank 0 ended {took:.1f} s later (bound {BOUND_S} s)")
+    assert "lost rank 1 (node 0, host " in out, out[-3000:]
+    last = checkpoint.find_resume(tmp_path, "auto")
+    assert last is not None
+    done = checkpoint.read_marker(last)["step"]
+
+    # SLURM resubmits the same job: resume=auto continues from the last complete checkpoint; SIGTERM
+    # (the time limit) then stops it with a checkpoint and the documented exit code.
+    before = len(read_metrics(tmp_path))
+    procs = _start_ranks(tmp_path, run)
+    _wait_for_step(tmp_path, done + 2, procs, after=before)
+    resumed = [r["step"] for r in read_metrics(tmp_path)[before:] if r["kind"] == "train"]
+    assert resumed[:2] == [done + 1, done + 2]  # straight on from the checkpoint's step
+    for p in procs:  # SLURM signals every task
+        os.killpg(p.pid, signal.SIGTERM)
+    codes = _wait(procs, timeout=120)
+    out = _logs(tmp_path)
+    assert codes == [EXIT_TERMINATED] * 2, out
+    stopped = checkpoint.find_resume(tmp_path, "auto")
+    assert "stopped at step" in out and "SIGTERM" in out
+    assert checkpoint.read_marker(stopped)["step"] > done + 1
+
+
+@pytest.mark.distributed
+def test_nan_loss_stops_bf16_after_max_bad_steps_without_a_nan_checkpoint(tmp_path):
+    procs = _start_ranks(tmp_path, ["train.steps=20", "train.precision=bf16", "checkpoint.every=1",
+                                    "train.max_bad_steps=2"], env={"VITSCALE_FAULT_NAN_STEP": "3-9"})
+    codes = _wait(procs, timeout=300)
+    out = _logs(tmp_path)
+    assert codes == [EXIT_NUMERIC] * 2, out[-3000:]
+    assert "the loss was NaN / Inf for 2 step(s) in a row (train.max_bad_steps=2" in out
+    root = checkpoint.checkpoint_root(tmp_path)
+    assert [p.name for p in checkpoint.complete_checkpoints(root)] == ["step00000001", "step00000002"]
+    assert not list(root.glob("step0000000[3-9]"))  # no checkpoint of the NaN weights
+
+
+@pytest.mark.parametrize("override, message", [
+    ("parallel.timeout_s=0", r"parallel.timeout_s=0.0 must be > 0 seconds"),
+    ("parallel.heartbeat_s=-1", r"parallel.heartbeat_s=-1.0 must be >= 0"),
+    ("train.max_bad_steps=0", r"train.max_bad_steps=0 must be >= 1"),
+    ("checkpoint.reshard=optimizer", r"checkpoint.reshard='optimizer' is not allowed; choose one of 'error', 'weights'"),
+])
+def test_reliability_keys_are_validated(override, message):
+    from vitscale.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, [override])

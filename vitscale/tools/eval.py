@@ -1,0 +1,105 @@
+"""``vitscale-eval``: zero-shot classification or image-text retrieval of a CLIP checkpoint, or a
+linear probe on the frozen features of a ViT (or a CLIP's image tower).
+
+    vitscale-eval RUN_DIR|CHECKPOINT_DIR --task zeroshot --data DATA [--classnames FILE|imagenet]
+                  [--templates FILE|openai|simple] [--step N] [--batch-size B] [--max-samples N] [--out FILE]
+    vitscale-eval RUN_DIR --task retrieval --data 'val/{00000..00001}.tar'
+    vitscale-eval RUN_DIR --task linear-probe --data digits | --data TRAIN --test-data TEST
+
+Checkpoints of every layout (ZeRO 0-3, tensor and pipeline shards) are merged into one
+model first (``vitscale.train.export.read_checkpoint``); the evaluation runs in this one
+process, on the GPU when there is one. Prints one JSON object (and writes it to --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vitscale-eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", type=Path, help="run folder (its latest checkpoint) or RUN/checkpoints/stepNNNNNNNN")
+    p.add_argument("--task", choices=("zeroshot", "retrieval", "linear-probe"), required=True)
+    p.add_argument("--data", required=True, help="labelled shards / image folder (zeroshot) or image-caption "
+                   "shards (retrieval): a folder, brace pattern or list file")
+    p.add_argument("--test-data", help="linear-probe: the test split (image folder or labelled shards); default: "
+                   "digits' own test split for --data digits")
+    p.add_argument("--classnames", help="file (one per line) or 'imagenet'; default: classnames.txt beside the data")
+    p.add_argument("--templates", help="file ('{}' per line), 'openai' or 'simple'; default: templates.txt beside "
+                   "the data, else openai")
+    p.add_argument("--step", default="latest", help="checkpoint step of a run folder (default latest)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-samples", type=int, default=0, help="evaluate the first N samples only (0 = all)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, help="also write the result JSON here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from vitscale.config import is_clip
+    from vitscale.train.evaluate import load_checkpoint_model
+
+    try:
+        model, cfg = load_checkpoint_model(args.checkpoint, args.step if args.step == "latest" else int(args.step))
+        if args.task == "linear-probe":
+            result = _linear_probe(args, model, cfg)
+        elif not is_clip(cfg):
+            raise ValueError(f"{args.checkpoint} holds a {cfg.model.name}, not a CLIP: zero-shot and retrieval "
+                             "need text and image towers")
+        else:
+            result = _clip_task(args, model, cfg)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        parser().exit(1, f"vitscale-eval: error: {e}\n")
+    _report({"checkpoint": str(args.checkpoint), "data": args.data, **result}, args.out)
+    return 0
+
+
+def _clip_task(args, model, cfg) -> dict:
+    """Zero-shot classification or retrieval of a CLIP."""
+    from vitscale.config import model_arch
+    from vitscale.data.captions import CaptionTokenizer
+    from vitscale.train.evaluate import load_classnames, load_templates, retrieval, zero_shot
+
+    text = model_arch(cfg).text
+    tokenizer = CaptionTokenizer(text.vocab_size, text.context_length)
+    model.to(args.device)
+    d = cfg.data
+    common = dict(device=args.device, batch_size=args.batch_size, canvas=d.canvas, max_samples=args.max_samples)
+    if args.task == "zeroshot":
+        return zero_shot(model, tokenizer, args.data, d.image_size, d.mean, d.std,
+                         load_classnames(args.classnames, args.data), load_templates(args.templates, args.data),
+                         **common)
+    return retrieval(model, tokenizer, args.data, d.image_size, d.mean, d.std, **common)
+
+
+def _report(result: dict, out: Path | None) -> None:
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+
+
+def _linear_probe(args, model, cfg) -> dict:
+    """A linear probe on the frozen pooled features (a CLIP: its image embeddings)."""
+    from vitscale.config import is_clip
+    from vitscale.train.evaluate import linear_probe
+
+    if args.test_data is None and args.data != "digits":
+        raise ValueError("--task linear-probe needs --test-data (the test split) unless --data is digits")
+    model.to(args.device)
+    embed = model.encode_image if is_clip(cfg) else (lambda x: model.forward_head(model.forward_features(x), True))
+    d = cfg.data
+    return linear_probe(embed, args.data, args.test_data or args.data, d.image_size, d.mean, d.std,
+                        device=args.device, batch_size=args.batch_size, max_samples=args.max_samples)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

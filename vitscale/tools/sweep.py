@@ -1,0 +1,133 @@
+"""``vitscale-sweep CONFIG [key=value ...] --procs 1,2,4 [--mode strong|weak] [--out DIR]``.
+
+Trains one config at several process counts on this machine, one after the other,
+each with the deepspeed launcher into ``OUT/pN``, then makes the scaling table of them
+(``vitscale-scaling``) in ``OUT``. ``--mode weak`` grows ``train.global_batch`` with the
+process count (the config's batch belongs to the smallest count); strong keeps it.
+
+``--emit-sbatch NODES...`` runs nothing: it prints the ``sbatch`` line of each node
+count (``launch/slurm/juwels_booster.sbatch`` unless ``--sbatch-script``) and the
+``vitscale-scaling`` line to run when the jobs are done.
+
+Checkpoints stay off (``checkpoint.at_end=false``, ``checkpoint.resume=never``) so that
+no run resumes from another and saving does not count.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from vitscale.config import ConfigError, load_config, validate_layout
+from vitscale.tools.scaling import main as scaling_main
+
+logger = logging.getLogger(__name__)
+
+_FIXED = ["checkpoint.at_end=false", "checkpoint.resume=never", "log.progress=false"]
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' must be process counts separated by commas, e.g. 1,2,4")
+    return sorted(set(counts))
+
+
+def plan(config: str, overrides: list[str], counts: list[int], mode: str, per_count: int = 1) -> dict[int, list[str]]:
+    """The overrides of each count's run, checked against its world size before anything starts.
+
+    Args:
+        config: the experiment YAML.
+        overrides: the user's ``key=value`` overrides.
+        counts: process counts (or node counts).
+        mode: strong keeps ``train.global_batch``; weak scales it with the count.
+        per_count: processes per count (GPUs per node for node counts).
+
+    Returns:
+        {count: overrides for that run, without run.dir}.
+    """
+    cfg = load_config(config, overrides)
+    runs = {}
+    for count in counts:
+        extra = list(overrides) + _FIXED
+        if mode == "weak":
+            if (cfg.train.global_batch * count) % counts[0]:
+                raise ConfigError(f"--mode weak: train.global_batch={cfg.train.global_batch} x {count} / {counts[0]} "
+                                  "is not a whole batch; choose counts that are multiples of the smallest")
+            extra.append(f"train.global_batch={cfg.train.global_batch * count // counts[0]}")
+        validate_layout(load_config(config, extra), count * per_count)
+        runs[count] = extra
+    return runs
+
+
+def sbatch_lines(config: str, runs: dict[int, list[str]], out: Path, mode: str, script: str) -> list[str]:
+    """One ``sbatch`` line per node count, then the ``vitscale-scaling`` line."""
+    lines = [shlex.join(["sbatch", f"--nodes={n}", f"--job-name=sweep-n{n}", script, config, *extra,
+                         f"run.dir={out / f'n{n}'}"]) for n, extra in runs.items()]
+    lines.append(shlex.join(["vitscale-scaling", *[str(out / f"n{n}") for n in runs], "--mode", mode, "--out",
+                             str(out)]))
+    return lines
+
+
+def run_local(config: str, runs: dict[int, list[str]], out: Path) -> list[Path]:
+    """Train each run with the deepspeed launcher; raise RuntimeError with the log's tail on failure."""
+    from vitscale.distributed import free_port
+
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    done = []
+    for count, extra in runs.items():
+        run_dir = out / f"p{count}"
+        if (run_dir / "metrics.jsonl").exists():
+            raise RuntimeError(f"{run_dir} already holds a run; remove it or pass another --out")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [str(deepspeed), "--num_gpus", str(count), "--master_port", str(free_port()), "--module",
+               "vitscale.train", config, *extra, f"run.dir={run_dir}"]
+        logger.info("sweep: %d process(es): %s", count, shlex.join(cmd))
+        log = run_dir / "train.log"
+        with open(log, "w") as f:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ}).returncode
+        if rc != 0:
+            tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+            raise RuntimeError(f"the {count}-process run failed (exit {rc}); {log} ends:\n{tail}")
+        done.append(run_dir)
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="vitscale-sweep", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="experiment YAML")
+    ap.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
+    ap.add_argument("--procs", type=_counts, default=[1, 2], help="process counts on this machine (default 1,2)")
+    ap.add_argument("--mode", choices=["strong", "weak"], default="strong")
+    ap.add_argument("--out", default="runs/sweep", help="folder for the runs and the table (default runs/sweep)")
+    ap.add_argument("--emit-sbatch", nargs="+", type=int, metavar="NODES",
+                    help="print sbatch lines for these node counts instead of running")
+    ap.add_argument("--sbatch-script", default="launch/slurm/juwels_booster.sbatch")
+    ap.add_argument("--gpus-per-node", type=int, default=4, help="with --emit-sbatch, for the layout checks")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = Path(args.out)
+    try:
+        if args.emit_sbatch:
+            runs = plan(args.config, args.overrides, sorted(set(args.emit_sbatch)), args.mode, args.gpus_per_node)
+            sys.stdout.write("".join(line + "\n" for line in sbatch_lines(args.config, runs, out, args.mode,
+                                                                        args.sbatch_script)))
+            return 0
+        runs = plan(args.config, args.overrides, args.procs, args.mode)
+        run_dirs = run_local(args.config, runs, out)
+    except (ConfigError, RuntimeError) as e:
+        logger.error("vitscale-sweep: %s", e)
+        return 2
+    return scaling_main([*map(str, run_dirs), "--mode", args.mode, "--out", str(out)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
