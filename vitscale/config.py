@@ -513,7 +513,7 @@ def _validate_eval(cfg: Config) -> None:
               "pipeline checkpoints with vitscale-eval CHECKPOINT --task zeroshot|retrieval")
     for key in ("zeroshot", "retrieval"):
         path = getattr(e, key)
-        if path and not _is_remote_path(path) and not _exists_pattern(path):
+        if e.every and path and not _is_remote_path(path) and not _exists_pattern(path):
             _fail(f"eval.{key}={path} does not exist")
 
 
