@@ -266,6 +266,17 @@ def read_tar_samples(url: str) -> Iterator[dict]:
             yield sample
 
 
+def read_shards(urls, counts: dict, key: str = "read_error") -> Iterator[dict]:
+    """Raw samples of the shards ``urls``, in order; an unreadable or truncated shard is
+    counted once in ``counts[key]``, logged, and the stream moves on to the next shard."""
+    for url in urls:
+        try:
+            yield from read_tar_samples(url)
+        except (OSError, ValueError, EOFError) as exc:
+            counts[key] = counts.get(key, 0) + 1
+            logger.warning("skipping the rest of shard %s: %s", url, exc)
+
+
 # -- filters ----------------------------------------------------------------------------------------
 
 def check_filters(filters: dict | None) -> dict:
@@ -513,16 +524,6 @@ class LaionStream(IterableDataset):
 
     # raw samples ---------------------------------------------------------------------------------
 
-    def _read(self, urls: Iterator[str], counts: dict) -> Iterator[dict]:
-        """Raw samples of the shards ``urls``; an unreadable or truncated shard is counted once
-        and the stream moves on to the next shard."""
-        for url in urls:
-            try:
-                yield from read_tar_samples(url)
-            except (OSError, ValueError, EOFError) as exc:
-                counts["read_error"] += 1
-                logger.warning("skipping the rest of shard %s: %s", url, exc)
-
     def _exact_range(self, epoch: int, worker: int) -> tuple[list[tuple[str, int]], int, int]:
         """(shard url, size) of this epoch's order, and this worker's [start, end) in its samples."""
         pairs = [(u, n) for s in self.sources for u, n in zip(s.urls, s.sizes)]
@@ -540,7 +541,7 @@ class LaionStream(IterableDataset):
                 chosen.append((url, max(0, start - offset), min(size, end - offset)))
             offset += size
         for url, first, last in chosen:
-            for index, sample in enumerate(self._read(iter([url]), counts)):
+            for index, sample in enumerate(read_shards([url], counts)):
                 if index >= last:
                     break
                 if index >= first:
@@ -555,7 +556,7 @@ class LaionStream(IterableDataset):
             yield rng.choice(source.urls)
 
     def _resampled_raw(self, epoch: int, worker: int, counts: dict) -> Iterator[dict]:
-        return self._read(self.resampled_urls(epoch, worker), counts)
+        return read_shards(self.resampled_urls(epoch, worker), counts)
 
     def _candidates(self, epoch: int, worker: int, counts: dict) -> Iterator[tuple[dict, str, dict | None]]:
         """(sample, caption, json) in training order: raw samples -> filters -> shuffle buffer.

@@ -21,7 +21,6 @@ runs a dummy batch), since tensor-parallel and ZeRO-3 forwards are collective.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -29,10 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitscale.data.laion import IMAGE_EXTS, center_box, decode_image, fit_canvas, read_tar_samples, resolve_sources
+from vitscale.data.laion import IMAGE_EXTS, center_box, decode_image, fit_canvas, read_shards, resolve_sources
 from vitscale.data.transforms import crop_resize, normalize
-
-logger = logging.getLogger(__name__)
 
 RECALL_AT = (1, 5, 10)
 
@@ -131,15 +128,7 @@ def eval_samples(data: str, canvas: int, rank: int = 0, world: int = 1, max_samp
         raw = ({"__key__": str(f), f.suffix.lower().lstrip("."): f.read_bytes(), "cls": str(label).encode()}
                for f, label in files)
     else:
-        def shards():
-            for url in _expand_data(data):
-                try:
-                    yield from read_tar_samples(url)
-                except (OSError, ValueError, EOFError) as exc:
-                    counts["bad"] += 1
-                    logger.warning("skipping the rest of shard %s: %s", url, exc)
-
-        raw = shards()
+        raw = read_shards(_expand_data(data), counts, "bad")
     taken = 0
     for index, sample in enumerate(raw):
         if max_samples and index >= max_samples:
