@@ -289,7 +289,7 @@ def test_pipe_urls_and_sizes_json(sample_set, tmp_path):
 def test_our_tar_reader_groups_samples_as_webdataset_does(tmp_path, fmt):
     import webdataset as wds
 
-    from vitscale.data.laion import read_tar_samples
+    from vitscale.data.shards import read_tar_samples
 
     deep = "d" * 60 + "/" + "e" * 70  # a path over 100 characters: prefix field, GNU long name or pax path
     buf = io.BytesIO()

@@ -27,7 +27,7 @@ from vitscale.data.synthetic import create_generator
 from vitscale.data.synthetic_loader import ShardStream
 from vitscale.distributed import EXIT_LOST_RANK, EXIT_NUMERIC, EXIT_TERMINATED
 from vitscale.train import checkpoint
-from vitscale.train.loop import NumericFault, _report_bad_step
+from vitscale.train.faults import NumericFault, report_bad_step
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 # A 2-block tiny ViT (pipe 2 still splits it), 4 micro-batches of 4 per step on 2 ranks.
@@ -54,7 +54,8 @@ def resumed_runs(tmp_path_factory):
     sh.write_shards(partial(create_generator, spec.generator, spec.classes, spec.image_size, spec.seed), spec, shards,
                     sh.claim_shards(spec, shards), 1)
     sh.finish_dataset(spec, shards)
-    kinds = {"d2": [], "p2": ["parallel.pipe=2"], "shards": [f"data.shards={shards}", "data.shuffle_buffer=8"]}
+    kinds = {"d2": [], "p2": ["parallel.pipe=2"], "shards": [f"data.shards={shards}", "data.shuffle_buffer=8"],
+             "ema": ["train.ema=0.8", "checkpoint.at_end=true"]}
     layouts = {}
     for name, extra in kinds.items():
         layouts[name] = extra + [f"train.steps={STEPS}"]
@@ -71,12 +72,27 @@ def resumed_runs(tmp_path_factory):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("kind", ["d2", "p2", "shards"])
+@pytest.mark.parametrize("kind", ["d2", "p2", "shards", "ema"])
 def test_stop_and_resume_gives_bitwise_the_losses_of_a_straight_run(resumed_runs, kind):
     straight, resumed = _losses(resumed_runs / kind), _losses(resumed_runs / f"{kind}_half")
     assert sorted(straight) == sorted(resumed) == list(range(1, STEPS + 1))
     assert [resumed[s] for s in range(HALF + 1, STEPS + 1)] == [straight[s] for s in range(HALF + 1, STEPS + 1)]
     assert len({straight[s] for s in straight}) > 1  # the model trains: the comparison is not trivially equal
+
+
+@pytest.mark.distributed
+def test_the_weight_ema_resumes_exactly(resumed_runs):
+    """train.ema: the checkpoint carries the EMA, so the resumed run ends with the EMA of the
+    straight run, bit for bit (an EMA restarted from the resumed weights would not)."""
+    def ema(run: str, step: int) -> dict:
+        folder = checkpoint.checkpoint_root(resumed_runs / run) / f"step{step:08d}"
+        return checkpoint._client_state(folder)["ema"]
+
+    straight, resumed, half = ema("ema", STEPS), ema("ema_half", STEPS), ema("ema_half", HALF)
+    assert straight.keys() == resumed.keys() and "head.weight" in straight
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    assert not torch.equal(straight["head.weight"], half["head.weight"])  # the EMA moved after the resume
 
 
 @pytest.mark.distributed
@@ -195,10 +211,10 @@ def test_rng_states_round_trip_through_weights_only_files(tmp_path):
 
 def test_bad_steps_stop_bf16_but_not_fp16():
     for in_a_row in range(1, 10):
-        _report_bad_step(in_a_row, in_a_row, "fp16", 3, True)  # fp16's loss scaler skips, never a stop
-    _report_bad_step(5, 2, "bf16", 3, True)
+        report_bad_step(in_a_row, in_a_row, "fp16", 3, True)  # fp16's loss scaler skips, never a stop
+    report_bad_step(5, 2, "bf16", 3, True)
     with pytest.raises(NumericFault, match=r"NaN / Inf for 3 step\(s\) in a row \(train.max_bad_steps=3"):
-        _report_bad_step(6, 3, "bf16", 3, True)
+        report_bad_step(6, 3, "bf16", 3, True)
 
 
 def test_a_tar_member_with_a_dotdot_or_absolute_path_is_refused(tmp_path):

@@ -26,7 +26,6 @@ import os
 import tarfile
 from pathlib import Path
 
-import numpy as np
 
 from vitscale.data.captions import class_phrase, describe
 from vitscale.data.shards import _add_member, encode_image, write_atomic

@@ -470,6 +470,9 @@ def _expand(pattern: str) -> list[str]:
     return list(braceexpand.braceexpand(pattern))
 
 
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar-level metadata members
+
+
 def _is_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
 
@@ -483,18 +486,88 @@ def check_member_name(name: str, url: str) -> None:
                          "(rewrite it with vitscale-synth, or remove the member)")
 
 
+def _tar_members(stream) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the regular files of a tar stream, in order.
+
+    Our own reader: webdataset's goes through Python's ``tarfile``, which costs about as much
+    per sample as decoding a 256-px JPEG (benchmarks/loader_speed.py); parsing the 512-byte
+    ustar headers directly takes microseconds. Handles ustar prefixes, GNU long names and
+    pax ``path`` records (what Python's and GNU tar write). Raises ValueError on a bad
+    checksum or a truncated member.
+    """
+    long_name = None
+    while True:
+        header = stream.read(512)
+        if len(header) < 512:
+            if header.strip(b"\0"):
+                raise ValueError("truncated tar header")
+            return
+        if header == b"\0" * 512:
+            return  # end-of-archive marker
+        try:
+            stored = int(header[148:156].strip(b"\0 "), 8)
+        except ValueError:
+            stored = -1
+        if stored != sum(header[:148]) + 256 + sum(header[156:]):
+            raise ValueError("tar header checksum mismatch (a corrupt or non-tar file)")
+        raw_size = header[124:136]
+        size = (int.from_bytes(raw_size[1:], "big") if raw_size[0] & 0x80 else
+                int(raw_size.strip(b"\0 ") or b"0", 8))
+        data = stream.read(size)
+        if len(data) < size:
+            raise ValueError("truncated tar member")
+        stream.read(-size % 512)  # padding to the block; a missing last one ends the archive below
+        kind = header[156:157]
+        if kind == b"L":  # GNU long name of the next member
+            long_name = data.rstrip(b"\0").decode("utf-8", "replace")
+            continue
+        if kind == b"x":  # pax header: a 'path' record renames the next member
+            for record in data.decode("utf-8", "replace").split("\n"):
+                _, _, kv = record.partition(" ")
+                if kv.startswith("path="):
+                    long_name = kv[5:]
+            continue
+        if kind not in (b"0", b"\0", b"7"):
+            long_name = None
+            continue  # directories, links, global pax headers
+        name = long_name
+        if name is None:
+            name = header[:100].rstrip(b"\0").decode("utf-8", "replace")
+            if header[257:262] == b"ustar" and header[345:500].strip(b"\0"):
+                name = header[345:500].rstrip(b"\0").decode("utf-8", "replace") + "/" + name
+        long_name = None
+        yield name, data
+
+
+def read_tar_samples(url: str) -> Iterator[dict]:
+    """Samples of one shard as webdataset groups them: consecutive members with the same
+    key (the name up to the first dot of its basename), ``{"__key__", "__url__", ext: bytes}``.
+    Local paths, ``pipe:`` and http(s) URLs open through webdataset's ``gopen``."""
+    from webdataset.gopen import gopen
+
+    with gopen(url, "rb") as stream:
+        sample: dict | None = None
+        for name, data in _tar_members(stream):
+            slash = name.rfind("/")
+            dot = name.find(".", slash + 1)
+            check_member_name(name, url)  # absolute or '..' paths: the shard is refused
+            if dot < 0 or _META.match(name):  # webdataset's rule for tar-level metadata members
+                continue
+            key, ext = name[:dot], name[dot + 1:].lower()
+            if sample is None or sample["__key__"] != key:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key, "__url__": url}
+            sample[ext] = data
+        if sample is not None:
+            yield sample
+
+
 def tar_samples(urls: Iterable[dict]) -> Iterator[dict]:
-    """webdataset's ``tarfile_to_samples`` ({"url": ...} dicts -> samples of raw bytes, no
-    decoding, so nothing is unpickled) with every member name checked (``check_member_name``)."""
-    from webdataset import tariterators
-
-    def checked(files):
-        for f in files:
-            if "fname" in f:  # not the end-of-shard marker ({})
-                check_member_name(f["fname"], f["__url__"])
-            yield f
-
-    return tariterators.group_by_keys(checked(tariterators.tar_file_expander(tariterators.url_opener(urls))))
+    """``read_tar_samples`` over ``{"url": ...}`` dicts, one shard after another (raw bytes, no
+    decoding, so nothing is unpickled)."""
+    for entry in urls:
+        yield from read_tar_samples(entry["url"])
 
 
 def is_shard_source(source: str) -> bool:

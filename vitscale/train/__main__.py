@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("config error: %s", e)
         return EXIT_CONFIG
 
-    from vitscale.train.loop import NumericFault, train
+    from vitscale.train.faults import NumericFault
+    from vitscale.train.loop import train
 
     dims = init_distributed(pipe=cfg.parallel.pipe, tensor=cfg.parallel.tensor, interface=cfg.parallel.interface,
                             timeout_s=cfg.parallel.timeout_s)
