@@ -18,12 +18,16 @@ from vitscale.train.engine import build_model
 from vitscale.train.export import find_checkpoint, load_run_config, read_checkpoint
 
 
+PRE, FINE = 24, 30  # --steps: fixed step counts (the quick plan's model)
+
+
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
     out = tmp_path_factory.mktemp("fdsl")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("RANK", None)
-    proc = subprocess.run([str(BIN / "vitscale-recipe"), "fdsl-transfer", "--quick", "--out", str(out),
+    proc = subprocess.run([str(BIN / "vitscale-recipe"), "fdsl-transfer", "--quick", "--steps", f"{PRE},{FINE}",
+                           "--out", str(out),
                            "--generators", "scratch,dead_leaves,fractal"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -41,17 +45,26 @@ def test_quick_recipe_writes_the_table_from_its_runs(recipe):
         last_eval = [r for r in tuned if r["kind"] == "eval"][-1]
         assert float(row["top1"]) == pytest.approx(last_eval["top1"]) and 0 <= last_eval["top1"] <= 100
         assert float(row["top5"]) == pytest.approx(last_eval["top5"]) and last_eval["top5"] >= last_eval["top1"]
-        assert last_eval["test_samples"] == 360 and last_eval["step"] == int(row["finetune_steps"])
+        assert last_eval["test_samples"] == 360 and last_eval["step"] == int(row["finetune_steps"]) == FINE
         assert len([r for r in tuned if r["kind"] == "eval"]) == 2  # during (half-way) and after training
         assert f"| {row['pretraining']} | {float(row['top1']):.1f} | {float(row['top5']):.1f} |" in markdown
         if row["source"] == "scratch":
             assert row["pretrain_steps"] == "0" and row["pretrain_loss"] == ""
         else:
             pre = [r for r in read_metrics(out / "runs" / f"pretrain_{row['source']}") if r["kind"] == "train"]
-            assert pre[-1]["step"] == int(row["pretrain_steps"]) > 0
+            assert pre[-1]["step"] == int(row["pretrain_steps"]) == PRE
             assert float(row["pretrain_loss"]) == pytest.approx(pre[-1]["loss"])
     with Image.open(out / "fdsl_transfer.png") as png:
         assert png.format == "PNG" and png.width > 200 and png.height > 100
+
+
+@pytest.mark.parametrize("steps, message", [("5", "give two integers"), ("0,10", "at least 1")])
+def test_bad_step_counts_are_refused_before_any_run(steps, message, capsys):
+    from vitscale.tools.recipe import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["fdsl-transfer", "--steps", steps])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_finetuning_restores_the_backbone_and_replaces_only_the_head(recipe):

@@ -1,7 +1,7 @@
 """``vitscale-recipe fdsl-transfer``: formula-driven pre-training against scratch, end to end.
 
-    vitscale-recipe fdsl-transfer [--minutes M] [--generators scratch,perlin,dead_leaves,bezier,rcdb,fractal]
-                                  [--quick] [--out DIR] [--seed S]
+    vitscale-recipe fdsl-transfer [--minutes M | --steps PRE,FINE] [--quick] [--out DIR] [--seed S]
+                                  [--generators scratch,perlin,dead_leaves,bezier,rcdb,fractal]
 
 For each pre-training source, the same tiny ViT is pre-trained on that synthetic dataset
 (rendered on the fly, ``configs/vit_tiny.yaml``) for the same number of steps at the same
@@ -19,8 +19,9 @@ erasing, layer-wise LR decay); ``scratch`` fine-tunes from random weights. Write
 
 ``--minutes`` is the wall-clock budget of the whole recipe: a few probe steps per source
 measure the step times, and the pre-training and fine-tuning step counts are chosen to fit
-(55 % pre-training, 35 % fine-tuning). ``--quick`` runs fixed tiny step counts instead
-(about two minutes on 2 CPU cores, for CI). All runs share one process group (one
+(55 % pre-training, 35 % fine-tuning), so a faster machine buys more steps; ``--steps PRE,FINE``
+fixes the step counts instead (the same compute anywhere: compare tables across machines).
+``--quick`` runs fixed tiny step counts (about two minutes on 2 CPU cores, for CI). All runs share one process group (one
 process by default; under a launcher each run uses all of its processes).
 """
 from __future__ import annotations
@@ -219,6 +220,8 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--generators", help=f"comma-separated sources (default {DEFAULT_SOURCES}; with --quick "
                    f"{QUICK_SOURCES}); scratch = no pre-training")
     f.add_argument("--quick", action="store_true", help="fixed tiny step counts (a few minutes on 2 CPU cores, CI)")
+    f.add_argument("--steps", metavar="PRE,FINE", help="fixed pre-training and fine-tuning step counts instead of "
+                   "--minutes (the same compute on any machine, e.g. 472,334)")
     f.add_argument("--out", type=Path, default=Path("runs/fdsl_transfer"), help="output folder")
     f.add_argument("--seed", type=int, default=0)
     return p
@@ -238,9 +241,17 @@ def main(argv: list[str] | None = None) -> int:
                        f"{', '.join(list_generators())}")
     if not args.quick and args.minutes <= 0:
         parser().error(f"--minutes={args.minutes} must be positive")
+    plan, minutes = (QUICK, None) if args.quick else (FULL, args.minutes)
+    if args.steps:
+        try:
+            pre, fine = (int(v) for v in args.steps.split(","))
+        except ValueError:
+            parser().error(f"--steps={args.steps}: give two integers, pre-training and fine-tuning steps (e.g. 472,334)")
+        if pre < 1 or fine < 1:
+            parser().error(f"--steps={args.steps}: both step counts must be at least 1")
+        plan, minutes = Plan(**{**plan.__dict__, "pretrain_steps": pre, "finetune_steps": fine}), None
     command = "vitscale-recipe " + " ".join(shlex.quote(a) for a in argv)
-    fdsl_transfer(sources, args.out, QUICK if args.quick else FULL, None if args.quick else args.minutes, args.seed,
-                  command)
+    fdsl_transfer(sources, args.out, plan, minutes, args.seed, command)
     from vitscale.distributed import shutdown
 
     shutdown()
