@@ -6,9 +6,9 @@ similarity, ... and any column it was asked to keep), beside ``{shard}.parquet``
 row, failed downloads included) and ``{shard}_stats.json`` (``successes`` = the samples in
 the tar). webdataset opens the shards (``gopen``: local paths, ``pipe:`` and http URLs;
 brace patterns expand as in webdataset) and provides the shuffle buffer; the tar
-members are parsed by ``shards.read_tar_samples`` (Python's ``tarfile``, under webdataset's
-own reader, costs as much per sample as the JPEG decode). The rest is ours, because three
-things a run at scale needs are in neither webdataset nor open_clip:
+members are parsed by our ``shards.read_tar_samples`` (Python's ``tarfile``, under
+webdataset's own reader, costs as much per sample as the JPEG decode). The rest is ours,
+because three things a run at scale needs are in neither webdataset nor open_clip:
 
 1. **Splitting by data-parallel rank.** Ranks of one tensor-parallel group (and the first
    and last stage of a pipeline) pass the same ``data_rank`` and read identical batches.

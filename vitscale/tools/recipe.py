@@ -21,8 +21,9 @@ erasing, layer-wise LR decay); ``scratch`` fine-tunes from random weights. Write
 measure the step times, and the pre-training and fine-tuning step counts are chosen to fit
 (55 % pre-training, 35 % fine-tuning), so a faster machine buys more steps; ``--steps PRE,FINE``
 fixes the step counts instead (the same compute anywhere: compare tables across machines).
-``--quick`` runs fixed tiny step counts (about two minutes on 2 CPU cores, for CI). All runs share one process group (one
-process by default; under a launcher each run uses all of its processes).
+``--quick`` runs fixed tiny step counts (about two minutes on 2 CPU cores, for CI). All runs
+share one process group (one process by default; under a launcher each run uses all of its
+processes).
 """
 from __future__ import annotations
 
@@ -216,12 +217,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitscale-recipe", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="recipe", required=True)
     f = sub.add_parser("fdsl-transfer", help="synthetic pre-training vs scratch, fine-tuned on digits")
-    f.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget of the whole recipe (default 30)")
+    budget = f.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget of the whole recipe (default 30)")
+    budget.add_argument("--steps", metavar="PRE,FINE", help="fixed pre-training and fine-tuning step counts instead "
+                        "of --minutes (the same compute on any machine, e.g. 472,334)")
     f.add_argument("--generators", help=f"comma-separated sources (default {DEFAULT_SOURCES}; with --quick "
                    f"{QUICK_SOURCES}); scratch = no pre-training")
     f.add_argument("--quick", action="store_true", help="fixed tiny step counts (a few minutes on 2 CPU cores, CI)")
-    f.add_argument("--steps", metavar="PRE,FINE", help="fixed pre-training and fine-tuning step counts instead of "
-                   "--minutes (the same compute on any machine, e.g. 472,334)")
     f.add_argument("--out", type=Path, default=Path("runs/fdsl_transfer"), help="output folder")
     f.add_argument("--seed", type=int, default=0)
     return p
