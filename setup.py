@@ -10,10 +10,12 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["vitscale", "vitscale.*"]),
-    # ds_configs/ and configs/ travel with the package so that installed (non-editable)
-    # copies find the presets; vitscale.config looks in both places.
-    package_data={"vitscale": ["ds_configs/*.json", "configs/*.yaml"]},
+    # The top-level ds_configs/ and configs/ ship as the data-only packages vitscale/ds_configs/
+    # and vitscale/configs/ (package_dir maps them), so a non-editable install finds the presets;
+    # vitscale.config looks in both places. tests/test_packaging.py checks the wheel.
+    packages=find_packages(include=["vitscale", "vitscale.*"]) + ["vitscale.ds_configs", "vitscale.configs"],
+    package_dir={"vitscale.ds_configs": "ds_configs", "vitscale.configs": "configs"},
+    package_data={"vitscale.ds_configs": ["*.json"], "vitscale.configs": ["*.yaml"]},
     install_requires=[
         "torch>=2.4,<2.16",  # admits 2.14.1; users bring their own CUDA builds
         "torchvision>=0.19,<0.31",  # admits 0.29.1

@@ -3,8 +3,9 @@
 One process on CPU (or one GPU). Both sides start from identical weights, use
 torch.optim.AdamW with the same hyper-parameters and gradient clipping, and consume the
 same pre-rendered uint8 batches (so data generation is out of the comparison). The
-vitscale side runs ``vitscale.train.loop.train_step`` on a DeepSpeed engine (ZeRO-0,
-same precision), i.e. exactly what the training loop runs per step. Rounds interleave
+vitscale side is a run started as ``vitscale-train`` starts one (``train.setup.plan_run`` /
+``start_run``: DeepSpeed engine, ZeRO-0, same precision) stepped by ``train.step.optimizer_step``,
+i.e. exactly what the training loop runs per step. Rounds interleave
 the two sides and the medians are reported (timings here swing +-10% run to run).
 
     python benchmarks/overhead.py                     # defaults: tiny ViT, 64 px, batch 32
@@ -30,57 +31,50 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
     args = ap.parse_args()
 
+    import tempfile
+
     import torch
-    import torch.nn.functional as F
 
-    from vitscale.config import compose_ds_config, load_config, validate_layout
-    from vitscale.data.synthetic_loader import build_synthetic_loader
-    from vitscale.data.transforms import normalize
     from vitscale.distributed import init_distributed, shutdown
-    from vitscale.train.engine import build_engine, build_model, compute_dtype, param_groups
-    from vitscale.train.loop import train_step
+    from vitscale.train.engine import build_model
+    from vitscale.train.optim import param_groups
+    from vitscale.train.setup import plan_run, start_run
+    from vitscale.train.step import optimizer_step
 
-    cfg = load_config(args.config, ["parallel.zero=0", f"train.precision={args.precision}", "optim.torch_adam=true",
-                                    "optim.schedule=constant", "optim.warmup_steps=1", "log.progress=false",
-                                    *args.overrides])
-    t, o = cfg.train, cfg.optim
-    layout = validate_layout(cfg, 1)
+    plan = plan_run(args.config, ["parallel.zero=0", f"train.precision={args.precision}", "optim.torch_adam=true",
+                                  "optim.schedule=constant", "optim.warmup_steps=1", "log.progress=false",
+                                  "data.num_workers=0", "checkpoint.resume=never",
+                                  f"run.dir={tempfile.mkdtemp(prefix='vitscale-overhead-')}", *args.overrides],
+                    world_size=1)
     dims = init_distributed()
-    dtype = compute_dtype(t.precision)
-    accum = layout.grad_accum
+    run = start_run(plan, dims)  # vitscale: the engine and objective the training loop uses
+    cfg, t, o = plan.exp.cfg, plan.exp.cfg.train, plan.exp.cfg.optim
+    accum = run.accum
 
-    # Identical pre-rendered micro-batches for both sides.
-    loader = iter(build_synthetic_loader(cfg.data.source, cfg.data.num_classes, cfg.data.image_size,
-                                         cfg.data.instances, t.seed, t.micro_batch, t.global_batch, 0, 1,
-                                         num_workers=0))
-    batches = [next(loader) for _ in range(accum * 8)]
+    # Identical pre-rendered micro-batches, prepared on the device, for both sides.
+    batches = [run.fetch() for _ in range(accum * 8)]
     cursor = {"i": 0}
 
     def fetch():
         cursor["i"] += 1
         return batches[cursor["i"] % len(batches)]
 
-    def prepare(images, labels):
-        return normalize(images.to(dims.device), cfg.data.mean, cfg.data.std, dtype), labels.to(dims.device)
-
-    # vitscale: the DeepSpeed engine and the loop's own step function.
-    engine = build_engine(cfg, dims, compose_ds_config(cfg, 1))
-
-    # plain PyTorch: same weights, same optimizer and clipping.
-    model = build_model(cfg).to(dims.device, dtype)
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=t.lr, betas=tuple(o.betas), eps=o.eps)
+    # plain PyTorch: same weights, same loss, same optimizer and clipping.
+    model = build_model(plan.exp).to(dims.device, run.dtype)
+    opt = torch.optim.AdamW(param_groups(model, o.weight_decay, set(plan.exp.model.no_weight_decay)), lr=t.lr,
+                            betas=tuple(o.betas), eps=o.eps)
 
     def plain_step():
         for _ in range(accum):
-            images, labels = prepare(*fetch())
-            loss = F.cross_entropy(model(images).float(), labels, label_smoothing=t.label_smoothing) / accum
+            images, labels = fetch()
+            loss = run.objective(model(images), labels) / accum
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     def vitscale_step():
-        train_step(engine, fetch, accum, prepare, t.label_smoothing)
+        optimizer_step(run.steps, fetch, accum, run.objective)
 
     def timed(step_fn) -> float:
         for _ in range(2):  # warm-up outside the clock

@@ -7,6 +7,7 @@ import yaml
 
 from vitscale.config import (ConfigError, Config, all_keys, compose_ds_config, load_config, parse_override,
                              validate_layout)
+from vitscale.experiment import load_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -25,8 +26,8 @@ def laion_sample(tmp_path_factory) -> Path:
 def test_shipped_configs_load(path, laion_sample):
     # Image-text configs name data that lives on the cluster: point them at a sample set.
     uses_laion = yaml.safe_load(path.read_text())["data"].get("source") == "laion"
-    cfg = load_config(path, [f"data.shards={laion_sample}/{{00000..00001}}.tar", f"eval.zeroshot={laion_sample}/val",
-                             f"eval.retrieval={laion_sample}/val"] if uses_laion else [])
+    cfg = load_experiment(path, [f"data.shards={laion_sample}/{{00000..00001}}.tar", f"eval.zeroshot={laion_sample}/val",
+                                 f"eval.retrieval={laion_sample}/val"] if uses_laion else []).cfg
     ds = compose_ds_config(cfg, data_parallel=1, check_batch=False)
     assert ds["train_batch_size"] == cfg.train.global_batch
     assert ds["zero_optimization"]["stage"] == cfg.parallel.zero
@@ -102,15 +103,15 @@ def test_parse_override():
 ])
 def test_rejections_name_the_key_and_the_fix(override, message):
     with pytest.raises(ConfigError) as e:
-        load_config(ROOT / "configs/vit_tiny.yaml", override.split(" "))
+        load_experiment(ROOT / "configs/vit_tiny.yaml", override.split(" "))
     assert message in str(e.value)
 
 
 def test_generator_arguments_are_checked_against_the_generator():
     with pytest.raises(ConfigError, match="data.params: num_points not an argument of generator 'gratings'; "
                                           "it takes min_cycles, max_cycles, noise"):
-        load_config(ROOT / "configs/vit_tiny.yaml", ["data.source=gratings", "data.params={num_points: 5}"])
-    cfg = load_config(ROOT / "configs/vit_tiny.yaml", ["data.source=fractal", "data.params={num_points: 5000}"])
+        load_experiment(ROOT / "configs/vit_tiny.yaml", ["data.source=gratings", "data.params={num_points: 5}"])
+    cfg = load_experiment(ROOT / "configs/vit_tiny.yaml", ["data.source=fractal", "data.params={num_points: 5000}"]).cfg
     assert cfg.data.params == {"num_points": 5000}
 
 
@@ -120,7 +121,7 @@ def test_generator_arguments_are_checked_against_the_generator():
 ])
 def test_clip_layout_rejections(override, message):
     with pytest.raises(ConfigError) as e:
-        load_config(ROOT / "configs/clip_tiny.yaml", [override])
+        load_experiment(ROOT / "configs/clip_tiny.yaml", [override])
     assert message in str(e.value)
 
 
@@ -178,7 +179,7 @@ def test_ds_config_is_composed_from_the_experiment():
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["params"]["lr"] == cfg.train.lr
-    assert "scheduler" not in ds  # ours, handed to deepspeed.initialize (see vitscale.train.engine.lr_lambda)
+    assert "scheduler" not in ds  # ours, handed to deepspeed.initialize (see vitscale.train.optim.lr_schedule)
 
 
 def test_preset_may_not_restate_what_the_experiment_owns(tmp_path):

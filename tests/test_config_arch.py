@@ -3,23 +3,23 @@ for combinations that cannot work."""
 import pytest
 
 from tests.conftest import ROOT, TINY
-from vitscale.config import ConfigError, load_config, model_arch, model_kwargs
+from vitscale.config import ConfigError
+from vitscale.experiment import load_experiment
 
 
 def test_vit_22b_config_states_the_whole_recipe():
-    cfg = load_config(ROOT / "configs" / "vit_22b.yaml")
-    arch = model_arch(cfg)
+    exp = load_experiment(ROOT / "configs" / "vit_22b.yaml")
+    cfg, arch = exp.cfg, exp.model.arch
     assert arch.qk_norm and arch.parallel_block and not arch.qkv_bias and not arch.norm_bias
     assert cfg.train.loss == "sigmoid"
 
 
 def test_option_keys_reach_the_model():
-    cfg = load_config(TINY, ["model.bias=false", "model.dual_patchnorm=true", "model.moe.blocks=2",
-                             "model.moe.experts=4", "model.moe.slots=2"])
-    kwargs = model_kwargs(cfg)
+    kwargs = load_experiment(TINY, ["model.bias=false", "model.dual_patchnorm=true", "model.moe.blocks=2",
+                                    "model.moe.experts=4", "model.moe.slots=2"]).model.kwargs
     assert kwargs["qkv_bias"] is False and kwargs["norm_bias"] is False and kwargs["dual_patchnorm"] is True
     assert (kwargs["moe_blocks"], kwargs["moe_experts"], kwargs["moe_slots"]) == (2, 4, 2)
-    assert "moe_blocks" not in model_kwargs(load_config(TINY))
+    assert "moe_blocks" not in load_experiment(TINY).model.kwargs
 
 
 PACK = ["data.packing.seq_len=16"]
@@ -39,9 +39,9 @@ FACTORIZED = ["model.pos_embed=factorized", "model.class_token=false", "model.gl
 ])
 def test_bad_combinations_fail_early_naming_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(TINY, overrides)
+        load_experiment(TINY, overrides)
 
 
 def test_clip_refuses_the_vit_options_naming_them():
     with pytest.raises(ConfigError, match="model.parallel_block is a ViT option"):
-        load_config(ROOT / "configs" / "clip_tiny.yaml", ["model.parallel_block=true"])
+        load_experiment(ROOT / "configs" / "clip_tiny.yaml", ["model.parallel_block=true"])

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vitscale.config import ConfigError, load_config
+from vitscale.config import ConfigError
+from vitscale.experiment import load_experiment
 from vitscale.data.captions import CaptionTokenizer
 from vitscale.data.laion import (LaionLoader, LaionStream, Position, SampleFilter, check_filters, describe_stats,
                                  resolve_sources)
@@ -244,19 +245,19 @@ def test_crop_resize_matches_pil_on_a_smooth_image():
 
 def test_laion_configs_are_checked(sample_set):
     shards = f"data.shards={sample_set}/{{00000..00007}}.tar"
-    cfg = load_config(ROOT / "configs/clip_tiny_laion.yaml", [shards, "eval.every=0"])
+    cfg = load_experiment(ROOT / "configs/clip_tiny_laion.yaml", [shards, "eval.every=0"]).cfg
     assert cfg.data.source == "laion"
     with pytest.raises(ConfigError, match="a classifier"):
-        load_config(ROOT / "configs/vit_tiny.yaml", ["data.source=laion", shards])
+        load_experiment(ROOT / "configs/vit_tiny.yaml", ["data.source=laion", shards])
     with pytest.raises(ConfigError, match="shard .*00099.tar does not exist"):
-        load_config(ROOT / "configs/clip_tiny_laion.yaml", [f"data.shards={sample_set}/{{00000..00099}}.tar"])
+        load_experiment(ROOT / "configs/clip_tiny_laion.yaml", [f"data.shards={sample_set}/{{00000..00099}}.tar"])
     with pytest.raises(ConfigError, match="data.resampled=true"):
-        load_config(ROOT / "configs/clip_tiny_laion.yaml", [
+        load_experiment(ROOT / "configs/clip_tiny_laion.yaml", [
             f"data.shards=[{{pattern: '{sample_set}/00000.tar', weight: 1}}, "
             f"{{pattern: '{sample_set}/00001.tar', weight: 3}}]", "eval.every=0"])
     with pytest.raises(ConfigError, match="parallel.pipe=1"):
-        load_config(ROOT / "configs/clip_tiny_laion.yaml", [shards, "parallel.pipe=2", "eval.every=10",
-                                                            f"eval.zeroshot={sample_set}/val"])
+        load_experiment(ROOT / "configs/clip_tiny_laion.yaml", [shards, "parallel.pipe=2", "eval.every=10",
+                                                                f"eval.zeroshot={sample_set}/val"])
 
 
 def test_sources_mix_by_weight_when_resampled(sample_set):
@@ -289,7 +290,7 @@ def test_pipe_urls_and_sizes_json(sample_set, tmp_path):
 def test_our_tar_reader_groups_samples_as_webdataset_does(tmp_path, fmt):
     import webdataset as wds
 
-    from vitscale.data.shards import read_tar_samples
+    from vitscale.data.tars import read_tar_samples
 
     deep = "d" * 60 + "/" + "e" * 70  # a path over 100 characters: prefix field, GNU long name or pax path
     buf = io.BytesIO()

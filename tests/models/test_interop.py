@@ -21,7 +21,7 @@ SEED = 11
 
 
 def _vit(rank: int = 0, world: int = 1, **kw):
-    """The ViT (or its tensor shard ``rank`` of ``world``) as ``engine.build_model`` makes it."""
+    """The ViT (or its tensor shard ``rank`` of ``world``) as ``models.parallelize.parallelize`` makes it."""
     with torch.device("meta"):
         model = create_model("vit_tiny_patch16", **{**VIT, **kw})
     parallelize_vit(model, rank, world, None)

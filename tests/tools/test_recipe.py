@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from tests.conftest import BIN, ROOT, read_metrics
-from vitscale.config import load_config
+from vitscale.experiment import load_experiment
+from vitscale.train.checkpoint import find_checkpoint, load_run, read_checkpoint
 from vitscale.train.engine import build_model
-from vitscale.train.export import find_checkpoint, load_run_config, read_checkpoint
 
 
 PRE, FINE = 24, 30  # --steps: fixed step counts (the quick plan's model)
@@ -69,12 +69,12 @@ def test_bad_step_counts_are_refused_before_any_run(steps, message, capsys):
 
 def test_finetuning_restores_the_backbone_and_replaces_only_the_head(recipe):
     out, _ = recipe
-    cfg = load_config(out / "runs" / "finetune_fractal" / "config.yaml")  # the resolved config, model.init kept
+    exp = load_experiment(out / "runs" / "finetune_fractal" / "config.yaml")  # the resolved config, model.init kept
+    cfg = exp.cfg
     pre_dir = out / "runs" / "pretrain_fractal"
     assert cfg.model.init == str(pre_dir)
-    pre_cfg = load_run_config(pre_dir)
-    pretrained = read_checkpoint(find_checkpoint(pre_dir)[0], pre_cfg)
-    model = build_model(cfg)  # what the fine-tuning run started from
+    pretrained = read_checkpoint(find_checkpoint(pre_dir)[0], load_run(pre_dir))
+    model = build_model(exp)  # what the fine-tuning run started from
     start = model.state_dict()
     assert set(start) == set(pretrained)
     for key, value in start.items():
@@ -83,7 +83,7 @@ def test_finetuning_restores_the_backbone_and_replaces_only_the_head(recipe):
         else:
             torch.testing.assert_close(value, pretrained[key].float(), rtol=0, atol=0, msg=key)
     cfg.model.init = None
-    fresh = build_model(cfg).state_dict()  # the head is the run's own seeded initialisation
+    fresh = build_model(exp).state_dict()  # the head is the run's own seeded initialisation
     torch.testing.assert_close(start["head.weight"], fresh["head.weight"], rtol=0, atol=0)
     assert not torch.equal(start["blocks.0.attn.qkv.weight"], fresh["blocks.0.attn.qkv.weight"])
 

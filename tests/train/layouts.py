@@ -4,26 +4,25 @@
 
 Layouts is a JSON object {name: [overrides]}; each trains to RUN_ROOT/name (or the run.dir
 its overrides name, e.g. to resume an earlier layout's run) exactly as
-``vitscale-train CONFIG overrides`` would (same validation, DeepSpeed config, loop), but
+``vitscale-train CONFIG overrides`` would (the same ``plan_run`` / ``start_run`` / ``train``), but
 every layout after the first reuses the process group, so a test pays one start-up
 (13-30 s on CPU) for many layouts instead of one each.
 """
 import json
 import sys
 
-from vitscale.config import compose_ds_config, load_config, validate_layout
-from vitscale.distributed import init_distributed, shutdown, world_size_from_env
+from vitscale.distributed import init_distributed, shutdown
 from vitscale.train.loop import train
+from vitscale.train.setup import plan_run, start_run
 
 
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
     config, root, common, layouts = args[0], args[1], json.loads(args[2]), json.loads(args[3])
     for name, overrides in layouts.items():
-        cfg = load_config(config, common + [f"run.dir={root}/{name}"] + overrides)  # a layout may name its run.dir
-        layout = validate_layout(cfg, world_size_from_env())
-        dims = init_distributed(pipe=cfg.parallel.pipe, tensor=cfg.parallel.tensor)
-        train(cfg, dims, compose_ds_config(cfg, layout.data))
+        plan = plan_run(config, common + [f"run.dir={root}/{name}"] + overrides)  # a layout may name its run.dir
+        dims = init_distributed(pipe=plan.layout.pipe, tensor=plan.layout.tensor)
+        train(start_run(plan, dims))
     shutdown()  # leave together, and free DeepSpeed's shared-memory buffers
 
 

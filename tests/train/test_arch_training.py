@@ -8,7 +8,7 @@ packed sequences. The packing model's factorized positions also run in a pipelin
 import pytest
 
 from tests.conftest import launch_layouts, read_metrics, train_losses
-from vitscale.config import load_config, model_arch
+from vitscale.experiment import load_experiment
 from vitscale.models.flops import packed_forward_flops
 
 pytestmark = pytest.mark.distributed
@@ -63,8 +63,8 @@ def test_factorized_positions_train_the_same_function_in_a_pipeline(runs):
 def test_packing_learns_on_two_processes_and_counts_packed_flops(runs):
     losses = train_losses(runs / "packing_data2")
     assert len(losses) == STEPS and _falls(losses), losses
-    cfg = load_config(None, COMMON + PACK + ["data.source=fractal"])
+    arch = load_experiment(None, COMMON + PACK + ["data.source=fractal"]).model.arch
     rows = [r for r in read_metrics(runs / "packing_data2") if r["kind"] == "throughput" and r["scope"] == "global"]
-    flops = 3 * packed_forward_flops(model_arch(cfg), 40, 4)  # per packed sequence, forward + backward
+    flops = 3 * packed_forward_flops(arch, 40, 4)  # per packed sequence, forward + backward
     assert rows and rows[-1]["tflops_per_device"] == pytest.approx(
         rows[-1]["samples_per_s_per_device"] * flops / 1e12, rel=1e-3)

@@ -20,11 +20,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.conftest import BIN, ROOT, launch_layouts, run_training
-from vitscale.config import model_kwargs
 from vitscale.models import create_model
 from vitscale.models.interop import shard_state_dict
 from vitscale.models.tensor_parallel import parallelize_vit
-from vitscale.train.export import export_run, find_checkpoint, load_run_config, read_checkpoint
+from vitscale.train.checkpoint import find_checkpoint, load_run, read_checkpoint
+from vitscale.train.export import export_run
 
 pytestmark = pytest.mark.distributed
 
@@ -75,8 +75,7 @@ def test_export_loads_into_timm_and_computes_what_our_model_computes(runs, expor
     state = load_file(exported[layout])
     ref = _timm_model()
     ref.load_state_dict(state, strict=True)
-    cfg = load_run_config(runs / layout)
-    ours = create_model(cfg.model.name, **model_kwargs(cfg)).eval()
+    ours = load_run(runs / layout).model.create().eval()
     ours.load_state_dict(state, strict=True)
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -104,12 +103,11 @@ def test_metadata_says_how_to_rebuild(exported):
 
 def test_whole_model_reshards_to_what_the_tensor_ranks_saved(runs):
     # The reverse: the export, sliced for tensor rank r, is what rank r trained and saved.
-    cfg = load_run_config(runs / "tensor2")
+    run = load_run(runs / "tensor2")
     folder, _ = find_checkpoint(runs / "tensor2")
-    whole = read_checkpoint(folder, cfg)
+    whole = read_checkpoint(folder, run)
     for rank in range(2):
-        with torch.device("meta"):
-            model = parallelize_vit(create_model(cfg.model.name, **model_kwargs(cfg)), rank, 2, None)
+        model = parallelize_vit(run.model.meta(), rank, 2, None)
         saved = torch.load(folder / f"mp_rank_{rank:02d}_model_states.pt", weights_only=True)["module"]
         got = shard_state_dict(whole, model)
         assert sorted(got) == sorted(saved)

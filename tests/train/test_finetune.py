@@ -8,16 +8,20 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from tests.conftest import TINY
-from vitscale.config import ConfigError, load_config
+from vitscale.config import ConfigError
+from vitscale.experiment import load_experiment
 from vitscale.models.interop import create_timm_model, timm_kwargs
-from vitscale.train.engine import build_loss, build_model, layer_decay_groups, no_decay_names
-from vitscale.train.finetune import BatchAugment
+from vitscale.train.augment import BatchAugment
+from vitscale.train.engine import build_model
+from vitscale.train.objective import build_objective
+from vitscale.train.optim import layer_decay_groups
 
 SMALL = ["model.patch_size=8", "model.depth=2", "model.num_heads=3", "data.num_workers=0"]
 
 
 def _cfg(*overrides):
-    return load_config(TINY, SMALL + list(overrides))
+    """The experiment (config + resolved model) of the tiny config with ``overrides``."""
+    return load_experiment(TINY, SMALL + list(overrides))
 
 
 def _timm_vit(image_size: int, classes: int):
@@ -88,22 +92,22 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_layer_decay_and_soft_targets_come_from_timm():
-    cfg = _cfg("optim.layer_decay=0.5", "train.lr=1.0")
-    model = build_model(cfg)
-    groups = layer_decay_groups(model, 0.05, cfg.train.lr, 0.5, no_decay_names(cfg))
+    exp = _cfg("optim.layer_decay=0.5", "train.lr=1.0")
+    model = build_model(exp)
+    groups = layer_decay_groups(model, 0.05, exp.cfg.train.lr, 0.5, set(exp.model.no_weight_decay))
     lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
     lrs = [lr_of[id(p)] for p in (model.patch_embed.proj.weight, model.blocks[0].mlp.fc1.weight,
                                   model.blocks[1].mlp.fc1.weight, model.head.weight)]
     assert lrs == [0.125, 0.25, 0.5, 1.0]  # depth 2: stem, block 0, block 1, head each x 2
     assert {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]} >= {id(model.pos_embed)}
 
-    cfg = _cfg("data.mixup=0.8", "data.cutmix=1.0", "data.random_erasing=1.0", "train.label_smoothing=0.1")
+    cfg = _cfg("data.mixup=0.8", "data.cutmix=1.0", "data.random_erasing=1.0", "train.label_smoothing=0.1").cfg
     augment = BatchAugment(cfg, torch.device("cpu"))
     images, labels = torch.zeros(8, 3, 32, 32), torch.arange(8) % 10
     mixed, soft = augment(images, labels)
     assert soft.shape == (8, 10) and torch.allclose(soft.sum(-1), torch.ones(8))
     assert mixed.abs().sum() > 0  # erased patches hold noise
-    loss = build_loss(cfg)(torch.zeros(8, 10), soft)
+    loss = build_objective(cfg, "classifier")(torch.zeros(8, 10), soft)
     torch.testing.assert_close(loss, torch.tensor(10.0).log())  # uniform logits: log(classes) for any target
 
 

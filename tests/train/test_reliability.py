@@ -86,7 +86,7 @@ def test_the_weight_ema_resumes_exactly(resumed_runs):
     straight run, bit for bit (an EMA restarted from the resumed weights would not)."""
     def ema(run: str, step: int) -> dict:
         folder = checkpoint.checkpoint_root(resumed_runs / run) / f"step{step:08d}"
-        return checkpoint._client_state(folder)["ema"]
+        return checkpoint.client_state(folder)["ema"]
 
     straight, resumed, half = ema("ema", STEPS), ema("ema_half", STEPS), ema("ema_half", HALF)
     assert straight.keys() == resumed.keys() and "head.weight" in straight
@@ -131,20 +131,21 @@ def test_resume_auto_ignores_a_half_written_checkpoint(tmp_path):
 
 
 def test_a_layout_change_is_refused_before_start_unless_resharding_is_asked_for(tmp_path):
-    from vitscale.config import load_config
+    from vitscale.experiment import load_experiment as load
+    from vitscale.train.reshard import check_resume
 
     folder = _complete(checkpoint.checkpoint_root(tmp_path) / "step00000004", 4)
     data2 = {"pipe": 1, "tensor": 1, "data": 2, "zero": 1}
     (folder / checkpoint.MARKER).write_text(json.dumps({"step": 4, "samples": 64, "layout": data2}))
     tensor2 = {**data2, "tensor": 2, "data": 1}
-    cfg = load_config(TINY, [f"run.dir={tmp_path}"])
-    checkpoint.check_resume(cfg, data2)  # the same layout
+    exp = load(TINY, [f"run.dir={tmp_path}"])
+    check_resume(exp, data2)  # the same layout
     with pytest.raises(ValueError, match=r"another layout \(tensor 1 -> 2, data 2 -> 1\): set checkpoint.reshard=weights"):
-        checkpoint.check_resume(cfg, tensor2)
-    checkpoint.check_resume(load_config(TINY, [f"run.dir={tmp_path}", "checkpoint.reshard=weights"]), tensor2)
-    zero3 = load_config(TINY, [f"run.dir={tmp_path}", "checkpoint.reshard=weights", "parallel.zero=3"])
+        check_resume(exp, tensor2)
+    check_resume(load(TINY, [f"run.dir={tmp_path}", "checkpoint.reshard=weights"]), tensor2)
+    zero3 = load(TINY, [f"run.dir={tmp_path}", "checkpoint.reshard=weights", "parallel.zero=3"])
     with pytest.raises(ValueError, match=r"reshard=weights into parallel.zero=3 is not supported"):
-        checkpoint.check_resume(zero3, {**tensor2, "zero": 3})
+        check_resume(zero3, {**tensor2, "zero": 3})
 
 
 class FakeEngine:

@@ -6,7 +6,7 @@ import pytest
 
 from vitscale.distributed import detect_launcher, expand_nodelist, world_size_from_env
 from vitscale.models import create_model
-from vitscale.train.engine import lr_lambda, param_groups
+from vitscale.train.optim import lr_lambda, param_groups
 from vitscale.train.throughput import device_peak_tflops
 
 
@@ -85,7 +85,7 @@ class _FakeAccelerator:
 
 def test_unsupported_precision_is_refused_early():
     from vitscale.config import ConfigError
-    from vitscale.train.__main__ import check_precision
+    from vitscale.train.setup import check_precision
 
     check_precision("fp16", _FakeAccelerator(True, True))
     check_precision("fp32", _FakeAccelerator(False, False))
@@ -98,7 +98,7 @@ def test_initial_weights_from_a_timm_state_dict(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from vitscale.train.finetune import load_initial_weights
+    from vitscale.train.initial_weights import load_initial_weights
 
     ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=3, depth=2)
     torch.save({"state_dict": ref.state_dict()}, tmp_path / "w.pt")

@@ -31,7 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from vitscale.data.shards import resolve_shards
-from vitscale.data.synthetic_loader import StepSampler, _collate
+from vitscale.data.synthetic_loader import StepSampler, collate_labelled
 
 DIGITS = "digits"
 DIGITS_TEST = 360  # images in the fixed test split (20 %)
@@ -202,9 +202,9 @@ def build_downstream_loader(data_cfg: Any, seed: int, micro_batch: int, global_b
                # RandAugment draws from each worker's python RNG, which DataLoader seeds from this
                "generator": torch.Generator().manual_seed(seed * 1000 + data_rank + start_step * 7919)}
     if isinstance(dataset, IterableDataset):
-        return DataLoader(dataset, batch_size=micro_batch, collate_fn=_collate, **workers)
+        return DataLoader(dataset, batch_size=micro_batch, collate_fn=collate_labelled, **workers)
     sampler = StepSampler(len(dataset), micro_batch, global_batch, data_rank, data_world, seed, start_step)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate, **workers)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_labelled, **workers)
 
 
 def heldout_batches(source: str, image_size: int, batch_size: int, rank: int = 0,
@@ -221,10 +221,10 @@ def heldout_batches(source: str, image_size: int, batch_size: int, rank: int = 0
     for sample in samples:
         batch.append(sample)
         if len(batch) == batch_size:
-            yield _collate(batch)
+            yield collate_labelled(batch)
             batch = []
     if batch:
-        yield _collate(batch)
+        yield collate_labelled(batch)
 
 
 def uses_downstream_loader(data_cfg: Any) -> bool:

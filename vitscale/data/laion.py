@@ -68,7 +68,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vitscale.data.shards import _expand, _is_remote, read_tar_samples
+from vitscale.data.tars import expand, is_remote, read_tar_samples
 from vitscale.data.synthetic_loader import random_resized_crop_box
 
 logger = logging.getLogger(__name__)
@@ -158,14 +158,14 @@ def resolve_sources(shards: Any, sizes: bool = True) -> list[Source]:
         pattern, weight = str(spec["pattern"]), float(spec.get("weight", 1.0))
         if not weight > 0:
             raise ValueError(f"data.shards entry {pattern!r}: weight must be positive, got {weight}")
-        if not _is_remote(pattern) and os.path.isdir(pattern):
+        if not is_remote(pattern) and os.path.isdir(pattern):
             urls = sorted(str(p) for p in Path(pattern).glob("*.tar"))
         else:
-            urls = _expand(pattern)
+            urls = expand(pattern)
         if not urls:
             raise ValueError(f"data.shards entry {pattern!r} matches no shard")
         ends = {urls[0], urls[-1]}
-        missing = sorted(u for u in ends if not _is_remote(u) and not os.path.isfile(u))
+        missing = sorted(u for u in ends if not is_remote(u) and not os.path.isfile(u))
         if missing:
             raise ValueError(f"data.shards entry {pattern!r}: shard {missing[0]} does not exist")
         sources.append(Source(pattern, urls, weight, _sizes(urls, spec.get("sizes")) if sizes else None))
@@ -178,8 +178,8 @@ def _sizes(urls: list[str], sizes_file: str | None) -> list[int] | None:
     for url in urls:
         folder = os.path.dirname(url)
         if folder not in by_folder:
-            by_folder[folder] = _read_sizes(sizes_file, folder) if (sizes_file or not _is_remote(url)) else None
-        size = (None if _is_remote(url) and by_folder[folder] is None else _shard_size(url, by_folder[folder]))
+            by_folder[folder] = _read_sizes(sizes_file, folder) if (sizes_file or not is_remote(url)) else None
+        size = (None if is_remote(url) and by_folder[folder] is None else _shard_size(url, by_folder[folder]))
         if size is None:
             return None
         out.append(size)
@@ -616,7 +616,10 @@ class LaionLoader:
                                  prefetch_factor=prefetch if num_workers > 0 else None)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for images, tokens, boxes, meta in self.loader:
+        return self._track(iter(self.loader))  # the workers start now, under the caller's signal mask
+
+    def _track(self, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for images, tokens, boxes, meta in batches:
             worker = str(int(meta["worker"]))
             self.positions[worker] = {k: int(v) for k, v in meta["position"].items()}
             self.counts[worker] = {k: int(v) for k, v in meta["counts"].items()}

@@ -20,7 +20,6 @@ Everything is a pure function of the arguments; files appear atomically.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -28,7 +27,9 @@ from pathlib import Path
 
 
 from vitscale.data.captions import class_phrase, describe
-from vitscale.data.shards import _add_member, encode_image, write_atomic
+from vitscale.data.shards import encode_image
+from vitscale.data.tars import add_member
+from vitscale.files import replacing, write_text_atomic
 from vitscale.data.synthetic import create_generator, instance_rng
 
 FAILED_EVERY = 17  # every 17th row of a shard is a failed download
@@ -75,17 +76,15 @@ def _write_shard(out: Path, shard: int, rows) -> int:
                 meta = {k: row[k] for k in ("url", "caption", "key", "status", "error_message", "width", "height",
                                             "original_width", "original_height", "exif", "sha256", "similarity",
                                             "label")}
-                _add_member(tar, f"{row['key']}.jpg", data)
-                _add_member(tar, f"{row['key']}.txt", caption.encode())
-                _add_member(tar, f"{row['key']}.json", json.dumps(meta, indent=4).encode())
+                add_member(tar, f"{row['key']}.jpg", data)
+                add_member(tar, f"{row['key']}.txt", caption.encode())
+                add_member(tar, f"{row['key']}.json", json.dumps(meta, indent=4).encode())
         f.flush()
         os.fsync(f.fileno())
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(table), buf)
-    (out / f"{shard:05d}.parquet.partial").write_bytes(buf.getvalue())
-    os.replace(out / f"{shard:05d}.parquet.partial", out / f"{shard:05d}.parquet")
+    with replacing(out / f"{shard:05d}.parquet") as parquet:
+        pq.write_table(pa.Table.from_pylist(table), str(parquet))
     failed = len(table) - successes
-    write_atomic(out / f"{shard:05d}_stats.json", json.dumps({
+    write_text_atomic(out / f"{shard:05d}_stats.json", json.dumps({
         "count": len(table), "successes": successes, "failed_to_download": failed, "failed_to_resize": 0,
         "duration": 0.0, "start_time": 0.0, "end_time": 0.0,
         "status_dict": {"success": successes, **({"HTTP Error 404: Not Found": failed} if failed else {})},
@@ -114,6 +113,6 @@ def write_laion_sample(out: str | Path, source: str = "gratings", classes: int =
         result["shards" if split == "train" else "val_shards"] = len(shards)
     names = "".join(class_phrase(source, label) + "\n" for label in range(classes))
     for folder in (out, out / "val"):
-        write_atomic(folder / "classnames.txt", names)
-        write_atomic(folder / "templates.txt", "".join(t + "\n" for t in TEMPLATES))
+        write_text_atomic(folder / "classnames.txt", names)
+        write_text_atomic(folder / "templates.txt", "".join(t + "\n" for t in TEMPLATES))
     return result

@@ -43,13 +43,15 @@ import struct
 import tarfile
 import zlib
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, Iterator, Literal
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
 from PIL import Image
 
 import vitscale
+from vitscale.data.tars import add_member, expand, is_remote
+from vitscale.files import fsync_dir, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -152,14 +154,6 @@ def to_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=plain)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: readers see all or nothing."""
-    # Host and pid in the name: ranks on several nodes may write the same file on a shared file system.
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # -- encoding ---------------------------------------------------------------------------------------
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -189,23 +183,6 @@ def encode_image(img: np.ndarray, fmt: ImageFormat) -> bytes:
 
 # -- writing ----------------------------------------------------------------------------------------
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    # Fixed header fields: same arguments, same bytes (no clock, no user, no host in the tar).
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o444
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_shard(generator, spec: DatasetSpec, out_dir: Path, shard: int,
                 progress: Callable[[int], None] | None = None) -> Path:
     """Render shard ``shard`` of ``spec`` into ``out_dir``; it appears under its name only when complete.
@@ -229,15 +206,15 @@ def write_shard(generator, spec: DatasetSpec, out_dir: Path, shard: int,
                 key = spec.key(label, instance)
                 image = encode_image(generator.render(label, instance), spec.format)
                 params = {**generator.params(label, instance), "label": label, "instance": instance}
-                _add_member(tar, f"{key}.cls", str(label).encode())
-                _add_member(tar, f"{key}.json", to_json(params).encode())
-                _add_member(tar, f"{key}.{spec.format}", image)
+                add_member(tar, f"{key}.cls", str(label).encode())
+                add_member(tar, f"{key}.json", to_json(params).encode())
+                add_member(tar, f"{key}.{spec.format}", image)
                 if progress is not None:
                     progress(1)
         f.flush()
         os.fsync(f.fileno())  # the rename below must never publish a shard whose bytes are not on disk
     os.replace(tmp, final)
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     return final
 
 
@@ -296,7 +273,7 @@ def prepare_out_dir(spec: DatasetSpec, out_dir: Path) -> None:
                          "arguments are unknown; use a new --out folder")
     if (out_dir / PENDING_FILE).exists():
         return prepare_out_dir(spec, out_dir)
-    write_atomic(out_dir / PENDING_FILE, json.dumps(spec.description(), indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out_dir / PENDING_FILE, json.dumps(spec.description(), indent=2, sort_keys=True) + "\n")
 
 
 def claim_shards(spec: DatasetSpec, out_dir: Path, rank: int = 0, world: int = 1) -> list[int]:
@@ -328,7 +305,7 @@ def finish_dataset(spec: DatasetSpec, out_dir: Path) -> bool:
     """
     if len(complete_shards(spec, out_dir)) < spec.num_shards:
         return False
-    write_atomic(out_dir / DATASET_FILE, json.dumps(spec.description(), indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out_dir / DATASET_FILE, json.dumps(spec.description(), indent=2, sort_keys=True) + "\n")
     (out_dir / PENDING_FILE).unlink(missing_ok=True)
     return True
 
@@ -343,7 +320,7 @@ def _categories_payload(categories: list, meta: dict) -> str:
 
 def save_categories(path: Path, categories: list, **meta) -> None:
     """Save a category list with what it was searched for (``meta``: generator, classes, seed, ...)."""
-    write_atomic(Path(path), _categories_payload(categories, meta))
+    write_text_atomic(Path(path), _categories_payload(categories, meta))
 
 
 def load_categories(path: Path, generator: str, classes: int) -> list:
@@ -462,118 +439,10 @@ def write_shards(build: Callable[[], object], spec: DatasetSpec, out_dir: Path, 
             raise
 
 
-# -- reading ----------------------------------------------------------------------------------------
-
-def _expand(pattern: str) -> list[str]:
-    import braceexpand  # a webdataset dependency
-
-    return list(braceexpand.braceexpand(pattern))
-
-
-_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar-level metadata members
-
-
-def _is_remote(url: str) -> bool:
-    return url.startswith("pipe:") or "://" in url
-
-
-def check_member_name(name: str, url: str) -> None:
-    """Refuse a tar member with an absolute path or a ``..`` component: no shard we write
-    has one, and a tool that extracts such a member writes outside its folder."""
-    path = PurePosixPath(name)
-    if path.is_absolute() or ".." in path.parts or re.match(r"^[A-Za-z]:", name):
-        raise ValueError(f"shard {url}: member '{name}' has an absolute or '..' path; refusing the shard "
-                         "(rewrite it with vitscale-synth, or remove the member)")
-
-
-def _tar_members(stream) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of the regular files of a tar stream, in order.
-
-    Our own reader: webdataset's goes through Python's ``tarfile``, which costs about as much
-    per sample as decoding a 256-px JPEG (benchmarks/loader_speed.py); parsing the 512-byte
-    ustar headers directly takes microseconds. Handles ustar prefixes, GNU long names and
-    pax ``path`` records (what Python's and GNU tar write). Raises ValueError on a bad
-    checksum or a truncated member.
-    """
-    long_name = None
-    while True:
-        header = stream.read(512)
-        if len(header) < 512:
-            if header.strip(b"\0"):
-                raise ValueError("truncated tar header")
-            return
-        if header == b"\0" * 512:
-            return  # end-of-archive marker
-        try:
-            stored = int(header[148:156].strip(b"\0 "), 8)
-        except ValueError:
-            stored = -1
-        if stored != sum(header[:148]) + 256 + sum(header[156:]):
-            raise ValueError("tar header checksum mismatch (a corrupt or non-tar file)")
-        raw_size = header[124:136]
-        size = (int.from_bytes(raw_size[1:], "big") if raw_size[0] & 0x80 else
-                int(raw_size.strip(b"\0 ") or b"0", 8))
-        data = stream.read(size)
-        if len(data) < size:
-            raise ValueError("truncated tar member")
-        stream.read(-size % 512)  # padding to the block; a missing last one ends the archive below
-        kind = header[156:157]
-        if kind == b"L":  # GNU long name of the next member
-            long_name = data.rstrip(b"\0").decode("utf-8", "replace")
-            continue
-        if kind == b"x":  # pax header: a 'path' record renames the next member
-            for record in data.decode("utf-8", "replace").split("\n"):
-                _, _, kv = record.partition(" ")
-                if kv.startswith("path="):
-                    long_name = kv[5:]
-            continue
-        if kind not in (b"0", b"\0", b"7"):
-            long_name = None
-            continue  # directories, links, global pax headers
-        name = long_name
-        if name is None:
-            name = header[:100].rstrip(b"\0").decode("utf-8", "replace")
-            if header[257:262] == b"ustar" and header[345:500].strip(b"\0"):
-                name = header[345:500].rstrip(b"\0").decode("utf-8", "replace") + "/" + name
-        long_name = None
-        yield name, data
-
-
-def read_tar_samples(url: str) -> Iterator[dict]:
-    """Samples of one shard as webdataset groups them: consecutive members with the same
-    key (the name up to the first dot of its basename), ``{"__key__", "__url__", ext: bytes}``.
-    Local paths, ``pipe:`` and http(s) URLs open through webdataset's ``gopen``."""
-    from webdataset.gopen import gopen
-
-    with gopen(url, "rb") as stream:
-        sample: dict | None = None
-        for name, data in _tar_members(stream):
-            slash = name.rfind("/")
-            dot = name.find(".", slash + 1)
-            check_member_name(name, url)  # absolute or '..' paths: the shard is refused
-            if dot < 0 or _META.match(name):  # webdataset's rule for tar-level metadata members
-                continue
-            key, ext = name[:dot], name[dot + 1:].lower()
-            if sample is None or sample["__key__"] != key:
-                if sample is not None:
-                    yield sample
-                sample = {"__key__": key, "__url__": url}
-            sample[ext] = data
-        if sample is not None:
-            yield sample
-
-
-def tar_samples(urls: Iterable[dict]) -> Iterator[dict]:
-    """``read_tar_samples`` over ``{"url": ...}`` dicts, one shard after another (raw bytes, no
-    decoding, so nothing is unpickled)."""
-    for entry in urls:
-        yield from read_tar_samples(entry["url"])
-
-
 def is_shard_source(source: str) -> bool:
     """Whether ``data.source`` names shards (a folder, a path or pattern, a ``pipe:`` URL) rather
     than a generator."""
-    return os.path.isdir(source) or "/" in source or source.endswith(".tar") or _is_remote(source)
+    return os.path.isdir(source) or "/" in source or source.endswith(".tar") or is_remote(source)
 
 
 def resolve_shards(shards: str | list) -> tuple[list[str], list[dict]]:
@@ -604,7 +473,7 @@ def resolve_shards(shards: str | list) -> tuple[list[str], list[dict]]:
             raise ValueError(f"data.shards entry {entry!r}: weighted shard lists are for image-text mixing; "
                              "list plain patterns or folders for synthetic shards")
         entry = str(entry)
-        remote = _is_remote(entry)
+        remote = is_remote(entry)
         if not remote and Path(entry).is_dir():
             folder = Path(entry)
             if not (folder / DATASET_FILE).exists():
@@ -613,11 +482,11 @@ def resolve_shards(shards: str | list) -> tuple[list[str], list[dict]]:
                 raise ValueError(f"data.shards={entry}: the folder has no {DATASET_FILE}{hint}; pass a shard "
                                  "pattern instead if the shards are complete")
             pattern = json.loads((folder / DATASET_FILE).read_text())["shards"]
-            matched = [str(folder / name) for name in _expand(pattern)]
+            matched = [str(folder / name) for name in expand(pattern)]
         elif not remote and any(c in entry for c in "*?["):
             matched = sorted(glob.glob(entry))
         else:
-            matched = sorted(_expand(entry))
+            matched = sorted(expand(entry))
             missing = [u for u in {matched[0], matched[-1]} if not remote and not Path(u).exists()]
             if missing:
                 raise ValueError(f"data.shards entry {entry!r}: shard {sorted(missing)[0]} does not exist")

@@ -45,7 +45,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from vitscale.data.shards import is_shard_source, load_categories, resolve_shards, tar_samples
+from vitscale.data.shards import is_shard_source, load_categories, resolve_shards
+from vitscale.data.tars import tar_samples
 from vitscale.data.synthetic import Generator, create_generator, list_generators
 
 
@@ -119,7 +120,8 @@ class StepSampler(Sampler[list[int]]):
             step += 1
 
 
-def _collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def collate_labelled(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 image (3, H, W), int label) samples -> (images (B, 3, H, W), int64 labels (B,))."""
     images = torch.stack([b[0] for b in batch])  # (B, 3, H, W) uint8
     return images, torch.tensor([b[1] for b in batch], dtype=torch.long)
 
@@ -145,7 +147,7 @@ def build_synthetic_loader(source: str, num_classes: int, image_size: int, insta
         params["categories"] = load_categories(Path(params["categories"]), source, num_classes)
     dataset = SyntheticClassification(create_generator(source, num_classes, image_size, seed, **params), instances)
     sampler = StepSampler(len(dataset), micro_batch, global_batch, data_rank, data_world, seed, start_step)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate,
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_labelled,
                       pin_memory=pin_memory, persistent_workers=num_workers > 0,
                       prefetch_factor=prefetch if num_workers > 0 else None)
 

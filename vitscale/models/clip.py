@@ -581,4 +581,4 @@ def _make_builder(name: str):
 
 
 for _name in CLIP_SIZES:
-    register_model(_name)(_make_builder(_name))
+    register_model(_name, kind="clip")(_make_builder(_name))

@@ -109,7 +109,9 @@ def merge_tensor_parallel(shards: Sequence[Mapping[str, torch.Tensor]], model_pa
     return merged
 
 
-def _whole_name(key: str, prefix: str, layer_prefixes: Sequence[str] | None) -> str:
+def whole_name(key: str, prefix: str, layer_prefixes: Sequence[str] | None) -> str:
+    """The name in the whole model of ``key`` of a model piece named ``prefix`` (a ``PipelineModule``:
+    its children are named by layer index, ``layer_prefixes`` gives each layer's name)."""
     if layer_prefixes is not None:  # a PipelineModule: its children are named by layer index
         index, _, rest = key.partition(".")
         prefix = layer_prefixes[int(index)]
@@ -144,7 +146,7 @@ def shard_state_dict(full: Mapping[str, torch.Tensor], model_part: nn.Module, pr
     """
     out: StateDict = {}
     for key, (mod, leaf) in _owners(model_part).items():
-        name = _whole_name(key, prefix, layer_prefixes)
+        name = whole_name(key, prefix, layer_prefixes)
         if name not in full:
             raise KeyError(f"the whole-model state dict has no {name!r} (needed for {key!r} of the model piece)")
         value = full[name]
@@ -175,7 +177,7 @@ def pipeline_to_whole(layers: Mapping[int, Mapping[str, torch.Tensor]], layer_pr
         if not 0 <= index < len(layer_prefixes):
             raise ValueError(f"pipeline layer {index} does not exist: the model has {len(layer_prefixes)} layers")
         for key, value in layers[index].items():
-            name = _whole_name(key, layer_prefixes[index], None)
+            name = whole_name(key, layer_prefixes[index], None)
             if name in out and not torch.equal(out[name], value):
                 raise ValueError(f"{name} appears in two pipeline layers with different values")
             out[name] = value

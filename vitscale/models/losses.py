@@ -1,5 +1,6 @@
-"""Contrastive (CLIP, Radford et al. 2021) and sigmoid (SigLIP, Zhai et al. 2023) image-text
-losses over the data-parallel group.
+"""The losses, each registered by name (``create_loss``): a classifier's softmax and sigmoid
+cross-entropy, and the contrastive (CLIP, Radford et al. 2021) and sigmoid (SigLIP, Zhai et al.
+2023) image-text losses over the data-parallel group.
 
 Both losses exchange features between the ranks of one process group, the data-parallel
 group of the ``PipelineParallelGrid`` (``ParallelDims.data_group``), never the whole world:
@@ -38,8 +39,8 @@ from torch import nn
 
 from vitscale.registry import Registry
 
-__all__ = ["ClipLoss", "SigLipLoss", "sigmoid_cross_entropy", "all_gather_with_grad", "neighbour_exchange_with_grad", "create_loss",
-           "list_losses", "register_loss"]
+__all__ = ["ClipLoss", "SigLipLoss", "SoftmaxCrossEntropy", "SigmoidCrossEntropy", "sigmoid_cross_entropy",
+           "all_gather_with_grad", "neighbour_exchange_with_grad", "create_loss", "list_losses", "register_loss"]
 
 LOSSES: Registry[nn.Module] = Registry("loss", "list_losses()")
 
@@ -333,3 +334,58 @@ def sigmoid_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoo
     if label_smoothing:
         targets = targets * (1.0 - label_smoothing) + label_smoothing / logits.shape[-1]
     return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1).mean()
+
+
+# -- a classifier's losses --------------------------------------------------------------------------
+
+def _per_image(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed sequences (NaViT) give logits per image slot, (B, K, C), and labels (B, slots) with -1
+    for empty slots: flatten to the images that exist. Plain (B, C) logits pass unchanged."""
+    if logits.dim() == 3:
+        labels = labels[:, :logits.shape[1]].flatten()
+        keep = labels >= 0
+        return logits.flatten(0, 1)[keep], labels[keep]
+    return logits, labels
+
+
+@register_loss("softmax")
+class SoftmaxCrossEntropy(nn.Module):
+    """Softmax cross-entropy of a classifier's logits (computed in fp32).
+
+    Targets are class indices (B,), per image slot of packed sequences, or soft targets (B, C)
+    from Mixup / CutMix, which already hold the label smoothing (timm's ``SoftTargetCrossEntropy``).
+
+    Args:
+        label_smoothing: for class-index targets, as ``F.cross_entropy``'s.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if labels.dim() == 2 and logits.dim() == 2:  # soft targets
+            from timm.loss import SoftTargetCrossEntropy
+
+            return SoftTargetCrossEntropy()(logits.float(), labels.float())
+        logits, labels = _per_image(logits, labels)
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+
+
+@register_loss("sigmoid")
+class SigmoidCrossEntropy(nn.Module):
+    """Sigmoid (multi-label) cross-entropy of a classifier's logits (``sigmoid_cross_entropy``,
+    computed in fp32), per image slot of packed sequences as the softmax one.
+
+    Args:
+        label_smoothing: targets become ``t (1 - s) + s / C``.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits, labels = _per_image(logits, labels)
+        return sigmoid_cross_entropy(logits.float(), labels, self.label_smoothing)
+

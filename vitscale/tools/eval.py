@@ -7,7 +7,7 @@ linear probe on the frozen features of a ViT (or a CLIP's image tower).
     vitscale-eval RUN_DIR --task linear-probe --data digits | --data TRAIN --test-data TEST
 
 Checkpoints of every layout (ZeRO 0-3, tensor and pipeline shards) are merged into one
-model first (``vitscale.train.export.read_checkpoint``); the evaluation runs in this one
+model first (``vitscale.train.checkpoint.read_checkpoint``); the evaluation runs in this one
 process, on the GPU when there is one. Prints one JSON object (and writes it to --out).
 """
 from __future__ import annotations
@@ -43,34 +43,30 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from vitscale.config import is_clip
     from vitscale.train.evaluate import load_checkpoint_model
 
     try:
-        model, cfg = load_checkpoint_model(args.checkpoint, args.step if args.step == "latest" else int(args.step))
+        model, run = load_checkpoint_model(args.checkpoint, args.step if args.step == "latest" else int(args.step))
         if args.task == "linear-probe":
-            result = _linear_probe(args, model, cfg)
-        elif not is_clip(cfg):
-            raise ValueError(f"{args.checkpoint} holds a {cfg.model.name}, not a CLIP: zero-shot and retrieval "
+            result = _linear_probe(args, model, run)
+        elif run.model.kind != "clip":
+            raise ValueError(f"{args.checkpoint} holds a {run.model.name}, not a CLIP: zero-shot and retrieval "
                              "need text and image towers")
         else:
-            result = _clip_task(args, model, cfg)
+            result = _clip_task(args, model, run)
     except (ValueError, FileNotFoundError, OSError) as e:
         parser().exit(1, f"vitscale-eval: error: {e}\n")
     _report({"checkpoint": str(args.checkpoint), "data": args.data, **result}, args.out)
     return 0
 
 
-def _clip_task(args, model, cfg) -> dict:
+def _clip_task(args, model, run) -> dict:
     """Zero-shot classification or retrieval of a CLIP."""
-    from vitscale.config import model_arch
-    from vitscale.data.captions import CaptionTokenizer
-    from vitscale.train.evaluate import load_classnames, load_templates, retrieval, zero_shot
+    from vitscale.train.evaluate import load_classnames, load_templates, retrieval, tokenizer_of, zero_shot
 
-    text = model_arch(cfg).text
-    tokenizer = CaptionTokenizer(text.vocab_size, text.context_length)
+    tokenizer = tokenizer_of(run)
     model.to(args.device)
-    d = cfg.data
+    d = run.cfg.data
     common = dict(device=args.device, batch_size=args.batch_size, canvas=d.canvas, max_samples=args.max_samples)
     if args.task == "zeroshot":
         return zero_shot(model, tokenizer, args.data, d.image_size, d.mean, d.std,
@@ -87,16 +83,16 @@ def _report(result: dict, out: Path | None) -> None:
         out.write_text(text + "\n")
 
 
-def _linear_probe(args, model, cfg) -> dict:
+def _linear_probe(args, model, run) -> dict:
     """A linear probe on the frozen pooled features (a CLIP: its image embeddings)."""
-    from vitscale.config import is_clip
     from vitscale.train.evaluate import linear_probe
 
     if args.test_data is None and args.data != "digits":
         raise ValueError("--task linear-probe needs --test-data (the test split) unless --data is digits")
     model.to(args.device)
-    embed = model.encode_image if is_clip(cfg) else (lambda x: model.forward_head(model.forward_features(x), True))
-    d = cfg.data
+    embed = (model.encode_image if run.model.kind == "clip"
+             else (lambda x: model.forward_head(model.forward_features(x), True)))
+    d = run.cfg.data
     return linear_probe(embed, args.data, args.test_data or args.data, d.image_size, d.mean, d.std,
                         device=args.device, batch_size=args.batch_size, max_samples=args.max_samples)
 

@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vitscale.config import find_config
+
 logger = logging.getLogger(__name__)
 
 # The published FDSL tables' names for each source (Kataoka et al. 2020/2022, Baradad et al. 2021).
@@ -48,8 +50,6 @@ QUICK_SOURCES = "scratch,dead_leaves,fractal"
 COLUMNS = ["pretraining", "top1", "top5", "pretrain_steps", "pretrain_images", "pretrain_loss", "finetune_steps",
            "source"]
 PRETRAIN_CLASSES = 100  # FractalDB-100-like; a class count other than the digits' 10, so the head is replaced
-_PACKAGE = Path(__file__).resolve().parent.parent
-_CONFIGS = (_PACKAGE.parent / "configs", _PACKAGE / "configs")  # source tree, installed package (setup.py)
 
 
 @dataclass(frozen=True)
@@ -66,13 +66,6 @@ class Plan:
 
 QUICK = Plan(image_size=32, patch_size=8, depth=2, batch=32, pretrain_steps=30, finetune_steps=40)
 FULL = Plan(image_size=32, patch_size=8, depth=6, batch=64, pretrain_steps=0, finetune_steps=0)  # steps from --minutes
-
-
-def _config(name: str) -> Path:
-    for folder in _CONFIGS:
-        if (folder / name).is_file():
-            return folder / name
-    raise FileNotFoundError(f"{name} not found in {', '.join(map(str, _CONFIGS))}")
 
 
 def _model_overrides(plan: Plan) -> list[str]:
@@ -105,15 +98,14 @@ class Runner:
         configure_cpu_threads(self.dims)
 
     def train(self, config: Path, overrides: list[str]) -> Path:
-        from vitscale.config import compose_ds_config, load_config, validate_layout
         from vitscale.train.loop import train
+        from vitscale.train.setup import plan_run, start_run
 
-        cfg = load_config(config, overrides)
-        layout = validate_layout(cfg, self.dims.world_size)
+        plan = plan_run(config, overrides, self.dims.world_size)
         if self.dims.is_main:
             logger.info("recipe: train %s %s", config.name, " ".join(overrides))
-        train(cfg, self.dims, compose_ds_config(cfg, layout.data))
-        return Path(cfg.run.dir)
+        train(start_run(plan, self.dims))
+        return Path(plan.exp.cfg.run.dir)
 
 
 def read_records(run_dir: Path, kind: str) -> list[dict]:
@@ -175,7 +167,7 @@ def fdsl_transfer(sources: list[str], out: Path, plan: Plan, minutes: float | No
                   command: str) -> list[dict]:
     """Run the recipe (module docstring) and write its table; returns the rows."""
     runner, runs = Runner(), out / "runs"
-    pretrain_cfg, finetune_cfg = _config("vit_tiny.yaml"), _config("vit_tiny_finetune.yaml")
+    pretrain_cfg, finetune_cfg = find_config("vit_tiny"), find_config("vit_tiny_finetune")
     synthetic = [s for s in sources if s != "scratch"]
     if minutes is not None:  # probe each source's step time, then fit the budget
         started = time.monotonic()

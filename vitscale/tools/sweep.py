@@ -53,7 +53,9 @@ def plan(config: str, overrides: list[str], counts: list[int], mode: str, per_co
     Returns:
         {count: overrides for that run, without run.dir}.
     """
-    cfg = load_config(config, overrides)
+    from vitscale.experiment import load_experiment  # the model and the data checked once, before anything runs
+
+    cfg = load_experiment(config, overrides).cfg
     runs = {}
     for count in counts:
         extra = list(overrides) + _FIXED

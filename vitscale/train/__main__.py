@@ -11,9 +11,9 @@ import os
 import signal
 import sys
 
-from vitscale.config import ConfigError, compose_ds_config, load_config, validate_layout
+from vitscale.config import ConfigError
 from vitscale.distributed import (EXIT_CONFIG, EXIT_NUMERIC, EXIT_TERMINATED, Heartbeat, configure_cpu_threads,
-                                  init_distributed, shutdown, world_size_from_env)
+                                  init_distributed, shutdown)
 
 USAGE = """usage: vitscale-train [CONFIG.yaml] [key.sub=value ...]
 
@@ -42,39 +42,23 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, args
 
 
-def check_precision(precision: str, accelerator=None) -> None:
-    """Refuse a precision the device cannot run, before any process starts (DeepSpeed
-    would fail only inside ``deepspeed.initialize``)."""
-    if accelerator is None:
-        from deepspeed.accelerator import get_accelerator
-
-        accelerator = get_accelerator()
-    supported = {"fp32": True, "bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported()}
-    if not supported[precision]:
-        ok = [p for p, yes in supported.items() if yes]
-        raise ConfigError(f"train.precision={precision} is not supported on {accelerator.device_name()}; "
-                          f"use one of {', '.join(ok)}")
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("vitscale.train")
     try:  # every config error surfaces here, before any process group starts
-        path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-        cfg = load_config(path, overrides)
-        layout = validate_layout(cfg, world_size_from_env())
-        ds_config = compose_ds_config(cfg, layout.data)
-        check_precision(cfg.train.precision)
-        from vitscale.train.checkpoint import check_resume
+        path, overrides = parse_args(sys.argv[1:] if argv is None else argv)  # --help before the heavy imports
+        from vitscale.train.setup import plan_run
 
-        check_resume(cfg, {"pipe": layout.pipe, "tensor": layout.tensor, "data": layout.data, "zero": cfg.parallel.zero})
+        plan = plan_run(path, overrides)
     except (ConfigError, ValueError) as e:
         log.error("config error: %s", e)
         return EXIT_CONFIG
 
     from vitscale.train.faults import NumericFault
     from vitscale.train.loop import train
+    from vitscale.train.setup import start_run
 
+    cfg = plan.exp.cfg
     dims = init_distributed(pipe=cfg.parallel.pipe, tensor=cfg.parallel.tensor, interface=cfg.parallel.interface,
                             timeout_s=cfg.parallel.timeout_s)
     level = getattr(logging, cfg.log.level.upper()) if dims.is_main else logging.WARNING
@@ -83,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_cpu_threads(dims)
     with Heartbeat(dims, cfg.parallel.heartbeat_s) as heartbeat:
         try:
-            last = train(cfg, dims, ds_config)
+            last = train(start_run(plan, dims))
         except NumericFault as e:  # raised on every rank at the same step
             last = {"fault": e}
         except RuntimeError as e:  # a collective failed: if a peer died, let the watchdog name it

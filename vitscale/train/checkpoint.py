@@ -16,18 +16,55 @@ folder without the marker is incomplete (a rank died or a disk filled mid-save):
 skips it and the next save removes it. A failed save (e.g. no space left) is logged with
 the checkpoint that stays the one to resume from, and training goes on. A checkpoint
 whose weights hold a NaN / Inf is never written.
+
+Reading a checkpoint of any layout back into one whole-model state dict (``read_checkpoint``,
+for export, evaluation, ``model.init`` and resharding) lives here too. What DeepSpeed 0.19.8
+writes into a checkpoint folder (t = tensor rank, d = data rank, s = pipe x tensor
+model-parallel rank, L = pipeline layer index):
+
+    pipe = 1, ZeRO 0/1/2   mp_rank_{t:02d}_model_states.pt: the rank's whole module
+                           (``"module"``: full tensors when tensor = 1, its shards otherwise,
+                           in the training dtype), written by data rank 0; beside it
+                           the optimizer's ``zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt``
+    pipe = 1, ZeRO 3       zero_pp_rank_{d}_mp_rank_{t:02d}_model_states.pt (the module's
+                           tensors are empty placeholders) and ``..._optim_states.pt``
+                           holding each data rank's flat fp32 partition
+    pipe > 1 (ZeRO 0/1)    layer_{L:02d}-model_{t:02d}-model_states.pt: one state dict per
+                           pipeline layer (keys relative to the layer) and tensor rank;
+                           ``mp_rank_{s:02d}_model_states.pt`` only carry ``module=None``
+
+ZeRO-3 is consolidated by DeepSpeed's own ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``.
+That function globs every ``*_model_states.pt`` / ``*_optim_states.pt`` of the folder and
+requires their count to equal the data-parallel partition count, so it refuses tensor > 1
+(dp x tensor files); we therefore hand it one tensor rank at a time (a temporary folder
+of links to that rank's files) and merge the ranks' shards ourselves
+(``interop.merge_tensor_parallel``). Everything else is read with
+``torch.load(..., weights_only=True)``.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
-import os
 import random
+import re
 import shutil
+import tempfile
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
+
+from vitscale.config import load_config
+from vitscale.experiment import Experiment, resolve
+from vitscale.files import write_text_atomic
+from vitscale.models.interop import check_state_dict, merge_tensor_parallel, pipeline_to_whole
+from vitscale.models.parallelize import layer_prefixes
+from vitscale.models.tensor_parallel import parallelize_vit
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +82,6 @@ def is_complete(folder: Path) -> bool:
 def complete_checkpoints(root: Path) -> list[Path]:
     """The complete checkpoint folders under ``root``, oldest first."""
     return sorted(p for p in root.glob("step*") if p.is_dir() and is_complete(p))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _rng_state() -> dict:
@@ -85,8 +116,6 @@ def weights_finite(engine) -> bool:
 
 def _all_ok(ok: bool, device) -> bool:
     """Collective: whether ``ok`` holds on every rank."""
-    import torch.distributed as dist
-
     flag = torch.tensor([0.0 if ok else 1.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() == 0.0
@@ -109,8 +138,6 @@ def save(engine, run_dir: str | Path, step: int, samples: int, keep: int, is_mai
         The checkpoint folder, or None when it was not written (non-finite weights, a
         failed write); the previous complete checkpoint then stays the one to resume from.
     """
-    import torch.distributed as dist
-
     root = checkpoint_root(run_dir)
     folder = root / f"step{step:08d}"
     device = engine.device
@@ -137,9 +164,9 @@ def save(engine, run_dir: str | Path, step: int, samples: int, keep: int, is_mai
         return None
     if is_main:
         try:
-            _write_atomic(folder / MARKER, json.dumps({"step": step, "samples": samples, "layout": layout,
+            write_text_atomic(folder / MARKER, json.dumps({"step": step, "samples": samples, "layout": layout,
                                                       "world_size": dist.get_world_size()}) + "\n")
-            _write_atomic(root / "latest", folder.name)  # DeepSpeed's name for the newest tag
+            write_text_atomic(root / "latest", folder.name)  # DeepSpeed's name for the newest tag
         except OSError as e:
             (folder / MARKER).unlink(missing_ok=True)
             logger.error("checkpoint %s FAILED: its marker could not be written (%s); %s", folder, e, fallback)
@@ -200,14 +227,13 @@ def load(engine, run_dir: str | Path, resume: str, layout: dict | None = None) -
         engine: the DeepSpeed engine.
         run_dir: the run folder.
         resume: ``checkpoint.resume`` (auto | never | a path).
-        layout: this run's layout; a checkpoint of another layout raises (see ``vitscale.train.reshard``).
+        layout: this run's layout; a checkpoint of another layout raises ``LayoutChange``
+            (``vitscale.train.reshard`` takes it from there).
 
     Returns:
         The step to continue from (0 when starting fresh) and the client state saved with
         it ({} when starting fresh).
     """
-    import torch.distributed as dist
-
     folder = find_resume(run_dir, resume)
     if folder is None:
         return 0, {}
@@ -234,87 +260,143 @@ class LayoutChange(ValueError):
         super().__init__(f"checkpoint {folder} was written with another layout ({diff})")
 
 
-def load_resharded(engine, folder: Path, cfg, dims) -> tuple[int, dict]:
-    """Resume from a checkpoint of another layout (``checkpoint.reshard=weights``): the whole
-    model is read from it (``vitscale.train.export.read_checkpoint``, any layout), sliced to
-    this rank's shard / stage, loaded, and copied into the optimizer's fp32 master weights;
-    the LR schedule and step counters move to the checkpoint's step. The optimizer moments
-    (and an fp16 loss scale) start afresh. Every rank reads the whole model once.
-
-    Returns:
-        As ``load``: the step and the client state (step, samples, and the image-text loader
-        positions where the data-parallel size is unchanged).
-    """
-    from vitscale.config import is_clip
-    from vitscale.models.interop import shard_state_dict
-    from vitscale.train.export import load_run_config, read_checkpoint
-
-    marker = read_marker(folder)
-    saved_cfg = load_run_config(folder.parent.parent)
-    problem = _reshard_problem(cfg, folder, marker["layout"], dims.data)
-    if problem:
-        raise ValueError(problem)
-    state = read_checkpoint(folder, saved_cfg)
-    module, prefixes = engine.module, None
-    if dims.pipe > 1:
-        from vitscale.config import model_kwargs
-        from vitscale.models import create_model
-        from vitscale.models.pipeline import clip_layers, vit_layers
-
-        with torch.device("meta"):
-            whole = create_model(cfg.model.name, **model_kwargs(cfg))
-        prefixes = [prefix for prefix, _ in (clip_layers(whole) if is_clip(cfg) else vit_layers(whole))]
-    if prefixes is not None or any(hasattr(m, "shard") for m in module.modules()):
-        state = shard_state_dict(state, module, layer_prefixes=prefixes)
-    own = module.state_dict()
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
-    refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
-    if refresh is not None:  # ZeRO 1/2 and bf16 keep fp32 master weights of their own
-        refresh()
-    step = int(marker["step"])
-    engine.global_steps, engine.global_samples = step, int(marker["samples"])
-    if engine.lr_scheduler is not None:
-        engine.lr_scheduler.last_epoch = step - 1
-        engine.lr_scheduler.step()  # -> last_epoch = step, the lr of that step
-    client = {"step": step, "samples": int(marker["samples"])}
-    if marker["layout"]["data"] == dims.data:
-        client.update({k: v for k, v in _client_state(folder).items() if k == "data"})
-    logger.info("resumed from %s at step %d in another layout (%s -> %s): weights and LR schedule; the optimizer "
-                "moments start afresh", folder, step, marker["layout"],
-                {"pipe": dims.pipe, "tensor": dims.tensor, "data": dims.data, "zero": cfg.parallel.zero})
-    return step, client
-
-
-def _client_state(folder: Path) -> dict:
+def client_state(folder: Path) -> dict:
     """The client state DeepSpeed stored beside the model (in every ``*mp_rank_00_model_states.pt``)."""
     path = next(iter(sorted(folder.glob("*mp_rank_00_model_states.pt"))), None)
     return torch.load(path, map_location="cpu", weights_only=True) if path is not None else {}
 
 
-def check_resume(cfg, layout: dict) -> None:
-    """Before any process group starts: the checkpoint ``checkpoint.resume`` names is complete
-    and was written in ``layout`` (pipe, tensor, data, zero), or ``checkpoint.reshard=weights``
-    allows another one. Raises ValueError naming the fix."""
-    folder = find_resume(cfg.run.dir, cfg.checkpoint.resume)
-    saved = read_marker(folder).get("layout") if folder is not None else None
-    if saved is None or saved == layout:
-        return
-    if cfg.checkpoint.reshard == "weights":
-        problem = _reshard_problem(cfg, folder, saved, layout["data"])
-        if problem:
-            raise ValueError(problem)
-        return
-    raise ValueError(f"{LayoutChange(folder, saved, layout)}: set checkpoint.reshard=weights to continue with its "
-                     "weights and LR schedule (the optimizer moments start afresh), or resume in the layout it was "
-                     "written with")
+# -- reading a checkpoint of any layout -------------------------------------------------------------
+
+_LAYER_FILE = re.compile(r"layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
+_MP_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
+_ZERO3_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+
+# Keys of config.yaml that only say where the run's data and starting weights were, or how
+# to resume: the model and layout do not depend on them, and they need not exist where
+# the export runs.
+_PATHS_NEUTRAL = ["checkpoint.resume=never", "model.init=null", "data.source=gratings", "data.shards=null",
+                  "data.params={}", "data.test=null", "eval.every=0"]
 
 
-def _reshard_problem(cfg, folder: Path, saved: dict, data: int) -> str | None:
-    """Why a checkpoint of layout ``saved`` cannot be resharded into this run, or None."""
-    if cfg.parallel.zero == 3:
-        return (f"checkpoint.reshard=weights into parallel.zero=3 is not supported (its parameters are partitioned); "
-                f"resume {folder} with parallel.zero 0-2, or in its own layout {saved}")
-    if cfg.data.source == "laion" and saved["data"] != data:
-        return (f"checkpoint {folder}: the image-text loader positions of {saved['data']} data ranks cannot be split "
-                f"over {data}; resume with {saved['data']} data-parallel ranks")
-    return None
+def load_run(run_dir: str | Path) -> Experiment:
+    """The experiment of a run folder (``RUN_DIR/config.yaml``, the resolved config the run wrote), for
+    its model and layout; where its data was need not exist here."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: RUN_DIR must be a run folder (run.dir of a training run)")
+    return resolve(load_config(path, _PATHS_NEUTRAL))
+
+
+def find_checkpoint(run_dir: str | Path, step: int | str = "latest") -> tuple[Path, int]:
+    """The checkpoint folder of ``step`` (an int, or ``"latest"`` as DeepSpeed's ``latest``
+    file names it) and its step number."""
+    root = checkpoint_root(run_dir)
+    tags = sorted(p.name for p in root.glob("step*") if p.is_dir())
+    if step == "latest":
+        latest = root / "latest"
+        if not latest.is_file():
+            raise FileNotFoundError(f"{root} has no 'latest' file: the run saved no checkpoint "
+                                    f"(checkpoint.at_end / checkpoint.every); folders there: {tags or 'none'}")
+        tag = latest.read_text().strip()
+    else:
+        tag = f"step{int(step):08d}"
+    folder = root / tag
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint {folder} does not exist; available: {', '.join(tags) or 'none'} "
+                                f"(pass --step N or --step latest)")
+    match = re.fullmatch(r"step(\d+)", tag)
+    return folder, int(match.group(1)) if match else -1
+
+
+def _meta_model(run: Experiment, tensor: int = 1) -> nn.Module:
+    model = run.model.meta()
+    if tensor > 1:  # rank 0's structure: every rank's shard has the same shapes
+        parallelize_vit(model, rank=0, world=tensor, group=None)
+    return model
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _check_ranks(ranks, what: str, tensor: int, folder: Path) -> None:
+    if sorted(ranks) != list(range(tensor)):
+        raise ValueError(f"{folder}: found {what} for tensor ranks {sorted(ranks)}, but config.yaml says "
+                         f"parallel.tensor={tensor}; is the checkpoint complete?")
+
+
+def _read_pipeline(folder: Path, run: Experiment, tensor: int) -> list[dict]:
+    layers: dict[int, dict[int, Path]] = defaultdict(dict)  # tensor rank -> layer -> file
+    for path in folder.iterdir():
+        m = _LAYER_FILE.match(path.name)
+        if m:
+            layers[int(m.group(2) or 0)][int(m.group(1))] = path
+    prefixes = layer_prefixes(run.model)
+    _check_ranks(layers, "pipeline layer files", tensor, folder)
+    return [pipeline_to_whole({i: _load(p) for i, p in layers[t].items()}, prefixes) for t in range(tensor)]
+
+
+def _read_module(folder: Path, tensor: int) -> list[dict]:
+    files = {int(m.group(1)): p for p in folder.iterdir() if (m := _MP_FILE.fullmatch(p.name))}
+    shards = []
+    _check_ranks(files, "mp_rank_XX_model_states.pt files", tensor, folder)
+    for path in (files[t] for t in range(tensor)):
+        module = _load(path).get("module")
+        if module is None:
+            raise ValueError(f"{path} holds no module; a pipeline checkpoint keeps its weights in layer_* files")
+        shards.append(dict(module))
+    return shards
+
+
+def _read_zero3(folder: Path, tensor: int) -> list[dict]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ranks = {int(m.group(2)) for p in folder.iterdir() if (m := _ZERO3_FILE.fullmatch(p.name))}
+    _check_ranks(ranks, "ZeRO-3 model-states files", tensor, folder)
+    shards = []
+    for t in range(tensor):
+        # zero_to_fp32 reads every *_model_states.pt / *_optim_states.pt of a folder and wants
+        # one per data rank: show it only tensor rank t's (see the module docstring).
+        with tempfile.TemporaryDirectory(prefix="vitscale-export-") as tmp:
+            view = Path(tmp) / folder.name
+            view.mkdir()
+            for path in folder.iterdir():
+                if f"mp_rank_{t:02d}_" in path.name and path.name.endswith(("_model_states.pt", "_optim_states.pt")):
+                    (view / path.name).symlink_to(path.resolve())
+            chatter = io.StringIO()
+            with contextlib.redirect_stdout(chatter):  # it prints its progress; keep our stdout clean
+                state = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=folder.name)
+            logger.debug("zero_to_fp32 (tensor rank %d): %s", t, chatter.getvalue())
+        shards.append(state)
+    return shards
+
+
+def read_checkpoint(folder: str | Path, run: Experiment) -> dict[str, torch.Tensor]:
+    """One checkpoint folder of any layout -> the whole model's state dict, our names.
+
+    The layout is read from the files (see the module docstring) and checked against
+    ``cfg.parallel``; tensor-parallel shards are merged and pipeline layers renamed.
+
+    Args:
+        folder: ``run.dir/checkpoints/stepNNNNNNNN``.
+        run: the run's experiment (``load_run``): model and layout.
+
+    Returns:
+        A state dict that the whole model (``run.model.create()``) loads with ``strict=True``: fp32 for ZeRO-3 (DeepSpeed's master weights), the training dtype
+        otherwise.
+    """
+    folder = Path(folder)
+    names = [p.name for p in folder.iterdir()]
+    tensor = run.cfg.parallel.tensor
+    if any(_LAYER_FILE.match(n) for n in names):
+        shards = _read_pipeline(folder, run, tensor)
+    elif any(_ZERO3_FILE.fullmatch(n) for n in names):
+        shards = _read_zero3(folder, tensor)
+    elif any(_MP_FILE.fullmatch(n) for n in names):
+        shards = _read_module(folder, tensor)
+    else:
+        raise FileNotFoundError(f"{folder} holds no DeepSpeed model states (*model_states.pt)")
+    state = merge_tensor_parallel(shards, _meta_model(run, tensor)) if tensor > 1 else shards[0]
+    check_state_dict(state, run.model.meta(), f"the checkpoint {folder}")
+    return state

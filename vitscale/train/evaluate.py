@@ -1,4 +1,5 @@
-"""Zero-shot classification and image-text retrieval of a CLIP, during training or from a checkpoint.
+"""Evaluation, during training or from a checkpoint: zero-shot classification and image-text
+retrieval of a CLIP, top-1 / top-5 of a classifier on a test split, linear probes.
 
 - **Zero-shot** (CLIP's protocol, as open_clip's ``build_zero_shot_classifier``): every
   class name goes through every prompt template; the text embeddings are normalised,
@@ -28,8 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vitscale.data.captions import CaptionTokenizer
+from vitscale.data.downstream import downstream_dataset, heldout_batches, timm_transform
 from vitscale.data.laion import IMAGE_EXTS, center_box, decode_image, fit_canvas, read_shards, resolve_sources
+from vitscale.data.synthetic_loader import collate_labelled
 from vitscale.data.transforms import crop_resize, normalize
+from vitscale.experiment import Experiment
+from vitscale.train.checkpoint import find_checkpoint, load_run, read_checkpoint
 
 RECALL_AT = (1, 5, 10)
 
@@ -313,8 +319,6 @@ def classify(model, data: str, image_size: int, mean, std, device="cpu", dtype=t
     """Top-1 / top-5 accuracy (%) of a classifier on the test split ``data`` (``digits``, an
     image folder or labelled shards; ``vitscale.data.downstream``), each data rank on its
     share, ranks stepping together (``_lockstep``); ``contribute`` as for ``zero_shot``."""
-    from vitscale.data.downstream import heldout_batches
-
     was_training = model.training
     model.eval()
     mean, std = torch.tensor(mean, device=device), torch.tensor(std, device=device)
@@ -339,16 +343,13 @@ def features(embed: Callable, data: str, train: bool, image_size: int, mean, std
     image embeddings) and labels (N,) of a split of ``data`` through timm's test transform."""
     from torch.utils.data import IterableDataset
 
-    from vitscale.data.downstream import downstream_dataset, timm_transform
-    from vitscale.data.synthetic_loader import _collate
-
     dataset = downstream_dataset(data, image_size, train, timm_transform(image_size, False))
     if isinstance(dataset, IterableDataset):  # shards: read once, in order
         dataset.endless = False
     mean, std = torch.tensor(mean, device=device), torch.tensor(std, device=device)
     feats, labels = [], []
     for batch in _batches(iter(dataset), batch_size):
-        images, target = _collate(batch)
+        images, target = collate_labelled(batch)
         x = normalize(images.to(device), mean, std)
         feats.append(embed(x).float().cpu().numpy())
         labels.append(target.numpy())
@@ -380,12 +381,8 @@ def linear_probe(embed: Callable, train_data: str, test_data: str, image_size: i
 
 
 def load_checkpoint_model(path: str | Path, step: int | str = "latest"):
-    """(model on CPU in eval mode, run config) from a run folder or one of its checkpoint
+    """(model on CPU in eval mode, the run's experiment) from a run folder or one of its checkpoint
     folders, of any layout (tensor / pipeline shards are merged, ZeRO-3 consolidated)."""
-    from vitscale.config import model_kwargs
-    from vitscale.models import create_model
-    from vitscale.train.export import find_checkpoint, load_run_config, read_checkpoint
-
     path = Path(path)
     if (path / "config.yaml").is_file():
         run_dir = path
@@ -395,8 +392,31 @@ def load_checkpoint_model(path: str | Path, step: int | str = "latest"):
     else:
         raise FileNotFoundError(f"{path} is neither a run folder (with config.yaml) nor a checkpoint folder "
                                 "(RUN/checkpoints/stepNNNNNNNN)")
-    cfg = load_run_config(run_dir)
-    model = create_model(cfg.model.name, **model_kwargs(cfg))
-    state = read_checkpoint(folder, cfg)
+    run = load_run(run_dir)
+    model = run.model.create()
+    state = read_checkpoint(folder, run)
     model.load_state_dict({k: v.float() for k, v in state.items()})
-    return model.eval(), cfg
+    return model.eval(), run
+
+
+# -- during training ----------------------------------------------------------------------------------
+
+def tokenizer_of(exp: Experiment) -> CaptionTokenizer:
+    """The tokenizer of a CLIP's text tower (open_clip's BPE for 49408-token towers)."""
+    return CaptionTokenizer(exp.model.text.vocab_size, exp.model.text.context_length)
+
+
+def evaluate_run(model, exp: Experiment, dims, dtype, ema=None) -> dict:
+    """Collective: what a run evaluates during training, each data rank on its share: a CLIP's
+    zero-shot / retrieval figures (``eval.*``), or a classifier's top-1 / top-5 on ``data.test`` and
+    its EMA's (``ema_top1``, ...)."""
+    cfg, contribute = exp.cfg, dims.tensor_rank == 0  # tensor peers repeat their data rank's samples
+    if exp.model.kind == "clip":
+        return evaluate_clip(model, tokenizer_of(exp), cfg, dims.device, dtype, dims.data_rank, dims.data, contribute)
+    d, results = cfg.data, {}
+    for prefix, net in (("", model), ("ema_", ema.module if ema is not None else None)):
+        if net is not None:
+            got = classify(net, d.test, d.image_size, d.mean, d.std, dims.device, dtype, cfg.eval.batch_size,
+                           dims.data_rank, dims.data, contribute=contribute)
+            results.update({f"{prefix}{k}": v for k, v in got.items()})
+    return results

@@ -1,10 +1,9 @@
-"""Fine-tuning: starting weights for a run (``model.init``) into any layout, and DeiT's
-batch augmentation and weight EMA (from timm).
+"""Starting weights for a run (``model.init``), loaded into any layout: what fine-tuning starts from.
 
 Accepted weights: a state dict with our parameter names (a ``vitscale-export``; for a ViT
 these are timm's, so a timm ``VisionTransformer`` checkpoint loads as is), an open_clip
 CLIP checkpoint (converted with ``clip.from_open_clip_state_dict``), or a vitscale run /
-checkpoint folder of any layout (merged with ``export.read_checkpoint``). Before loading,
+checkpoint folder of any layout (merged with ``checkpoint.read_checkpoint``). Before loading,
 a classifier head of another class count is dropped (the model keeps its freshly
 initialised head) and a position embedding of another grid is resampled with timm's
 ``resample_abs_pos_embed`` (224 -> 384 px fine-tuning). The whole-model tensors are then
@@ -20,7 +19,8 @@ import torch
 from torch import nn
 
 from vitscale.models.clip import from_open_clip_state_dict
-from vitscale.models.interop import _whole_name, shard_state_dict
+from vitscale.models.interop import shard_state_dict, whole_name
+from vitscale.train.checkpoint import find_checkpoint, load_run, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +51,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _read_run(path: Path) -> dict[str, torch.Tensor]:
-    from vitscale.train.export import find_checkpoint, load_run_config, read_checkpoint
-
     run_dir = path if (path / "config.yaml").is_file() else path.parent.parent
     folder = find_checkpoint(run_dir)[0] if run_dir == path else path
-    return {k: v.float() for k, v in read_checkpoint(folder, load_run_config(run_dir)).items()}
+    return {k: v.float() for k, v in read_checkpoint(folder, load_run(run_dir)).items()}
 
 
 def adapt_state_dict(state: dict[str, torch.Tensor], whole: dict[str, torch.Size],
@@ -126,7 +124,7 @@ def load_initial_weights(model: nn.Module, path: str | Path, layer_prefixes: lis
                              "data.image_size") from None
     own = model.state_dict()
     for key in own:
-        if _whole_name(key, "", layer_prefixes) in new_head:
+        if whole_name(key, "", layer_prefixes) in new_head:
             state[key] = own[key]
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -144,44 +142,3 @@ def load_initial_weights(model: nn.Module, path: str | Path, layer_prefixes: lis
                          f"Check model.name, data.image_size and data.num_classes")
     model.load_state_dict(state, strict=True)
     logger.info("initial weights from %s", path)
-
-
-# -- DeiT's recipe on the device batch --------------------------------------------------------------
-
-class BatchAugment:
-    """DeiT's batch augmentation after normalisation, on the device, as timm's
-    ``PrefetchLoader`` + train script apply it: timm's ``RandomErasing`` per image
-    (``data.random_erasing``, pixel mode), then timm's ``Mixup`` / CutMix (``data.mixup``,
-    ``data.cutmix``), which turns the labels into soft targets with ``train.label_smoothing``
-    folded in (the loss is then timm's ``SoftTargetCrossEntropy``)."""
-
-    def __init__(self, cfg, device: torch.device):
-        from timm.data import Mixup
-        from timm.data.random_erasing import RandomErasing
-
-        d = cfg.data
-        self.erase = (RandomErasing(d.random_erasing, mode="pixel", device=str(device))
-                      if d.random_erasing else None)
-        self.mixup = (Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, prob=d.mixup_prob,
-                            switch_prob=d.mixup_switch_prob, label_smoothing=cfg.train.label_smoothing,
-                            num_classes=d.num_classes) if d.mixup > 0 or d.cutmix > 0 else None)
-
-    @staticmethod
-    def wanted(cfg) -> bool:
-        d = cfg.data
-        return bool(d.random_erasing or d.mixup > 0 or d.cutmix > 0)
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised images (B, 3, H, W), int labels (B,) -> augmented images, labels or soft targets (B, classes)."""
-        if self.erase is not None:
-            images = self.erase(images)
-        if self.mixup is not None:
-            images, labels = self.mixup(images, labels)
-        return images, labels
-
-
-def build_ema(model: nn.Module, decay: float):
-    """timm's ``ModelEmaV3`` of ``model`` (a whole, unsharded model), updated after each step."""
-    from timm.utils import ModelEmaV3
-
-    return ModelEmaV3(model, decay=decay)

@@ -1,0 +1,221 @@
+"""The experiment schema: one typed dataclass per config section, every field commented with its
+unit and meaning. ``configs/*.yaml`` and ``key.sub=value`` overrides are read into these
+(``loading.py``); nothing here knows models, data or DeepSpeed."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class MoEConfig:
+    """Soft MoE (Puigcerver et al. 2024) in place of the MLP of the last ``blocks`` blocks."""
+
+    blocks: int = 0  # 0 = no MoE
+    experts: int = 8  # experts per MoE layer (each an MLP of the block's width); replicated on every rank
+    slots: int = 1  # slots per expert: each expert processes experts x slots weighted token averages per image
+
+
+@dataclass
+class PackingConfig:
+    """NaViT sequence packing (vitscale.data.packing): images at native aspect ratio and sampled
+    resolution (longest side in [min_size, data.image_size]) packed into sequences."""
+
+    seq_len: int = 0  # tokens per packed sequence; 0 = no packing (a micro-batch is micro_batch sequences)
+    max_images: int = 8  # image slots per sequence
+    min_size: int = 0  # smallest longest side of the resolution sampling, pixels; 0 = data.image_size (no sampling)
+    token_drop: float = 0.0  # fraction of each image's patches dropped at random
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_tiny_patch16"  # a registered name: vitscale.models.list_models()
+    # Weights to start from: a .safetensors / .pt state dict with our (= timm) names, an open_clip
+    # checkpoint, or a vitscale run / checkpoint folder (any layout). A head of another class count
+    # is replaced (freshly initialised), a position embedding of another grid resampled (timm's
+    # resample_abs_pos_embed), so a pre-trained model fine-tunes at a new resolution on new classes.
+    init: str | None = None
+    # Architecture overrides; None keeps the size's default. Image size and class
+    # count come from the data section (stated once).
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    qkv_bias: bool | None = None
+    qk_norm: bool | None = None  # LayerNorm on queries and keys per head (ViT-22B)
+    bias: bool | None = None  # false: no bias in QKV and LayerNorms (ViT-22B); None keeps the model's
+    parallel_block: bool | None = None  # attention and MLP in parallel, fused projections (ViT-22B)
+    dual_patchnorm: bool | None = None  # LayerNorm before and after the patch embedding
+    pos_embed: Literal["learned", "factorized"] | None = None  # factorized: row + column tables (NaViT, packing)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    init_values: float | None = None  # LayerScale init; None = no LayerScale
+    class_token: bool | None = None
+    global_pool: Literal["token", "avg"] | None = None
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0  # stochastic depth, linear over blocks
+    # CLIP (model.name clip_*): tower overrides with open_clip's field names, e.g.
+    # vision: {layers: 2, width: 64}, text: {context_length: 16, vocab_size: 1000};
+    # embed_dim is the joint embedding, patch_size the image tower's.
+    vision: dict | None = None
+    text: dict | None = None
+
+
+@dataclass
+class DataConfig:
+    source: str = "gratings"  # a generator (vitscale-synth list), rendered on the fly, a shard folder / pattern,
+    # or fine-tuning data: digits (built in) or an image folder (one sub-folder per class)
+    shards: Any = None  # shard folder, brace/glob pattern, or a list of them (vitscale-synth output); set -> read shards
+    params: dict = field(default_factory=dict)  # on the fly: generator keyword arguments (as vitscale-synth --param)
+    image_size: int = 64  # pixels, square
+    num_classes: int = 10
+    instances: int = 1000  # instances per class: one epoch = num_classes * instances samples
+    num_workers: int = 2  # DataLoader worker processes per rank
+    prefetch: int = 4  # batches prefetched per worker
+    mean: list = field(default_factory=lambda: [0.5, 0.5, 0.5])  # normalisation, applied on the device
+    std: list = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    shuffle_buffer: int = 1000  # shards: samples each loader worker holds for shuffling (0/1 = off)
+    augment: bool = True  # shards: random resized crop + horizontal flip (FDSL pre-training); on the fly never augments
+    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])  # random resized crop: area fraction range
+    crop_ratio: list = field(default_factory=lambda: [0.75, 1.3333333])  # aspect ratio range (log-uniform)
+    hflip: float = 0.5  # probability of a horizontal flip
+    packing: PackingConfig = field(default_factory=PackingConfig)  # NaViT packing of a classifier's images
+    # data.source=laion (img2dataset image-text shards, vitscale.data.laion):
+    resampled: bool = True  # draw shards with replacement, epochs of epoch_samples (open_clip); false = exact epochs
+    epoch_samples: int | None = None  # resampled: samples per epoch over all data ranks (default: the shards' sizes)
+    filters: dict = field(default_factory=dict)  # metadata filters before decoding (vitscale.data.laion.FILTER_KEYS)
+    canvas: int = 0  # side of the uint8 canvas images travel on (crop + resize on the device); 0 = image_size * 8/7
+    # Fine-tuning (data.source=digits, an image folder, or labelled shards with rand_augment set;
+    # vitscale.data.downstream): timm's transforms and DeiT's batch augmentation.
+    test: str | None = None  # test split (digits | folder | shards): top-1/top-5 during (eval.every) and after training
+    rand_augment: str | None = None  # timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1 (DeiT); None = off
+    random_erasing: float = 0.0  # probability of timm's RandomErasing per image (DeiT: 0.25)
+    mixup: float = 0.0  # Mixup alpha (DeiT: 0.8); 0 = off
+    cutmix: float = 0.0  # CutMix alpha (DeiT: 1.0); 0 = off
+    mixup_prob: float = 1.0  # probability of mixing a batch at all
+    mixup_switch_prob: float = 0.5  # with both on: probability of CutMix instead of Mixup
+
+
+@dataclass
+class ParallelConfig:
+    pipe: int = 1  # pipeline stages
+    tensor: int = 1  # tensor-parallel degree; data = world_size / (pipe * tensor)
+    zero: Literal[0, 1, 2, 3] = 0  # ZeRO stage
+    offload: Literal["none", "optimizer", "all"] | None = None  # None: as the preset says; all = optimizer + params (ZeRO-3)
+    ds_preset: str = "auto"  # a file in ds_configs/ (name or path); auto = zero{stage}.json
+    partition: Literal["blocks", "parameters", "uniform"] = "blocks"  # how layers split over pipeline stages
+    activation_checkpoint: int = 0  # recompute activations in chunks of this many blocks; 0 = off
+    # Network interface for rendezvous and collectives (ib0, or a prefix such as ib); None =
+    # VITSCALE_IFNAME / NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME, else the launcher's choice.
+    interface: str | None = None
+    # Fail fast (issue 9): a collective that waits longer than timeout_s ends the job (NCCL /
+    # gloo process-group timeout; NCCL's default is 10 minutes); a rank silent for
+    # heartbeat_s (dead process or node) ends it too, naming the rank. 0 turns the heartbeat off.
+    timeout_s: float = 300.0
+    heartbeat_s: float = 60.0
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw"] = "adamw"
+    weight_decay: float = 0.05  # not applied to biases, norms, position embeddings, class token
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 10  # linear warm-up from warmup_init_ratio * lr
+    warmup_init_ratio: float = 0.0
+    min_lr_ratio: float = 0.0  # cosine ends at min_lr_ratio * lr
+    torch_adam: bool = False  # torch.optim.AdamW instead of DeepSpeed's fused / CPU Adam kernel
+    layer_decay: float = 1.0  # layer-wise LR decay (BEiT / DeiT fine-tuning, timm's param_groups_layer_decay); 1 = off
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300  # optimizer steps
+    seed: int = 0  # weights, data order and augmentation all derive from it
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    micro_batch: int = 16  # samples per data-parallel rank per forward/backward
+    global_batch: int = 32  # samples per optimizer step over all data-parallel ranks
+    lr: float = 1e-3  # peak learning rate
+    label_smoothing: float = 0.0
+    loss: Literal["softmax", "sigmoid"] = "softmax"  # classifier: softmax cross-entropy, or sigmoid (multi-label, ViT-22B)
+    # bf16 / fp32: stop after this many steps in a row with a NaN / Inf loss (fp16's loss
+    # scaler skips such steps itself and lowers the scale); no checkpoint of them is written.
+    max_bad_steps: int = 3
+    ema: float = 0.0  # decay of an EMA of the weights (timm's ModelEmaV3, e.g. 0.9998), evaluated on data.test; 0 = off
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # steps between train / throughput records
+    progress: bool = True  # live progress bar on global rank 0
+    warmup_steps: int = 2  # first steps left out of throughput figures (compilation, allocator warm-up)
+    peak_tflops: float | None = None  # per-device peak for MFU; None = from the known-device table
+    straggler_fraction: float = 0.8  # warn about a node whose pace is below this fraction of the median node's; 0 = never
+    level: Literal["debug", "info", "warning"] = "info"
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/vit_tiny"  # run folder: config.yaml, ds_config.json, metrics.jsonl, checkpoints/
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints; 0 = only at the end
+    at_end: bool = True
+    resume: str = "auto"  # auto (latest in run.dir/checkpoints, if any) | never | PATH to a checkpoint folder
+    keep: int = 2  # most recent checkpoints kept; 0 keeps all
+    # A checkpoint of another layout (parallel.pipe / tensor / data): error, or weights
+    # (resharded weights and LR schedule; optimizer moments start afresh).
+    reshard: Literal["error", "weights"] = "error"
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between evaluations during training (and at the end); 0 = off (CLIP, parallel.pipe=1)
+    zeroshot: str | None = None  # labelled webdataset / image folder for zero-shot top-1/top-5
+    retrieval: str | None = None  # held-out image-text shards for recall@1/5/10
+    classnames: str | None = None  # file (one per line) | imagenet; default: classnames.txt beside the data, else imagenet
+    templates: str | None = None  # file ('{}' per line) | openai | simple; default: templates.txt beside the data, else openai
+    batch_size: int = 64  # images per forward pass per rank
+    max_samples: int = 0  # evaluate at most this many samples (0 = all)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+class ConfigError(ValueError):
+    """A config that cannot work; the message names the key and the fix."""
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, e.g. ``train.lr``."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        sub = dataclass_type(cls, f.name)
+        keys += all_keys(sub, f"{prefix}{f.name}.") if sub else [f"{prefix}{f.name}"]
+    return keys
+
+
+def hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def dataclass_type(cls: type, name: str) -> type | None:
+    hint = hints(cls)[name]
+    return hint if dataclasses.is_dataclass(hint) else None

@@ -1,0 +1,99 @@
+"""Parallelism applied to a built model from outside, as torchtitan's ``parallelize_*`` functions do:
+tensor parallelism (``tensor_parallel.py``: Megatron column / row sharding of every block),
+pipeline stages (``pipeline.py``: the model's layers as a DeepSpeed ``PipelineModule``),
+activation checkpointing; and the checks, run before any process starts, that a layout fits a model.
+
+The model classes (``vit.py``, ``clip.py``) know none of this: they are single-device modules, built
+on the meta device here, split, and only then materialised and initialised, each parameter from
+(seed, its name in the whole model), so every layout starts from the same function.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import nn
+
+from vitscale.config.schema import ConfigError
+from vitscale.models.clip import clip_init_weights
+from vitscale.models.spec import ModelSpec
+from vitscale.models.tensor_parallel import parallelize_vit
+from vitscale.models.vit import init_weights
+
+if TYPE_CHECKING:  # the process groups come from vitscale.distributed; models never create any
+    from vitscale.distributed import ParallelDims
+
+
+def check_layout(spec: ModelSpec, tensor: int, pipe: int) -> None:
+    """Raise ConfigError unless ``parallel.tensor`` splits every stack's heads and MLP width and
+    ``parallel.pipe`` has a block for each stage."""
+    for stack in spec.stacks:
+        if stack.heads % tensor:
+            ok = [k for k in range(1, stack.heads + 1) if stack.heads % k == 0]
+            raise ConfigError(f"parallel.tensor={tensor} must divide the {stack.heads} attention heads of "
+                              f"{stack.where}{spec.name}; use one of {', '.join(map(str, ok))}")
+        if stack.mlp_hidden % tensor:
+            raise ConfigError(f"parallel.tensor={tensor} must divide the MLP width {stack.mlp_hidden} of "
+                              f"{stack.where}{spec.name}")
+    blocks = sum(stack.blocks for stack in spec.stacks)
+    if pipe > blocks:
+        raise ConfigError(f"parallel.pipe={pipe} is more stages than the {blocks} blocks of {spec.name}; "
+                          f"use parallel.pipe <= {blocks}")
+
+
+def stage_tensors(spec: ModelSpec) -> int:
+    """Float tensors one pipeline stage sends the next: a CLIP's stages pass image and text activations."""
+    return 2 if spec.kind == "clip" else 1
+
+
+def pipeline_layers(spec: ModelSpec) -> list[tuple[str, nn.Module]]:
+    """The model as ``(name prefix in the whole model, layer)`` pairs on the meta device: the layers a
+    pipeline is made of, in order (what checkpoints of pipeline runs are keyed by)."""
+    from vitscale.models.pipeline import clip_layers, vit_layers
+
+    return (clip_layers if spec.kind == "clip" else vit_layers)(spec.meta())
+
+
+def layer_prefixes(spec: ModelSpec) -> list[str]:
+    """Each pipeline layer's name prefix in the whole model, in layer order."""
+    return [prefix for prefix, _ in pipeline_layers(spec)]
+
+
+def parallelize(spec: ModelSpec, dims: ParallelDims | None, seed: int, loss_fn: Callable | None = None,
+                partition: str = "blocks", activation_checkpoint: int = 0) -> nn.Module:
+    """This rank's part of the model, materialised and initialised as the single-process model is.
+
+    Args:
+        spec: the model.
+        dims: this process's place in the layout; None: the whole model on the CPU.
+        seed: the weights' seed (``train.seed``).
+        loss_fn: a pipeline computes it on its last stage.
+        partition: how layers split over pipeline stages (``pipeline.PARTITIONS``).
+        activation_checkpoint: recompute activations in chunks of this many blocks; 0 = off.
+
+    Returns:
+        pipe = tensor = 1: the whole model. tensor > 1: every block's linears sharded over the
+        tensor ranks (both CLIP towers alike). pipe > 1: this rank's stage as a ``PipelineModule``.
+        No process ever holds more than its share.
+    """
+    model = spec.meta()
+    device = dims.device if dims is not None else torch.device("cpu")
+    shard = None
+    if dims is not None and dims.tensor > 1:
+        shard = partial(parallelize_vit, rank=dims.tensor_rank, world=dims.tensor, group=dims.tensor_group())
+    if dims is not None and dims.pipe > 1:
+        from vitscale.models.pipeline import build_clip_pipeline, build_vit_pipeline
+
+        build = build_clip_pipeline if spec.kind == "clip" else build_vit_pipeline
+        return build(model, dims.grid._topo, dims.stage, seed, loss_fn, device, partition, activation_checkpoint,
+                     shard)
+    if shard is not None:
+        shard(model)
+    model.to_empty(device=device)
+    if spec.kind == "clip":
+        clip_init_weights(model, model.cfg, seed)
+    else:
+        init_weights(model, seed)
+    model.set_grad_checkpointing(activation_checkpoint)
+    return model

@@ -1,0 +1,140 @@
+"""A model resolved from the experiment's model section, once per start.
+
+``resolve_model`` turns ``model.*`` (plus the image size and class count the data section states)
+into a ``ModelSpec``: the registered name, its kind, the keyword arguments ``create_model`` takes,
+the architecture they give, and what the rest of a start asks of the model (parameter count,
+parameters without weight decay, the transformer stacks a layout splits, the text tower a
+tokenizer needs, FLOPs per sample), all from one build on the meta device. This is the one place
+that knows how config keys map onto each model family's options; the model classes know no config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitscale.config.schema import ConfigError, ModelConfig
+from vitscale.models.flops import forward_flops, packed_forward_flops
+from vitscale.models.registry import ModelKind, create_model, list_models, model_kind
+
+# Model keys that only a ViT classifier has; a CLIP states its towers in model.vision / model.text.
+VIT_ONLY = ("depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm", "init_values", "class_token", "global_pool",
+            "drop_rate", "attn_drop_rate", "drop_path_rate", "bias", "parallel_block", "dual_patchnorm", "pos_embed",
+            "moe")
+
+
+@dataclass(frozen=True)
+class TransformerStack:
+    """One stack of blocks that tensor and pipeline parallelism split."""
+
+    where: str  # for messages: "" (a ViT) or "the image tower of " / "the text tower of "
+    heads: int
+    width: int
+    mlp_hidden: int  # MLP hidden width, split by tensor-parallel ranks
+    blocks: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model with its options resolved (see the module docstring)."""
+
+    name: str  # registered name, e.g. vit_tiny_patch16
+    kind: ModelKind  # classifier | clip
+    kwargs: dict  # create_model(name, **kwargs)
+    arch: Any  # the architecture: vit.ViTConfig or clip.CLIPConfig
+    parameters: int  # elements of the whole model (all stages and shards)
+    no_weight_decay: frozenset[str] = field(default_factory=frozenset)  # the whole model's no_weight_decay()
+
+    def create(self) -> nn.Module:
+        """The whole model on torch's current default device, freshly initialised."""
+        return create_model(self.name, **self.kwargs)
+
+    def meta(self) -> nn.Module:
+        """The whole model on the meta device: structure and shapes, no memory."""
+        with torch.device("meta"):
+            return self.create()
+
+    @property
+    def stacks(self) -> list[TransformerStack]:
+        """The transformer stacks in forward order (a CLIP: image tower, then text tower)."""
+        a = self.arch
+        if self.kind == "clip":
+            return [TransformerStack("the image tower of ", a.vision.heads, a.vision.width,
+                                     int(a.vision.width * a.vision.mlp_ratio), a.vision.layers),
+                    TransformerStack("the text tower of ", a.text.heads, a.text.width,
+                                     int(a.text.width * a.text.mlp_ratio), a.text.layers)]
+        return [TransformerStack("", a.num_heads, a.embed_dim, a.mlp_hidden, a.depth)]
+
+    @property
+    def text(self):
+        """The text tower's config (vocab_size, context_length, ...) of a CLIP; None for a classifier."""
+        return self.arch.text if self.kind == "clip" else None
+
+    def forward_flops(self, packed_seq_len: int = 0, packed_images: int = 0) -> int:
+        """Forward FLOPs of one sample: an image, an image-caption pair, or (``packed_seq_len`` > 0) a
+        packed sequence of up to ``packed_images`` images (``models/flops.py``)."""
+        if packed_seq_len:
+            return packed_forward_flops(self.arch, packed_seq_len, packed_images)
+        return forward_flops(self.arch)
+
+
+def resolve_model(model: ModelConfig, image_size: int, num_classes: int) -> ModelSpec:
+    """The model ``model.*`` describes at ``image_size`` px with ``num_classes`` classes.
+
+    Raises:
+        ConfigError: an unknown name, an option the model family does not have, or options the
+            model's own checks refuse; the message names the key and the fix.
+    """
+    if model.name not in list_models():
+        near = difflib.get_close_matches(model.name, list_models(), n=3, cutoff=0.4)
+        raise ConfigError(f"model.name='{model.name}' is not a registered model"
+                          + (f"; did you mean {', '.join(near)}?" if near else "")
+                          + " (vitscale.models.list_models() lists them all)")
+    kind = model_kind(model.name)
+    if kind == "clip":
+        defaults = ModelConfig()
+        stated = [k for k in VIT_ONLY if getattr(model, k) != getattr(defaults, k)]
+        if stated:
+            raise ConfigError(f"model.{stated[0]} is a ViT option; a CLIP states its towers in model.vision / "
+                              f"model.text (open_clip's names, e.g. model.vision={{layers: 2}} model.text={{heads: 4}})")
+        kwargs = _clip_kwargs(model, image_size)
+    else:
+        if model.vision or model.text:
+            raise ConfigError(f"model.vision / model.text configure CLIP towers; {model.name} is a ViT classifier")
+        kwargs = _classifier_kwargs(model, image_size, num_classes)
+    try:
+        with torch.device("meta"):
+            built = create_model(model.name, **kwargs)
+    except ValueError as e:  # the model's own checks (e.g. image size vs patch size)
+        raise ConfigError(f"model {model.name} with data.image_size={image_size}: {e}") from None
+    return ModelSpec(name=model.name, kind=kind, kwargs=kwargs, arch=built.cfg,
+                     parameters=sum(p.numel() for p in built.parameters()),
+                     no_weight_decay=frozenset(built.no_weight_decay()))
+
+
+def _classifier_kwargs(m: ModelConfig, image_size: int, num_classes: int) -> dict:
+    """A ViT's options: the model section's fields are ViTConfig's, None keeping the size's default."""
+    kwargs = {f.name: getattr(m, f.name) for f in dataclasses.fields(ModelConfig)
+              if f.name not in ("name", "init", "vision", "text", "bias", "moe") and getattr(m, f.name) is not None}
+    if m.bias is not None:  # one switch for the QKV and LayerNorm biases, as ViT-22B drops both
+        kwargs.setdefault("qkv_bias", m.bias)
+        kwargs["norm_bias"] = m.bias
+    if m.moe.blocks:
+        kwargs.update(moe_blocks=m.moe.blocks, moe_experts=m.moe.experts, moe_slots=m.moe.slots)
+    kwargs.update(img_size=image_size, num_classes=num_classes)
+    return kwargs
+
+
+def _clip_kwargs(m: ModelConfig, image_size: int) -> dict:
+    """A CLIP's options: open_clip's tower fields in model.vision / model.text; patch_size and embed_dim."""
+    vision = {**(m.vision or {}), "image_size": image_size}
+    if m.patch_size is not None:
+        vision["patch_size"] = m.patch_size
+    kwargs = {"vision": vision, "text": dict(m.text or {})}
+    if m.embed_dim is not None:
+        kwargs["embed_dim"] = m.embed_dim
+    return kwargs

@@ -1,0 +1,112 @@
+"""What a training step minimises: ``(model outputs, target) -> loss``, built from the loss registry
+(``vitscale.models.losses``) for the model's kind.
+
+- a classifier: ``train.loss`` (``softmax`` or ``sigmoid`` cross-entropy, ``train.label_smoothing``),
+  per image slot of packed sequences, soft targets from Mixup / CutMix;
+- a CLIP: the ``clip`` contrastive loss over the data-parallel group (each rank's images against
+  all texts and vice versa, gradients through the gather), over all micro-batches of a step
+  (``WholeBatchContrastive``), the logit scale clamped at 100 as open_clip does (as a clamp in
+  the loss rather than on the parameter, which under ZeRO lives in the optimizer's master copy).
+
+Every objective says whether it needs the whole step's micro-batches first (``whole_batch``):
+the step function (``train/step.py``) then runs a forward-only collecting pass.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from vitscale.models.losses import create_loss
+
+
+class Objective:
+    """A loss over one micro-batch at a time: ``collect`` / ``train`` are no-ops."""
+
+    whole_batch = False  # True: the step first runs every micro-batch forward (``collect``), then trains
+
+    def __init__(self, loss: Callable):
+        self.loss = loss
+
+    def __call__(self, outputs, target) -> torch.Tensor:
+        return self.loss(outputs, target)
+
+    def collect(self) -> None:
+        """Start a step's collecting pass (only objectives with ``whole_batch``)."""
+
+    def train(self) -> None:
+        """End the collecting pass: the next calls compute the loss with gradients."""
+
+
+class WholeBatchContrastive(Objective):
+    """CLIP's contrastive loss over the whole global batch, also under gradient accumulation
+    (open_clip's ``accum_freq`` feature caching), so every layout trains the same function.
+
+    A contrastive loss over each micro-batch alone would depend on the layout: data 2 with
+    one micro-batch each contrasts 2 x micro samples, data 1 with two accumulated
+    micro-batches contrasts micro samples twice. So with accumulation, a step first runs
+    every micro-batch forward without gradients (``collecting``: the features are cached,
+    the returned loss is a placeholder), then again with gradients, each time computing the
+    loss of the whole batch with this micro-batch's fresh features in place of its cached
+    ones. Each pass's gradient reaches only its own micro-batch, so their sum is the
+    gradient of the whole-batch loss; DeepSpeed divides each by the accumulation count,
+    which ``_scale_grad`` undoes without changing the loss value that is logged. Costs one
+    extra forward pass per step when accumulating, none otherwise. Works in the plain engine
+    and as a pipeline's ``loss_fn`` (``train/step.py`` runs DeepSpeed's ``eval_batch`` to
+    collect, then ``train_batch``).
+
+    Args:
+        loss: ``(image features, text features, logit scale) -> loss`` (``models.losses.ClipLoss``).
+        accum: micro-batches per optimizer step on this rank.
+    """
+
+    def __init__(self, loss: Callable, accum: int):
+        super().__init__(loss)
+        self.accum = accum
+        self.whole_batch = accum > 1
+        self.collecting = False
+        self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._next = 0
+
+    def collect(self) -> None:
+        """Start a step: the next ``accum`` calls cache features."""
+        self.collecting, self._cache, self._next = True, [], 0
+
+    def train(self) -> None:
+        """After collecting: the next ``accum`` calls compute the loss with gradients."""
+        if self._cache and len(self._cache) != self.accum:  # empty on pipeline stages without the loss
+            raise RuntimeError(f"collected {len(self._cache)} micro-batches, expected {self.accum}")
+        self.collecting, self._next = False, 0
+
+    def __call__(self, outputs, target=None) -> torch.Tensor:
+        image, text, scale = outputs
+        image, text, scale = image.float(), text.float(), scale.float().clamp(max=100.0)  # open_clip's clamp
+        if self.accum == 1:
+            return self.loss(image, text, scale)
+        if self.collecting:
+            self._cache.append((image.detach(), text.detach()))
+            return scale * 0.0  # a placeholder with a graph; nothing is trained on it
+        i, self._next = self._next, self._next + 1
+        images = torch.cat([image if j == i else cached[0] for j, cached in enumerate(self._cache)])
+        texts = torch.cat([text if j == i else cached[1] for j, cached in enumerate(self._cache)])
+        return self._scale_grad(self.loss(images, texts, scale))
+
+    def _scale_grad(self, loss: torch.Tensor) -> torch.Tensor:
+        # Value of ``loss``, gradient x accum: DeepSpeed divides every micro-batch's loss by
+        # the accumulation count, but each pass here carries a whole-batch loss.
+        return loss + (self.accum - 1) * (loss - loss.detach())
+
+
+def build_objective(cfg, kind: str, dims=None, accum: int = 1) -> Objective:
+    """The objective of a model of ``kind`` (``ModelSpec.kind``) under ``cfg.train``.
+
+    Args:
+        cfg: the experiment's config (``train.loss``, ``train.label_smoothing``).
+        kind: ``classifier`` or ``clip``.
+        dims: the layout (a CLIP gathers over its data-parallel group); None: one process.
+        accum: micro-batches per optimizer step on this rank.
+    """
+    if kind == "clip":
+        group = dims.data_group() if dims is not None and dims.data > 1 else None
+        return WholeBatchContrastive(create_loss("clip", local_loss=True, group=group), accum)
+    return Objective(create_loss(cfg.train.loss, label_smoothing=cfg.train.label_smoothing))
