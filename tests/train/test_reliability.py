@@ -27,7 +27,7 @@ from vitscale.data.synthetic import create_generator
 from vitscale.data.synthetic_loader import ShardStream
 from vitscale.distributed import EXIT_LOST_RANK, EXIT_NUMERIC, EXIT_TERMINATED
 from vitscale.train import checkpoint
-from vitscale.train.faults import NumericFault, report_bad_step
+from vitscale.train.faults import NumericFault, child_signals_deferred, report_bad_step
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 # A 2-block tiny ViT (pipe 2 still splits it), 4 micro-batches of 4 per step on 2 ranks.
@@ -216,6 +216,28 @@ def test_bad_steps_stop_bf16_but_not_fp16():
     report_bad_step(5, 2, "bf16", 3, True)
     with pytest.raises(NumericFault, match=r"NaN / Inf for 3 step\(s\) in a row \(train.max_bad_steps=3"):
         report_bad_step(6, 3, "bf16", 3, True)
+
+
+def test_a_loader_workers_death_raises_only_after_the_checkpoint_collectives():
+    """torch's DataLoader raises from its SIGCHLD handler wherever the main thread is; inside a
+    save it would split the ranks' collectives (a hang). Deferred, it raises after the block."""
+    def worker_died(signum, frame):  # what torch's handler does when a worker was killed
+        raise RuntimeError("DataLoader worker (pid 1234) is killed by signal: Killed.")
+
+    previous = signal.signal(signal.SIGCHLD, worker_died)
+    try:
+        steps = []
+        with pytest.raises(RuntimeError, match="is killed by signal"):
+            with child_signals_deferred():
+                os.kill(os.getpid(), signal.SIGCHLD)  # the worker dies mid-save
+                time.sleep(0.05)  # a signal handler would have run by now
+                steps.append("the rest of the save ran")
+        assert steps == ["the rest of the save ran"]
+        assert signal.getsignal(signal.SIGCHLD) is worker_died  # restored
+        with child_signals_deferred():  # no signal: nothing raised
+            pass
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
 
 
 def test_a_tar_member_with_a_dotdot_or_absolute_path_is_refused(tmp_path):

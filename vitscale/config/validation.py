@@ -15,7 +15,7 @@ from vitscale.config.deepspeed import compose_ds_config
 from vitscale.config.schema import Config, ConfigError
 
 
-def fail(msg: str) -> None:
+def _fail(msg: str) -> None:
     raise ConfigError(msg)
 
 
@@ -32,40 +32,40 @@ def check_config(cfg: Config) -> None:
                             ("train.max_bad_steps", t.max_bad_steps, 1), ("parallel.heartbeat_s", p.heartbeat_s, 0),
                             ("optim.warmup_steps", o.warmup_steps, 0)]:
         if value < low:
-            fail(f"{key}={value} must be >= {low}")
+            _fail(f"{key}={value} must be >= {low}")
     if t.lr <= 0:
-        fail(f"train.lr={t.lr} must be > 0")
+        _fail(f"train.lr={t.lr} must be > 0")
     if p.timeout_s <= 0:
-        fail(f"parallel.timeout_s={p.timeout_s} must be > 0 seconds, e.g. 300")
+        _fail(f"parallel.timeout_s={p.timeout_s} must be > 0 seconds, e.g. 300")
     if not 0 <= log.straggler_fraction < 1:
-        fail(f"log.straggler_fraction={log.straggler_fraction} must be in [0, 1), e.g. 0.8 (0 turns the warning off)")
+        _fail(f"log.straggler_fraction={log.straggler_fraction} must be in [0, 1), e.g. 0.8 (0 turns the warning off)")
     if t.global_batch % t.micro_batch:
-        fail(f"train.global_batch={t.global_batch} must be a multiple of train.micro_batch={t.micro_batch} "
+        _fail(f"train.global_batch={t.global_batch} must be a multiple of train.micro_batch={t.micro_batch} "
              f"(x data-parallel ranks); e.g. train.global_batch={t.micro_batch * max(1, round(t.global_batch / t.micro_batch))}")
     if len(d.mean) != 3 or len(d.std) != 3:
-        fail(f"data.mean and data.std need 3 values (RGB), got {d.mean} and {d.std}")
+        _fail(f"data.mean and data.std need 3 values (RGB), got {d.mean} and {d.std}")
     if len(o.betas) != 2:
-        fail(f"optim.betas={o.betas} needs two values, e.g. [0.9, 0.999]")
+        _fail(f"optim.betas={o.betas} needs two values, e.g. [0.9, 0.999]")
     _check_data(cfg)
     _check_eval(cfg)
     _check_finetune(cfg)
     if p.offload == "all" and p.zero != 3:
-        fail(f"parallel.offload=all offloads parameters, which only ZeRO-3 does; set parallel.zero=3 "
+        _fail(f"parallel.offload=all offloads parameters, which only ZeRO-3 does; set parallel.zero=3 "
              f"or parallel.offload=optimizer (now parallel.zero={p.zero})")
     if p.offload == "optimizer" and p.zero == 0:
-        fail("parallel.offload=optimizer needs ZeRO 1, 2 or 3; set parallel.zero=1 or parallel.offload=none")
+        _fail("parallel.offload=optimizer needs ZeRO 1, 2 or 3; set parallel.zero=1 or parallel.offload=none")
     if p.pipe > 1 and p.zero > 1:
         # DeepSpeed asserts this inside PipelineModule; say it before any process starts.
-        fail(f"parallel.zero={p.zero} cannot run with parallel.pipe={p.pipe}: DeepSpeed's pipeline engine "
+        _fail(f"parallel.zero={p.zero} cannot run with parallel.pipe={p.pipe}: DeepSpeed's pipeline engine "
              f"supports only ZeRO 0 and 1; set parallel.zero=1 or parallel.pipe=1")
     _check_model_options(cfg)
     if p.activation_checkpoint < 0:
-        fail(f"parallel.activation_checkpoint={p.activation_checkpoint} must be >= 0 (blocks per recomputed "
+        _fail(f"parallel.activation_checkpoint={p.activation_checkpoint} must be >= 0 (blocks per recomputed "
              "chunk; 0 turns it off)")
     if ck.resume not in ("auto", "never") and not Path(ck.resume).exists():
-        fail(f"checkpoint.resume='{ck.resume}' is neither auto, never, nor an existing checkpoint folder")
+        _fail(f"checkpoint.resume='{ck.resume}' is neither auto, never, nor an existing checkpoint folder")
     if cfg.model.init is not None and not (Path(cfg.model.init).is_file() or _is_checkpoint_dir(cfg.model.init)):
-        fail(f"model.init='{cfg.model.init}' is not a file or a vitscale run / checkpoint folder; give a "
+        _fail(f"model.init='{cfg.model.init}' is not a file or a vitscale run / checkpoint folder; give a "
              ".safetensors or .pt state dict (ours, timm's or open_clip's) or a run folder with checkpoints")
     compose_ds_config(cfg, data_parallel=1, check_batch=False)  # surfaces preset problems now
 
@@ -73,26 +73,26 @@ def check_config(cfg: Config) -> None:
 def _check_data(cfg: Config) -> None:
     d = cfg.data
     if not isinstance(d.params, dict):
-        fail(f"data.params={d.params!r} must be a mapping of generator arguments, e.g. data.params={{num_points: 20000}}")
+        _fail(f"data.params={d.params!r} must be a mapping of generator arguments, e.g. data.params={{num_points: 20000}}")
     if d.shuffle_buffer < 0:
-        fail(f"data.shuffle_buffer={d.shuffle_buffer} must be >= 0 (0 or 1 turns shuffling off)")
+        _fail(f"data.shuffle_buffer={d.shuffle_buffer} must be >= 0 (0 or 1 turns shuffling off)")
     if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
-        fail(f"data.crop_scale={d.crop_scale} must be [low, high] with 0 < low <= high <= 1")
+        _fail(f"data.crop_scale={d.crop_scale} must be [low, high] with 0 < low <= high <= 1")
     if len(d.crop_ratio) != 2 or not 0 < d.crop_ratio[0] <= d.crop_ratio[1]:
-        fail(f"data.crop_ratio={d.crop_ratio} must be [low, high] with 0 < low <= high")
+        _fail(f"data.crop_ratio={d.crop_ratio} must be [low, high] with 0 < low <= high")
     if not 0 <= d.hflip <= 1:
-        fail(f"data.hflip={d.hflip} must be a probability in [0, 1]")
+        _fail(f"data.hflip={d.hflip} must be a probability in [0, 1]")
     if d.epoch_samples is not None and d.epoch_samples < 1:
-        fail(f"data.epoch_samples={d.epoch_samples} must be positive")
+        _fail(f"data.epoch_samples={d.epoch_samples} must be positive")
     if d.canvas < 0:
-        fail(f"data.canvas={d.canvas} must be >= 0 (0 = image_size * 8 / 7)")
+        _fail(f"data.canvas={d.canvas} must be >= 0 (0 = image_size * 8 / 7)")
     pk = d.packing
     if pk.seq_len and (pk.max_images < 1 or not 0 <= pk.token_drop < 1 or pk.min_size < 0
                        or pk.min_size > d.image_size):
-        fail(f"data.packing: max_images={pk.max_images} must be >= 1, token_drop={pk.token_drop} in [0, 1), "
+        _fail(f"data.packing: max_images={pk.max_images} must be >= 1, token_drop={pk.token_drop} in [0, 1), "
              f"min_size={pk.min_size} between 0 and data.image_size={d.image_size}")
     if pk.seq_len and cfg.parallel.pipe > 1:
-        fail(f"data.packing with parallel.pipe={cfg.parallel.pipe} is not supported (the pipeline sends one "
+        _fail(f"data.packing with parallel.pipe={cfg.parallel.pipe} is not supported (the pipeline sends one "
              "tensor between stages, packed sequences need their segment ids in every stage); set parallel.pipe=1")
 
 
@@ -101,32 +101,32 @@ def _check_finetune(cfg: Config) -> None:
     d, o, t, p = cfg.data, cfg.optim, cfg.train, cfg.parallel
     for key in ("random_erasing", "mixup_prob", "mixup_switch_prob"):
         if not 0 <= getattr(d, key) <= 1:
-            fail(f"data.{key}={getattr(d, key)} must be a probability in [0, 1]")
+            _fail(f"data.{key}={getattr(d, key)} must be a probability in [0, 1]")
     if d.mixup < 0 or d.cutmix < 0:
-        fail(f"data.mixup={d.mixup} and data.cutmix={d.cutmix} are Beta alphas: >= 0 (0 turns each off)")
+        _fail(f"data.mixup={d.mixup} and data.cutmix={d.cutmix} are Beta alphas: >= 0 (0 turns each off)")
     if d.rand_augment is not None and not d.rand_augment.startswith("rand"):
-        fail(f"data.rand_augment={d.rand_augment!r} must be a timm RandAugment spec such as rand-m9-mstd0.5-inc1")
+        _fail(f"data.rand_augment={d.rand_augment!r} must be a timm RandAugment spec such as rand-m9-mstd0.5-inc1")
     mixing = d.mixup > 0 or d.cutmix > 0
     if mixing and t.micro_batch % 2:
-        fail(f"data.mixup / data.cutmix pair each image with another of its batch: train.micro_batch="
+        _fail(f"data.mixup / data.cutmix pair each image with another of its batch: train.micro_batch="
              f"{t.micro_batch} must be even")
     if mixing and t.loss == "sigmoid":
-        fail("data.mixup / data.cutmix give soft targets for softmax cross-entropy; set train.loss=softmax")
+        _fail("data.mixup / data.cutmix give soft targets for softmax cross-entropy; set train.loss=softmax")
     if not 0 < o.layer_decay <= 1:
-        fail(f"optim.layer_decay={o.layer_decay} must be in (0, 1] (1 = off; DeiT / BEiT fine-tuning use 0.65-0.75)")
+        _fail(f"optim.layer_decay={o.layer_decay} must be in (0, 1] (1 = off; DeiT / BEiT fine-tuning use 0.65-0.75)")
     if not 0 <= t.ema < 1:
-        fail(f"train.ema={t.ema} must be in [0, 1) (an EMA decay such as 0.9998; 0 = off)")
+        _fail(f"train.ema={t.ema} must be in [0, 1) (an EMA decay such as 0.9998; 0 = off)")
     if t.ema and (p.pipe > 1 or p.tensor > 1 or p.zero == 3):
-        fail(f"train.ema keeps a whole copy of the weights on each rank: it needs parallel.pipe=1, "
+        _fail(f"train.ema keeps a whole copy of the weights on each rank: it needs parallel.pipe=1, "
              f"parallel.tensor=1 and parallel.zero<3 (now {p.pipe}, {p.tensor}, {p.zero}); set train.ema=0")
 
 
 def _check_eval(cfg: Config) -> None:
     e = cfg.eval
     if e.every < 0 or e.batch_size < 1 or e.max_samples < 0:
-        fail("eval.every and eval.max_samples must be >= 0 and eval.batch_size >= 1")
+        _fail("eval.every and eval.max_samples must be >= 0 and eval.batch_size >= 1")
     if e.every and cfg.parallel.pipe > 1:
-        fail("eval.every needs parallel.pipe=1 (evaluation runs the whole model on each rank's share); evaluate "
+        _fail("eval.every needs parallel.pipe=1 (evaluation runs the whole model on each rank's share); evaluate "
              "pipeline checkpoints with vitscale-eval CHECKPOINT --task zeroshot|retrieval")
 
 
@@ -135,20 +135,20 @@ def check_evaluation_data(cfg: Config) -> None:
     Checked after the training data (``vitscale.experiment``), whose problems come first."""
     d, e = cfg.data, cfg.eval
     if d.test is not None and d.test != "digits" and not is_remote_path(d.test) and not exists_pattern(d.test):
-        fail(f"data.test={d.test} does not exist; give digits, an image folder or labelled shards")
+        _fail(f"data.test={d.test} does not exist; give digits, an image folder or labelled shards")
     for key in ("zeroshot", "retrieval"):
         path = getattr(e, key)
         if e.every and path and not is_remote_path(path) and not exists_pattern(path):
-            fail(f"eval.{key}={path} does not exist")
+            _fail(f"eval.{key}={path} does not exist")
 
 
 def _check_model_options(cfg: Config) -> None:
     """The architecture options (issue 11) that contradict each other whatever the model."""
     m = cfg.model
     if m.bias is False and m.qkv_bias:
-        fail("model.bias=false drops the QKV biases but model.qkv_bias=true asks for them; set one of them")
+        _fail("model.bias=false drops the QKV biases but model.qkv_bias=true asks for them; set one of them")
     if m.moe.blocks < 0 or m.moe.experts < 1 or m.moe.slots < 1:
-        fail(f"model.moe.blocks={m.moe.blocks} must be >= 0, model.moe.experts={m.moe.experts} and "
+        _fail(f"model.moe.blocks={m.moe.blocks} must be >= 0, model.moe.experts={m.moe.experts} and "
              f"model.moe.slots={m.moe.slots} >= 1")
 
 
@@ -191,14 +191,14 @@ def validate_layout(cfg: Config, world_size: int) -> Layout:
     p, t = cfg.parallel, cfg.train
     model_ranks = p.pipe * p.tensor
     if world_size % model_ranks:
-        fail(f"world size {world_size} is not divisible by parallel.pipe x parallel.tensor = "
+        _fail(f"world size {world_size} is not divisible by parallel.pipe x parallel.tensor = "
              f"{p.pipe} x {p.tensor} = {model_ranks}; launch a multiple of {model_ranks} processes "
              f"or change the layout")
     data = world_size // model_ranks
     per_step = t.micro_batch * data
     if t.global_batch % per_step:
         good = per_step * max(1, round(t.global_batch / per_step))
-        fail(f"train.global_batch={t.global_batch} must be a multiple of train.micro_batch x data-parallel "
+        _fail(f"train.global_batch={t.global_batch} must be a multiple of train.micro_batch x data-parallel "
              f"ranks = {t.micro_batch} x {data} = {per_step}; e.g. train.global_batch={good}, or a "
              f"train.micro_batch that divides {t.global_batch // data if t.global_batch % data == 0 else t.global_batch}")
     return Layout(world_size, p.pipe, p.tensor, data, t.global_batch // per_step)

@@ -297,14 +297,17 @@ class ImageText(DataSource):
             raise ConfigError("data.shards weights mix sources by resampling; set data.resampled=true, or drop "
                               "the weights")
 
+    def __init__(self, cfg: Config, ctx: LoaderContext):
+        super().__init__(None)
+        self.cfg, self.ctx = cfg, ctx
+        self.load_state_dict({})
+
     @classmethod
     def build(cls, cfg: Config, ctx: LoaderContext) -> DataSource:
-        source = cls(None)
-        source.cfg, source.ctx = cfg, ctx
-        source.load_state_dict({})
-        return source
+        return cls(cfg, ctx)
 
     def load_state_dict(self, state: dict) -> None:
+        # The position goes into the stream its workers are built from (they start at iteration).
         cfg, ctx = self.cfg, self.ctx
         self.loader = build_laion_loader(cfg.data, ctx.tokenizer, cfg.train.seed, cfg.train.micro_batch,
                                          ctx.data_rank, ctx.data_world, cfg.data.image_size, state=state or None,

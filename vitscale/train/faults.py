@@ -1,5 +1,6 @@
 """Faults met in the step loop (issue 9): NaN / Inf losses, stop signals while loader
-workers start, and the ``VITSCALE_FAULT_NAN_STEP`` test hook."""
+workers start, a loader worker dying during a checkpoint, and the ``VITSCALE_FAULT_NAN_STEP``
+test hook."""
 from __future__ import annotations
 
 import atexit
@@ -43,6 +44,27 @@ def stop_signals_blocked():
     if not getattr(stop_signals_blocked, "registered", False):
         stop_signals_blocked.registered = True
         atexit.register(_kill_loader_workers)
+
+
+@contextlib.contextmanager
+def child_signals_deferred():
+    """Hold back the SIGCHLD of a loader worker that dies until the block is done.
+
+    torch's DataLoader handles SIGCHLD by raising in the main thread, wherever it is. Inside a
+    checkpoint save that exception would be taken for a failed write: this rank would skip the
+    rest of DeepSpeed's save (and its barrier) and vote in ``checkpoint._all_ok`` while the other
+    ranks wait in that barrier, a mismatch that hangs them all (seen with ``kill -9`` of a worker
+    mid-save). Deferred, the worker's death raises once the save's collectives are complete, and
+    the job ends as on any lost rank."""
+    received = []
+    previous = signal.getsignal(signal.SIGCHLD)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+        if received and callable(previous):
+            previous(signal.SIGCHLD, None)  # torch's handler raises if a worker failed
 
 
 def _kill_loader_workers() -> None:

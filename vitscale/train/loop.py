@@ -18,7 +18,7 @@ from vitscale.train import checkpoint
 from vitscale.train.batches import check_tensor_peers, data_records, gather_positions
 from vitscale.train.ema import ema_state
 from vitscale.train.evaluate import evaluate_run
-from vitscale.train.faults import report_bad_step
+from vitscale.train.faults import child_signals_deferred, report_bad_step
 from vitscale.train.setup import Run
 from vitscale.train.step import optimizer_step
 
@@ -96,8 +96,9 @@ def _checkpoint(run: Run, step: int, bad: bool):
     extra = {"data": gather_positions(run.source, run.dims)} if run.source_cls.stateful else {}
     if run.ema is not None:
         extra["ema"] = ema_state(run.ema)
-    return checkpoint.save(run.engine, run.cfg.run.dir, step, step * run.cfg.train.global_batch,
-                           run.cfg.checkpoint.keep, run.dims.is_main, extra, run.plan.layout_record)
+    with child_signals_deferred():  # a worker's death must not split the ranks inside the save's collectives
+        return checkpoint.save(run.engine, run.cfg.run.dir, step, step * run.cfg.train.global_batch,
+                               run.cfg.checkpoint.keep, run.dims.is_main, extra, run.plan.layout_record)
 
 
 def _evaluate(run: Run, step: int) -> None:
