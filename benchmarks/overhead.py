@@ -66,8 +66,8 @@ def main() -> None:
 
     def plain_step():
         for _ in range(accum):
-            images, labels = fetch()
-            loss = run.objective(model(images), labels) / accum
+            inputs, target, keys = fetch()
+            loss = run.objective(model(*inputs, noise=keys), target) / accum
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         opt.step()

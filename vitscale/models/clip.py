@@ -56,6 +56,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vitscale.models.registry import register_model
 from vitscale.models.moe import SoftMoE
+from vitscale.models.noise import assign_noise_sites
 from vitscale.models.vit import Block, ViTConfig, init_by_name, patchify
 
 __all__ = ["CLIPVisionConfig", "CLIPTextConfig", "CLIPConfig", "CLIP", "CLIPBlock", "VisionTower", "TextTower",
@@ -355,6 +356,7 @@ class CLIP(nn.Module):
         # Shape (1,), where open_clip has a 0-d scalar: DeepSpeed cannot broadcast or partition
         # 0-d parameters. The open_clip conversions reshape it (``to/from_open_clip_state_dict``).
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
+        assign_noise_sites(self)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -389,8 +391,11 @@ class CLIP(nn.Module):
         x = self.text(tokens)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What open_clip's ``CLIP.forward`` returns.
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor,
+                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What open_clip's ``CLIP.forward`` returns. ``noise`` (sample keys, ``models/noise.py``)
+        is accepted as every model here accepts it; the towers have no stochastic layers (open_clip's
+        have none either), so nothing draws from it.
 
         Returns:
             Normalised image embeddings (B, E), normalised text embeddings (B, E), and

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitscale.models.noise import KeyedDropout
+
 __all__ = ["SoftMoE"]
 
 
@@ -52,7 +54,8 @@ class SoftMoE(nn.Module):
         self.fc2_weight = nn.Parameter(torch.empty(experts, dim, hidden))
         self.fc2_bias = nn.Parameter(torch.zeros(experts, dim))
         self.act = nn.GELU()
-        self.drop = nn.Dropout(drop)
+        self.drop = KeyedDropout(drop)  # after the activation
+        self.drop_out = KeyedDropout(drop)  # after each expert's output (its own site: other masks)
 
     @staticmethod
     def initial_value(leaf: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -76,17 +79,18 @@ class SoftMoE(nn.Module):
         logits = (self.scale * F.normalize(x, dim=-1)) @ F.normalize(self.phi, dim=0)
         return logits.softmax(dim=1), logits.softmax(dim=2)
 
-    def expert_forward(self, slots: torch.Tensor) -> torch.Tensor:
+    def expert_forward(self, slots: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Slots (B, E, S, D) -> (B, E, S, D): expert e's MLP on its S slots, all experts at once."""
         h = torch.einsum("besd,ehd->besh", slots, self.fc1_weight) + self.fc1_bias[:, None]
-        h = self.drop(self.act(h))
-        return self.drop(torch.einsum("besh,edh->besd", h, self.fc2_weight) + self.fc2_bias[:, None])
+        h = self.drop(self.act(h), noise)
+        return self.drop_out(torch.einsum("besh,edh->besd", h, self.fc2_weight) + self.fc2_bias[:, None], noise)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens (B, N, D) -> (B, N, D); ``noise``: sample keys for dropout (``models/noise.py``)."""
         B, N, D = x.shape
         dispatch, combine = self.weights(x)
         slots = dispatch.transpose(1, 2) @ x  # (B, E * S, D)
-        out = self.expert_forward(slots.reshape(B, self.experts, self.slots, D)).reshape(B, -1, D)
+        out = self.expert_forward(slots.reshape(B, self.experts, self.slots, D), noise).reshape(B, -1, D)
         return combine @ out  # (B, N, D)
 
     def extra_repr(self) -> str:

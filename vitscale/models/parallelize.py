@@ -42,6 +42,13 @@ def check_layout(spec: ModelSpec, tensor: int, pipe: int) -> None:
                           f"use parallel.pipe <= {blocks}")
 
 
+def pipeline_takes_noise(spec: ModelSpec) -> bool:
+    """Whether the model's pipeline stages pass the samples' noise keys along (``models/noise.py``):
+    a ViT's do (its dropout and drop-path draw keyed masks in every stage); a CLIP's towers have no
+    stochastic layers, so its stages pass (image, text, end-of-text positions) only."""
+    return spec.kind == "classifier"
+
+
 def stage_tensors(spec: ModelSpec) -> int:
     """Float tensors one pipeline stage sends the next: a CLIP's stages pass image and text activations."""
     return 2 if spec.kind == "clip" else 1

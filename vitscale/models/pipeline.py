@@ -2,8 +2,10 @@
 
 The layers are the model's own pieces, in order: the embedding (patches, class token,
 position embedding), each transformer block, and the head (final norm, pooling,
-classifier). Between layers only one float tensor travels, the tokens (B, N, D), which
-is what DeepSpeed's pipeline engine can send between stages.
+classifier). Between a ViT's layers one float tensor travels, the tokens (B, N, D), with
+the samples' noise keys (int64 (B,), ``models/noise.py``) riding along, so dropout and
+drop-path draw in every stage the masks one process draws: DeepSpeed's pipeline engine sends
+a tuple whose tail tensors need no gradient, also when it partitions the first over tensor ranks.
 
 Stages are built without ever holding the whole model: every layer is created on the
 meta device, the partition is computed from those shapes, and only this stage's layers
@@ -25,8 +27,8 @@ from torch import nn
 from vitscale.models.clip import CLIP, CLIPBlock, TextTower, VisionTower, clip_init_weights
 from vitscale.models.vit import Block, ParallelBlock, VisionTransformer, init_weights
 
-__all__ = ["ViTEmbed", "ViTHead", "vit_layers", "stage_bounds", "build_pipeline", "build_vit_pipeline", "PARTITIONS",
-           "CLIPEmbed", "ImageBlock", "TextBlock", "CLIPHead", "clip_layers", "build_clip_pipeline"]
+__all__ = ["ViTEmbed", "ViTHead", "vit_layers", "stage_block", "stage_bounds", "build_pipeline", "build_vit_pipeline",
+           "PARTITIONS", "CLIPEmbed", "ImageBlock", "TextBlock", "CLIPHead", "clip_layers", "build_clip_pipeline"]
 
 # How blocks are spread over stages: 'blocks' gives every stage the same number of
 # transformer blocks (the embedding and head ride with the first and last stage), which
@@ -36,8 +38,8 @@ PARTITIONS = ("blocks", "parameters", "uniform")
 
 
 class ViTEmbed(nn.Module):
-    """First layer: images (B, C, H, W) -> tokens (B, N, D). Holds the parameters under
-    their names in the whole model and runs ``VisionTransformer.embed`` on them."""
+    """First layer: (images (B, C, H, W), noise keys (B,)) -> (tokens (B, N, D), keys). Holds the
+    parameters under their names in the whole model and runs ``VisionTransformer.embed`` on them."""
 
     def __init__(self, model: VisionTransformer):
         super().__init__()
@@ -46,22 +48,45 @@ class ViTEmbed(nn.Module):
         self.pos_embed_h, self.pos_embed_w = model.pos_embed_h, model.pos_embed_w  # factorized positions
         self.pos_drop = model.pos_drop
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, keys = inputs
         # Contiguous: DeepSpeed's pipeline sends only contiguous tensors between stages, and
         # without a class token to concatenate, the patch tokens keep the conv's transposed strides.
-        return VisionTransformer.embed(self, x).contiguous()
+        return VisionTransformer.embed(self, images, keys).contiguous(), keys
 
 
 class ViTHead(nn.Module):
-    """Last layer: tokens -> final norm -> pooling -> logits (``VisionTransformer.forward_head``)."""
+    """Last layer: (tokens, keys) -> final norm -> pooling -> logits (``VisionTransformer.forward_head``)."""
 
     def __init__(self, model: VisionTransformer):
         super().__init__()
         self.cfg = model.cfg
         self.norm, self.fc_norm, self.head_drop, self.head = model.norm, model.fc_norm, model.head_drop, model.head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return VisionTransformer.forward_head(self, self.norm(x))
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, keys = inputs
+        return VisionTransformer.forward_head(self, self.norm(x), noise=keys)
+
+
+class _StageBlock:
+    """Mixed into a ViT block of this stage: it takes and passes on (tokens, noise keys)."""
+
+    def forward(self, inputs):
+        x, keys = inputs
+        return super().forward(x, None, keys), keys
+
+
+_STAGE_CLASSES: dict[type, type] = {}
+
+
+def stage_block(block: nn.Module) -> nn.Module:
+    """Re-class a (possibly tensor-sharded) ViT block to take the stage tuple: ``Stage<Class>``,
+    a subclass, so parameter names and the 'blocks' partition's class-name match stay."""
+    cls = type(block)
+    if cls not in _STAGE_CLASSES:
+        _STAGE_CLASSES[cls] = type(f"Stage{cls.__name__}", (_StageBlock, cls), {})
+    block.__class__ = _STAGE_CLASSES[cls]
+    return block
 
 
 def vit_layers(model: VisionTransformer) -> list[tuple[str, nn.Module]]:
@@ -97,7 +122,8 @@ def _ds_method(method: str) -> str:
 def build_pipeline(named: list[tuple[str, nn.Module]], topology, stage: int, init: Callable, loss_fn: Callable,
                    device: torch.device, partition: str = "blocks", checkpoint_every: int = 0,
                    checkpointable: list[str] | None = None,
-                   shard: Callable[[nn.Module], nn.Module] | None = None) -> PipelineModule:
+                   shard: Callable[[nn.Module], nn.Module] | None = None,
+                   adapt: Callable[[nn.Module], nn.Module] | None = None) -> PipelineModule:
     """This rank's stage of a model given as ``(name prefix, layer)`` pairs built on the meta device.
 
     Args:
@@ -113,12 +139,15 @@ def build_pipeline(named: list[tuple[str, nn.Module]], topology, stage: int, ini
         checkpointable: class names of the layers that may be recomputed.
         shard: applied to each of this stage's layers before materialising (tensor
             parallelism: ``tensor_parallel.parallelize_vit`` with this rank's group).
+        adapt: applied to each of this stage's layers after ``shard`` (``stage_block``).
     """
     layers = [layer for _, layer in named]
     bounds = stage_bounds(layers, topology.get_dim("pipe"), partition)
     for prefix, layer in named[bounds[stage]:bounds[stage + 1]]:
         if shard is not None:
             shard(layer)
+        if adapt is not None:
+            adapt(layer)
         layer.to_empty(device=device)
         init(layer, prefix)
     module = PipelineModule(layers=layers, topology=topology, loss_fn=loss_fn, partition_method=_ds_method(partition),
@@ -134,9 +163,10 @@ def build_vit_pipeline(model: VisionTransformer, topology, stage: int, seed: int
                        shard: Callable[[nn.Module], nn.Module] | None = None) -> PipelineModule:
     """This rank's stage of ``model`` (a ViT built on the meta device) as a ``PipelineModule``;
     ``seed`` gives the weights the single-process model has. See ``build_pipeline``."""
+    blocks = ["Block", "ParallelBlock", "ShardedParallelBlock"]
     return build_pipeline(vit_layers(model), topology, stage, lambda layer, prefix: init_weights(layer, seed, prefix),
-                          loss_fn, device, partition, checkpoint_every,
-                          ["Block", "ParallelBlock", "ShardedParallelBlock"], shard)
+                          loss_fn, device, partition, checkpoint_every, [f"Stage{name}" for name in blocks], shard,
+                          lambda layer: stage_block(layer) if isinstance(layer, (Block, ParallelBlock)) else layer)
 
 
 # ---- CLIP: stages pass (image tokens, text tokens, EOT positions) ----

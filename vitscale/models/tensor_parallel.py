@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitscale.models.moe import SoftMoE
-from vitscale.models.vit import ParallelBlock
+from vitscale.models.vit import HeadSlice, ParallelBlock
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "SharedLayerNorm", "ShardedParallelBlock",
            "copy_to_tensor_parallel", "reduce_from_tensor_parallel", "gather_from_tensor_parallel", "parallelize_vit"]
@@ -272,6 +272,9 @@ def _parallelize_parallel_block(block: ParallelBlock, rank: int, world: int, gro
     block.in_proj = _column(block.in_proj, rank, world, group, chunks=(hidden, dim, dim, dim))
     block.out_proj = _row(block.out_proj, rank, world, group, chunks=(dim, hidden))
     block.num_heads //= world
+    # Keyed dropout masks (models/noise.py) index the whole tensor: say which slice this rank holds.
+    block.heads = HeadSlice(rank * block.num_heads, block.num_heads * world)
+    block.mlp_drop.shard = (rank * (hidden // world), hidden)
     _share_qk_norms(block, group)
     block.__class__ = ShardedParallelBlock
     block.mlp_hidden_full, block.tp_rank, block.tp_world = hidden, rank, world
@@ -319,11 +322,14 @@ def parallelize_vit(model: nn.Module, rank: int, world: int, group) -> nn.Module
         attn.qkv = _column(attn.qkv, rank, world, group, chunks=3)
         attn.proj = _row(attn.proj, rank, world, group)
         attn.num_heads //= world
+        attn.heads = HeadSlice(rank * attn.num_heads, attn.num_heads * world)  # for keyed attention dropout
         _share_qk_norms(attn, group)
         if isinstance(mlp, SoftMoE):
             continue  # experts stay whole on every tensor rank (identical inputs, identical gradients)
+        hidden = mlp.fc1.out_features
         mlp.fc1 = _column(mlp.fc1, rank, world, group)
         mlp.fc2 = _row(mlp.fc2, rank, world, group)
+        mlp.drop1.shard = (rank * (hidden // world), hidden)  # keyed dropout of this rank's hidden units
     return model
 
 

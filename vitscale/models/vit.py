@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitscale.models.moe import SoftMoE
+from vitscale.models.noise import KeyedDropout, assign_noise_sites, keyed_dropout, keyed_uniform
 from vitscale.models.registry import register_model
 
 
@@ -125,17 +126,24 @@ def _layer_norm(dim: int, bias: bool = True) -> nn.LayerNorm:
 
 class DropPath(nn.Module):
     """Stochastic depth (Huang et al. 2016): zero a residual branch for a random subset
-    of samples, rescaling the kept ones so the expectation is unchanged."""
+    of samples, rescaling the kept ones so the expectation is unchanged. With ``noise`` keys
+    (``models/noise.py``) each sample's draw is keyed to the sample and this layer's ``site``."""
 
     def __init__(self, p: float = 0.0):
         super().__init__()
         self.p = p
+        self.site = 0  # set by noise.assign_noise_sites
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # one draw per sample
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        if noise is None:
+            mask = x.new_empty(shape).bernoulli_(keep)  # one draw per sample
+        else:
+            index = torch.zeros((), dtype=torch.int64, device=x.device)
+            mask = (keyed_uniform(noise.to(x.device), self.site, index) < keep).to(x.dtype).view(shape)
         return x * mask / keep
 
     def extra_repr(self) -> str:
@@ -190,6 +198,8 @@ class Attention(nn.Module):
                  attn_drop: float = 0.0, proj_drop: float = 0.0, causal: bool = False, norm_bias: bool = True):
         super().__init__()
         self.num_heads = num_heads  # heads held by this module
+        self.heads = HeadSlice(0, num_heads)  # which of the model's heads they are (a tensor shard's slice)
+        self.site = 0  # the attention-dropout site (noise.assign_noise_sites)
         self.causal = causal
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -197,26 +207,60 @@ class Attention(nn.Module):
         self.k_norm = _layer_norm(self.head_dim, norm_bias) if qk_norm else nn.Identity()
         self.attn_drop = attn_drop  # a probability: SDPA applies it, no module needed
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = KeyedDropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens (B, N, D) -> (B, N, D); ``attn_mask`` (B, 1, N, N) bool, True = may attend
-        (the block-diagonal mask of packed sequences)."""
+        (the block-diagonal mask of packed sequences); ``noise``: sample keys for dropout."""
         B, N, _ = x.shape
         # qkv's output is laid out (3, heads, head_dim), as in timm, so checkpoints agree.
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
-        x = attend(q, k, v, self.q_norm, self.k_norm, attn_mask, self.attn_drop if self.training else 0.0,
-                   self.causal)
-        return self.proj_drop(self.proj(x))
+        dropout = AttnDropout(self.attn_drop if self.training else 0.0, noise, self.site, self.heads)
+        x = attend(q, k, v, self.q_norm, self.k_norm, attn_mask, dropout, self.causal)
+        return self.proj_drop(self.proj(x), noise)
+
+
+@dataclass(frozen=True)
+class HeadSlice:
+    """The heads an attention module holds: ``[offset, offset + local)`` of ``total`` (tensor parallelism)."""
+
+    offset: int
+    total: int
+
+
+@dataclass(frozen=True)
+class AttnDropout:
+    """Dropout of the attention probabilities: probability ``p``; with sample keys ``noise``, the masks
+    are keyed to (sample, ``site``, head of the whole model, query, key) (``models/noise.py``)."""
+
+    p: float
+    noise: torch.Tensor | None = None
+    site: int = 0
+    heads: HeadSlice | None = None
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module,
-           attn_mask: torch.Tensor | None, dropout: float, causal: bool = False) -> torch.Tensor:
-    """Per-head q/k norms, then SDPA: q, k, v (B, heads, N, head_dim) -> (B, N, heads * head_dim)."""
+           attn_mask: torch.Tensor | None, dropout: AttnDropout, causal: bool = False) -> torch.Tensor:
+    """Per-head q/k norms, then attention: q, k, v (B, heads, N, head_dim) -> (B, N, heads * head_dim).
+
+    SDPA (flash / memory-efficient kernels, its own dropout) unless the dropout is keyed: SDPA
+    takes no mask from outside, so keyed attention dropout computes softmax(q k^T) explicitly."""
     B, heads, N, head_dim = q.shape
-    x = F.scaled_dot_product_attention(q_norm(q), k_norm(k), v, attn_mask=attn_mask, dropout_p=dropout,
-                                       is_causal=causal)
+    q, k = q_norm(q), k_norm(k)
+    if dropout.p > 0 and dropout.noise is not None:
+        scores = (q @ k.transpose(-2, -1)) * head_dim ** -0.5  # (B, heads, N, N)
+        if causal:
+            scores = scores.masked_fill(torch.ones(N, N, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        slice_ = dropout.heads or HeadSlice(0, heads)
+        probs = keyed_dropout(scores.softmax(dim=-1), dropout.p, dropout.noise, dropout.site, 0, slice_.offset,
+                              slice_.total)
+        x = probs @ v
+    else:
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout.p, is_causal=causal)
     return x.transpose(1, 2).reshape(B, N, heads * head_dim)
 
 
@@ -227,12 +271,12 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
-        self.drop1 = nn.Dropout(drop)
+        self.drop1 = KeyedDropout(drop)
         self.fc2 = nn.Linear(hidden, dim)
-        self.drop2 = nn.Dropout(drop)
+        self.drop2 = KeyedDropout(drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)), noise)), noise)
 
 
 class LayerScale(nn.Module):
@@ -272,9 +316,11 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, cfg.init_values) if cfg.init_values is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask)))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens (B, N, D) -> (B, N, D); ``noise``: sample keys for dropout and drop-path (``models/noise.py``)."""
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask, noise)), noise)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x), noise)), noise)
 
 
 class ParallelBlock(nn.Module):
@@ -293,6 +339,8 @@ class ParallelBlock(nn.Module):
         super().__init__()
         dim, hidden = cfg.embed_dim, cfg.mlp_hidden
         self.num_heads = cfg.num_heads  # heads held by this module (a tensor shard sets its local count)
+        self.heads = HeadSlice(0, cfg.num_heads)  # which of the model's heads they are
+        self.site = 0  # the attention-dropout site (noise.assign_noise_sites)
         self.head_dim = dim // cfg.num_heads
         self.in_norm = _layer_norm(dim, cfg.norm_bias)
         self.in_proj = nn.Linear(dim, hidden + 3 * dim, bias=cfg.qkv_bias)
@@ -301,12 +349,13 @@ class ParallelBlock(nn.Module):
         self.k_norm = _layer_norm(self.head_dim, cfg.norm_bias) if cfg.qk_norm else nn.Identity()
         self.attn_drop = cfg.attn_drop_rate
         self.mlp_act = nn.GELU()
-        self.mlp_drop = nn.Dropout(cfg.drop_rate)
+        self.mlp_drop = KeyedDropout(cfg.drop_rate)
         self.out_proj = nn.Linear(dim + hidden, dim)
         self.ls = LayerScale(dim, cfg.init_values) if cfg.init_values is not None else nn.Identity()
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
         B, N, _ = x.shape
         y = self.in_proj(self.in_norm(x))  # (B, N, hidden + 3 D), local widths under tensor parallelism
         width = self.num_heads * self.head_dim
@@ -314,9 +363,10 @@ class ParallelBlock(nn.Module):
         if self.mlp_bias is not None:
             x_mlp = x_mlp + self.mlp_bias
         q, k, v = (t.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        x_attn = attend(q, k, v, self.q_norm, self.k_norm, attn_mask, self.attn_drop if self.training else 0.0)
-        y = self.out_proj(torch.cat([x_attn, self.mlp_drop(self.mlp_act(x_mlp))], dim=-1))
-        return x + self.drop_path(self.ls(y))
+        dropout = AttnDropout(self.attn_drop if self.training else 0.0, noise, self.site, self.heads)
+        x_attn = attend(q, k, v, self.q_norm, self.k_norm, attn_mask, dropout)
+        y = self.out_proj(torch.cat([x_attn, self.mlp_drop(self.mlp_act(x_mlp), noise)], dim=-1))
+        return x + self.drop_path(self.ls(y), noise)
 
 
 class VisionTransformer(nn.Module):
@@ -343,7 +393,7 @@ class VisionTransformer(nn.Module):
         # and the class token gets no position.
         self.pos_embed_h = None if learned else nn.Parameter(torch.zeros(1, cfg.grid_size, dim))
         self.pos_embed_w = None if learned else nn.Parameter(torch.zeros(1, cfg.grid_size, dim))
-        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        self.pos_drop = KeyedDropout(cfg.drop_rate)
         # Deeper blocks are dropped more often: rate grows linearly from 0 to drop_path_rate.
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         first_moe = cfg.depth - cfg.moe_blocks
@@ -352,9 +402,10 @@ class VisionTransformer(nn.Module):
             for i, rate in enumerate(rates)])
         self.norm = nn.Identity() if cfg.use_fc_norm else _layer_norm(dim, cfg.norm_bias)
         self.fc_norm = _layer_norm(dim, cfg.norm_bias) if cfg.use_fc_norm else nn.Identity()
-        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head_drop = KeyedDropout(cfg.drop_rate)
         self.head = nn.Linear(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.grad_checkpointing = 0
+        assign_noise_sites(self)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -379,7 +430,7 @@ class VisionTransformer(nn.Module):
         return {"stem": r"^cls_token|pos_embed|patch_embed",
                 "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]}
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Images (B, C, H, W) -> tokens (B, N, D): patches, class token, position embedding.
 
         Raises:
@@ -396,30 +447,34 @@ class VisionTransformer(nn.Module):
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed
-        return self.pos_drop(x)
+        return self.pos_drop(x, noise)
 
-    def embed_packed(self, patches: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    def embed_packed(self, patches: torch.Tensor, coords: torch.Tensor,
+                     noise: torch.Tensor | None = None) -> torch.Tensor:
         """Packed sequences (NaViT) -> tokens: flattened patches (B, L, C * p * p) at grid
         positions ``coords`` (B, L, 2) (row, column) -> (B, L, D), factorized positions added."""
         if self.pos_embed_h is None:
             raise ValueError("packed sequences need model.pos_embed=factorized (NaViT's row + column embedding)")
         x = self.patch_embed.embed_patches(patches)
-        return self.pos_drop(x + self.pos_embed_h[0][coords[..., 0]] + self.pos_embed_w[0][coords[..., 1]])
+        return self.pos_drop(x + self.pos_embed_h[0][coords[..., 0]] + self.pos_embed_w[0][coords[..., 1]], noise)
 
-    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                         noise: torch.Tensor | None = None) -> torch.Tensor:
         """Images (B, C, H, W) -> normed tokens (B, N, D); with ``attn_mask``, ``x`` are tokens
         already embedded (``embed_packed``)."""
-        x = self.embed(x) if attn_mask is None else x
+        x = self.embed(x, noise) if attn_mask is None else x
         every = self.grad_checkpointing
         blocks = list(self.blocks)
         if every and self.training and torch.is_grad_enabled():
+            # The masks are keyed to the inputs (noise), so the recomputation draws the same ones.
             for i in range(0, len(blocks), every):
-                x = checkpoint(_run_blocks, blocks[i:i + every], x, attn_mask, use_reentrant=False)
+                x = checkpoint(_run_blocks, blocks[i:i + every], x, attn_mask, noise, use_reentrant=False)
         else:
-            x = _run_blocks(blocks, x, attn_mask)
+            x = _run_blocks(blocks, x, attn_mask, noise)
         return self.norm(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False,
+                     noise: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens (B, N, D) from ``forward_features`` -> logits (B, num_classes).
 
         Args:
@@ -433,26 +488,30 @@ class VisionTransformer(nn.Module):
             x = x[:, int(self.cfg.class_token):].mean(dim=1)  # average over patch tokens only
         else:
             x = x[:, 0]  # the class token
-        x = self.head_drop(self.fc_norm(x))
+        x = self.head_drop(self.fc_norm(x), noise)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None,
-                segments: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
         """Images (B, C, H, W) -> logits (B, num_classes); or packed sequences (NaViT):
         flattened patches ``x`` (B, L, C * p * p), ``coords`` (B, L, 2) and ``segments`` (B, L)
         (image 1, 2, ... of its sequence, 0 = padding) -> logits (B, K, num_classes) of image
-        slots 1..K, K the largest segment id in the batch (one host sync)."""
+        slots 1..K, K the largest segment id in the batch (one host sync).
+
+        ``noise``: int64 (B,) sample keys; dropout and drop-path then draw masks keyed to the
+        sample (``models/noise.py``) instead of torch's RNG."""
         if coords is None:
-            return self.forward_head(self.forward_features(x))
-        x = self.forward_features(self.embed_packed(x, coords), packed_attention_mask(segments))
+            return self.forward_head(self.forward_features(x, noise=noise), noise=noise)
+        x = self.forward_features(self.embed_packed(x, coords, noise), packed_attention_mask(segments), noise)
         pooled = pool_segments(x, segments, int(segments.max()))  # (B, K, D), average over each image's tokens
-        x = self.head_drop(self.fc_norm(pooled))
+        x = self.head_drop(self.fc_norm(pooled), noise)
         return x if self.cfg.num_classes == 0 else self.head(x)
 
 
-def _run_blocks(blocks: list[nn.Module], x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+def _run_blocks(blocks: list[nn.Module], x: torch.Tensor, attn_mask: torch.Tensor | None,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
     for block in blocks:
-        x = block(x, attn_mask)
+        x = block(x, attn_mask, noise)
     return x
 
 

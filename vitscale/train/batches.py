@@ -13,18 +13,19 @@ from vitscale.data.packing import normalize_patches
 from vitscale.data.sources import Batch, DataSource
 from vitscale.data.transforms import crop_resize, normalize
 from vitscale.experiment import Experiment
+from vitscale.models.noise import sample_keys
 from vitscale.train.augment import BatchAugment
 
 logger = logging.getLogger(__name__)
 
 
 def make_prepare(exp: Experiment, device: torch.device, dtype: torch.dtype) -> Callable[[Batch], tuple]:
-    """``Batch`` -> (model inputs, loss target) on ``device``: images cut out and resized (crop boxes
-    of image-text canvases) and normalised, or packed patches normalised (NaViT); then DeiT's random
-    erasing and Mixup / CutMix when the config asks (``augment.BatchAugment``).
+    """``Batch`` -> (model inputs (a tuple), loss target) on ``device``: images cut out and resized
+    (crop boxes of image-text canvases) and normalised, or packed patches normalised (NaViT); then
+    DeiT's random erasing and Mixup / CutMix when the config asks (``augment.BatchAugment``).
 
-    A classifier takes images (or patches, coords, segments) and its labels are the target; a
-    CLIP takes (images, tokens) and its loss no target, but DeepSpeed's pipeline still wants a
+    A classifier takes (images,) (or (patches, coords, segments)) and its labels are the target;
+    a CLIP takes (images, tokens) and its loss no target, but DeepSpeed's pipeline still wants a
     tensor in the target's place, so the tokens stand in."""
     d = exp.cfg.data
     mean, std = torch.tensor(d.mean, device=device), torch.tensor(d.std, device=device)
@@ -42,12 +43,29 @@ def make_prepare(exp: Experiment, device: torch.device, dtype: torch.dtype) -> C
         if batch.tokens is not None:
             tokens = batch.tokens.to(device, non_blocking=True)
             return (images, tokens), tokens
-        return images, batch.labels.to(device, non_blocking=True)
+        return (images,), batch.labels.to(device, non_blocking=True)
 
     if not BatchAugment.wanted(exp.cfg):
         return prepare
     augment = BatchAugment(exp.cfg, device)
-    return lambda batch: augment(*prepare(batch))
+
+    def augmented(batch: Batch) -> tuple:
+        (images,), labels = prepare(batch)
+        images, target = augment(images, labels)
+        return (images,), target
+
+    return augmented
+
+
+def noise_keys(seed: int, step: int, micro: int, micro_batch: int, global_batch: int, data_rank: int,
+               data_world: int, device: torch.device) -> torch.Tensor:
+    """The noise keys (``models/noise.py``) of micro-batch ``micro`` of optimizer step ``step`` (0-based)
+    on this data rank, from each sample's position in the run: ``step * global_batch + slot``, slot
+    ``micro * (micro_batch * data_world) + data_rank * micro_batch + i`` being the sample's place in
+    the step's global batch as the position-exact samplers number it (``synthetic_loader.StepSampler``).
+    So a sample gets the same dropout and drop-path masks in every layout."""
+    slots = micro * micro_batch * data_world + data_rank * micro_batch + torch.arange(micro_batch, dtype=torch.int64)
+    return sample_keys(seed, step * global_batch + slots).to(device)
 
 
 def data_records(source_cls: type[DataSource], source: DataSource | None, dims, step: int) -> list[dict]:

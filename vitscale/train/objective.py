@@ -89,6 +89,11 @@ class WholeBatchContrastive(Objective):
         i, self._next = self._next, self._next + 1
         images = torch.cat([image if j == i else cached[0] for j, cached in enumerate(self._cache)])
         texts = torch.cat([text if j == i else cached[1] for j, cached in enumerate(self._cache)])
+        # The features of other micro-batches are cached, but the logit scale enters every pass
+        # with its gradient: each pass may carry 1 / accum of it, or after _scale_grad the scale
+        # would get accum times the whole-batch gradient (caught by comparing gradient norms with
+        # the data-parallel layout, where each rank's loss uses the scale once).
+        scale = scale.detach() + (scale - scale.detach()) / self.accum
         return self._scale_grad(self.loss(images, texts, scale))
 
     def _scale_grad(self, loss: torch.Tensor) -> torch.Tensor:

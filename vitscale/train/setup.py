@@ -14,12 +14,15 @@ benchmarks alike.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from vitscale.config import ConfigError, Layout, compose_ds_config, dump_config, validate_layout
@@ -28,9 +31,10 @@ from vitscale.data.sources import DataSource, LoaderContext, build_source, sourc
 from vitscale.distributed import ParallelDims, StopRequest, world_size_from_env
 from vitscale.experiment import Experiment, load_experiment
 from vitscale.files import write_text_atomic
-from vitscale.models.parallelize import stage_tensors
+from vitscale.models.noise import sample_keys
+from vitscale.models.parallelize import pipeline_takes_noise, stage_tensors
 from vitscale.train import checkpoint
-from vitscale.train.batches import make_prepare
+from vitscale.train.batches import make_prepare, noise_keys
 from vitscale.train.ema import build_ema, restore_ema
 from vitscale.train.engine import build_engine, compute_dtype
 from vitscale.train.faults import poisoned, stop_signals_blocked
@@ -133,6 +137,7 @@ def start_run(plan: Plan, dims: ParallelDims) -> Run:
     """This rank's part of the run ``plan`` describes, ready for its first step (module docstring)."""
     exp, cfg = plan.exp, plan.exp.cfg
     t, run_dir = cfg.train, Path(cfg.run.dir)
+    seed_generators(t.seed, dims.data_rank)
     if dims.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
@@ -152,9 +157,11 @@ def start_run(plan: Plan, dims: ParallelDims) -> Run:
 
     piped = dims.pipe > 1
     meter = _meter(exp, dims)
-    steps = (PipelineSteps(engine) if piped else  # pipelines time no forward of their own (throughput.py)
-             PlainSteps(engine, objective, accum, dims, own_norm=cfg.parallel.zero == 0 and t.precision == "fp32",
-                        timed=meter.forward))
+    if piped:  # pipelines time no forward of their own (throughput.py)
+        steps: StepEngine = PipelineSteps(engine, pipeline_takes_noise(exp.model))
+    else:
+        steps = PlainSteps(engine, objective, accum, dims, own_norm=cfg.parallel.zero == 0 and t.precision == "fp32",
+                           timed=meter.forward)
     source_cls = source_class(exp.source)
     source = _build_source(exp, dims, start, client) if steps.reads_data else None
     with stop_signals_blocked():  # the loader's workers start here and inherit the mask
@@ -166,10 +173,15 @@ def start_run(plan: Plan, dims: ParallelDims) -> Run:
         first, _, last = nan_steps.partition("-")
         prepare = poisoned(prepare, lambda: int(first) <= engine.global_steps + 1 <= int(last or first))
 
+    micro_batches = itertools.count()  # fetched so far: exactly accum per optimizer step
+
     def fetch() -> tuple:
+        """The next micro-batch as (model inputs, target, noise keys) on the device."""
+        keys = noise_keys(t.seed, engine.global_steps, next(micro_batches) % accum, t.micro_batch, t.global_batch,
+                          dims.data_rank, dims.data, dims.device)
         with meter.data_wait():
             batch = next(batches)
-        return prepare(batch)
+        return (*prepare(batch), keys)
 
     ema = build_ema(engine.module, t.ema) if t.ema else None
     if ema is not None and start:  # the EMA resumes exactly as the weights do
@@ -184,6 +196,17 @@ def start_run(plan: Plan, dims: ParallelDims) -> Run:
                reports_data=dims.tensor_rank == 0 and (not piped or engine.is_first_stage()), dtype=dtype,
                meter=meter, writer=MetricsWriter(run_dir / "metrics.jsonl") if dims.is_main else None,
                progress=progress, ema=ema, stop_request=stop_request)
+
+
+def seed_generators(seed: int, data_rank: int) -> None:
+    """Seed torch (CPU and devices), numpy and Python's ``random`` from ``train.seed`` and the data
+    rank: what draws from them (timm's Mixup / CutMix and random erasing, loader workers' seeds) is
+    reproducible, and the ranks of one data replica (tensor peers, pipeline stages) draw alike.
+    Dropout and drop-path do not draw from them: their masks are keyed (``models/noise.py``)."""
+    derived = int(sample_keys(seed, torch.tensor([data_rank]))[0])
+    random.seed(derived)
+    np.random.seed(derived)
+    torch.manual_seed(derived)  # every device's generator too
 
 
 def _build_source(exp: Experiment, dims: ParallelDims, start: int, client: dict) -> DataSource:

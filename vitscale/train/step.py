@@ -10,6 +10,9 @@ engines sits behind the small ``StepEngine`` protocol:
 - ``PipelineSteps`` (``parallel.pipe>1``): DeepSpeed runs the micro-batches through the stages
   (1F1B) and returns the loss averaged over micro-batches and data ranks on every stage; only
   the first and last stage read data.
+
+A micro-batch is (model inputs (a tuple), loss target, noise keys): the keys (int64 (B,),
+``models/noise.py``) make dropout and drop-path draw the masks one process draws, in any layout.
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ class StepEngine(Protocol):
 
     def train_batch(self, batches: Iterator[tuple], measure_norm: bool) -> torch.Tensor:
         """Forward, backward and the optimizer step over the step's micro-batches (model inputs,
-        target); the loss as a device scalar. ``measure_norm``: a log step wants the gradient norm."""
+        target, noise keys); the loss as a device scalar. ``measure_norm``: a log step wants the
+        gradient norm."""
 
     def forward_only(self, batches: list[tuple]) -> None:
         """Run ``batches`` forward through the objective without gradients."""
@@ -62,15 +66,12 @@ class PlainSteps:
         self.own_norm, self.timed = own_norm, timed
         self._norm: float | None = None
 
-    def _forward(self, inputs):
-        return self.engine(*inputs) if isinstance(inputs, tuple) else self.engine(inputs)
-
     def train_batch(self, batches: Iterator[tuple], measure_norm: bool) -> torch.Tensor:
         losses, self._norm = [], None
         for micro in range(self.accum):
-            inputs, target = next(batches)
+            inputs, target, keys = next(batches)
             with self.timed():
-                loss = self.objective(self._forward(inputs), target)
+                loss = self.objective(self.engine(*inputs, noise=keys), target)
             self.engine.backward(loss)
             if measure_norm and self.own_norm and micro == self.accum - 1:
                 self._norm = grad_norm_fp32(self.engine.module, self.dims)  # before the step clears the gradients
@@ -80,8 +81,8 @@ class PlainSteps:
 
     def forward_only(self, batches: list[tuple]) -> None:
         with torch.no_grad():
-            for inputs, target in batches:
-                self.objective(self._forward(inputs), target)
+            for inputs, target, keys in batches:
+                self.objective(self.engine(*inputs, noise=keys), target)
 
     def mean_loss(self, loss: torch.Tensor) -> float:
         dist.all_reduce(loss, group=self.dims.data_group())
@@ -92,17 +93,28 @@ class PlainSteps:
 
 
 class PipelineSteps:
-    """A DeepSpeed ``PipelineEngine``: this rank is one stage."""
+    """A DeepSpeed ``PipelineEngine``: this rank is one stage.
 
-    def __init__(self, engine):
-        self.engine = engine
+    Args:
+        engine: the engine.
+        takes_noise: the first stage takes (inputs..., noise keys) (``parallelize.pipeline_takes_noise``).
+    """
+
+    def __init__(self, engine, takes_noise: bool):
+        self.engine, self.takes_noise = engine, takes_noise
         self.reads_data = engine.is_first_stage() or engine.is_last_stage()
 
+    def _wire(self, batches: Iterator[tuple]) -> Iterator[tuple]:
+        """Micro-batches as DeepSpeed's pipeline reads them: (first stage's inputs, labels)."""
+        for inputs, target, keys in batches:
+            inputs = (*inputs, keys) if self.takes_noise else inputs
+            yield (inputs[0] if len(inputs) == 1 else inputs), target
+
     def train_batch(self, batches: Iterator[tuple], measure_norm: bool) -> torch.Tensor:
-        return self.engine.train_batch(data_iter=batches)
+        return self.engine.train_batch(data_iter=self._wire(batches))
 
     def forward_only(self, batches: list[tuple]) -> None:
-        self.engine.eval_batch(iter(batches), compute_loss=True, bcast_loss=False)
+        self.engine.eval_batch(self._wire(iter(batches)), compute_loss=True, bcast_loss=False)
 
     def mean_loss(self, loss: torch.Tensor) -> float:
         return loss.item()  # already the data-parallel mean, on every stage
@@ -114,7 +126,7 @@ class PipelineSteps:
 
 def optimizer_step(steps: StepEngine, fetch: Callable[[], tuple], accum: int, objective: Objective,
                    measure_norm: bool = False) -> torch.Tensor:
-    """One optimizer step over ``accum`` micro-batches from ``fetch`` (model inputs, target).
+    """One optimizer step over ``accum`` micro-batches from ``fetch`` (model inputs, target, noise keys).
 
     Returns:
         This rank's loss of the step (a device scalar; ``steps.mean_loss`` averages it over ranks).
