@@ -97,7 +97,9 @@ def test_linear_probe_on_frozen_features(recipe, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "probe.json").read_text())
     assert (result["train_samples"], result["test_samples"], result["feature_dim"]) == (1437, 360, 192)
-    assert 10 < result["top1"] <= result["top5"] <= 100  # digits are linearly separable well above chance
+    # chance is 10 %; measured 84 % (top-5 99 %): a probe that learned nothing, or features that carry
+    # nothing of the image (a broken embed), stays near chance
+    assert 50 <= result["top1"] <= result["top5"] <= 100
     proc = subprocess.run([sys.executable, "-m", "vitscale.tools.eval", str(out / "runs" / "pretrain_fractal"),
                            "--task", "linear-probe", "--data", str(tmp_path)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)

@@ -3,7 +3,7 @@
 Fixed seed, same global batch, fp32, 4 optimizer steps, dropout and drop-path on (their masks
 are keyed to the sample, models/noise.py, so every layout draws the masks one process draws):
 the loss of each step must match the single-process run within 1e-5 relative, and the global
-gradient norm DeepSpeed clips with within 1e-4. The norms are compared because clipping is
+gradient norm DeepSpeed clips with within 1e-5 too. The norms are compared because clipping is
 active (norms ~8 against a clip of 1): a uniform gradient-scale error (gradients summed instead
 of averaged over data ranks, a replicated parameter's gradient counted twice under tensor
 parallelism) cancels in the clipped update and leaves the losses of the first steps unchanged.
@@ -86,13 +86,15 @@ def grad_norms(run_dir) -> list[float]:
 
 
 def assert_same_function(run_dir, ref_dir, layout: str) -> None:
-    """Step by step, the loss within 1e-5 and the clipped-with gradient norm within 1e-4 relative."""
+    """Step by step, the loss and the clipped-with gradient norm within 1e-5 relative. The layouts agree
+    to < 3e-7; the smallest plausible error, a doubled gradient of the blocks' norm1 weights (a
+    replicated parameter counted on two tensor ranks), moves the norm by 4.5e-5."""
     ref, got = train_losses(ref_dir), train_losses(run_dir)
     assert len(ref) == len(got) == STEPS
     assert got == pytest.approx(ref, rel=1e-5), f"{layout}: losses {got} vs {ref}"
     ref_norms, got_norms = grad_norms(ref_dir), grad_norms(run_dir)
     assert None not in got_norms and min(ref_norms) > 1.0  # logged every step; clipping is active
-    assert got_norms == pytest.approx(ref_norms, rel=1e-4), f"{layout}: gradient norms {got_norms} vs {ref_norms}"
+    assert got_norms == pytest.approx(ref_norms, rel=1e-5), f"{layout}: gradient norms {got_norms} vs {ref_norms}"
 
 
 @pytest.mark.parametrize("layout", [n for n in list(TWO) + list(FOUR) if not n.startswith("arch")])
