@@ -135,7 +135,9 @@ CLIP_COMMON = [f"train.steps={STEPS}", "train.seed=3", "train.precision=fp32", "
                "train.micro_batch=8", "train.global_batch=16", "optim.warmup_steps=2", "checkpoint.at_end=false",
                "data.num_workers=0"]
 CLIP_TWO = {
+    "clip_data2_zero0": ["parallel.zero=0"],
     "clip_data2_zero1": ["parallel.zero=1"],
+    "clip_data2_zero2": ["parallel.zero=2"],
     "clip_data2_zero3": ["parallel.zero=3", "checkpoint.at_end=true"],
     "clip_tensor2": ["parallel.tensor=2", "parallel.zero=1"],
     "clip_pipe2": ["parallel.pipe=2", "parallel.zero=1"],
@@ -143,6 +145,8 @@ CLIP_TWO = {
 CLIP_FOUR = {
     "clip_pipe2_tensor2": ["parallel.pipe=2", "parallel.tensor=2", "parallel.zero=1", "checkpoint.at_end=true"],
     "clip_tensor2_data2": ["parallel.tensor=2", "parallel.zero=1"],
+    "clip_tensor2_data2_zero3": ["parallel.tensor=2", "parallel.zero=3"],
+    "clip_pipe2_data2": ["parallel.pipe=2", "parallel.zero=1"],
 }
 
 
