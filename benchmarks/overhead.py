@@ -4,7 +4,8 @@ One process on CPU (or one GPU). Both sides start from identical weights, use
 torch.optim.AdamW with the same hyper-parameters and gradient clipping, and consume the
 same pre-rendered uint8 batches (so data generation is out of the comparison). The
 vitscale side is a run started as ``vitscale-train`` starts one (``train.setup.plan_run`` /
-``start_run``: DeepSpeed engine, ZeRO-0, same precision) stepped by ``train.step.optimizer_step``,
+``start_run``: DeepSpeed engine, ZeRO-0 (ZeRO-1 under bf16, which needs it for fp32 gradient
+accumulation: vitscale.config.validation), same precision) stepped by ``train.step.optimizer_step``,
 i.e. exactly what the training loop runs per step. Rounds interleave
 the two sides and the medians are reported (timings here swing +-10% run to run).
 
@@ -41,7 +42,8 @@ def main() -> None:
     from vitscale.train.setup import plan_run, start_run
     from vitscale.train.step import optimizer_step
 
-    plan = plan_run(args.config, ["parallel.zero=0", f"train.precision={args.precision}", "optim.torch_adam=true",
+    zero = 1 if args.precision == "bf16" else 0
+    plan = plan_run(args.config, [f"parallel.zero={zero}", f"train.precision={args.precision}", "optim.torch_adam=true",
                                   "optim.schedule=constant", "optim.warmup_steps=1", "log.progress=false",
                                   "data.num_workers=0", "checkpoint.resume=never",
                                   f"run.dir={tempfile.mkdtemp(prefix='vitscale-overhead-')}", *args.overrides],
@@ -100,7 +102,7 @@ def main() -> None:
           f"{dims.device}, torch threads {torch.get_num_threads()}")
     print(f"rounds {args.rounds} x {args.steps} steps; plain steps/s {[round(x, 3) for x in plain]}")
     print(f"rounds {args.rounds} x {args.steps} steps; vitscale steps/s {[round(x, 3) for x in ours]}")
-    print(f"plain PyTorch: {p:.3f} steps/s   vitscale (DeepSpeed ZeRO-0): {v:.3f} steps/s   "
+    print(f"plain PyTorch: {p:.3f} steps/s   vitscale (DeepSpeed ZeRO-{zero}): {v:.3f} steps/s   "
           f"ratio vitscale/plain = {v / p:.3f}")
     assert math.isfinite(v / p)
     shutdown()

@@ -109,10 +109,13 @@ def run_in_gloo(check, world: int) -> None:
     assert all(proc.exitcode == 0 for proc in procs)
 
 
-def launch_layouts(root: Path, nprocs: int, layouts: dict, common: list[str], config: str = TINY) -> None:
+def launch_layouts(root: Path, nprocs: int, layouts: dict, common: list[str], config: str = TINY,
+                   env: dict | None = None) -> None:
     """Train ``config`` in several layouts in one deepspeed launch (tests/train/layouts.py):
-    ``layouts`` is {name: overrides}; each run goes to ``root/name``."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    ``layouts`` is {name: overrides} (or {name: {"overrides": [...], "call": "module:function"}}
+    for a probe that trains the run); each run goes to ``root/name``. ``env``: extra variables
+    (e.g. a fault-injection hook) for every layout."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     env.pop("RANK", None)
     cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(free_port()),
            str(ROOT / "tests" / "train" / "layouts.py"), config, str(root), json.dumps(common), json.dumps(layouts)]

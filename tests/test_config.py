@@ -1,5 +1,6 @@
 """Config loading, overrides, DeepSpeed composition and every rejection with its message."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,13 @@ def test_parse_override():
     ("parallel.activation_checkpoint=-1", "parallel.activation_checkpoint=-1 must be >= 0"),
     ("parallel.offload=all", "parallel.offload=all offloads parameters, which only ZeRO-3 does"),
     ("parallel.zero=0 parallel.offload=optimizer", "parallel.offload=optimizer needs ZeRO 1, 2 or 3"),
+    ("train.precision=bf16 parallel.zero=0", "train.precision=bf16 needs parallel.zero >= 1 (now parallel.zero=0): "
+                                             "DeepSpeed accumulates bf16 gradients in fp32 only with ZeRO; set "
+                                             "parallel.zero=1"),
+    ("train.precision=bf16 parallel.zero=0 parallel.pipe=2", "train.precision=bf16 needs parallel.zero >= 1"),
+    ("train.grad_comm_dtype=bf16", "train.grad_comm_dtype=bf16 applies to train.precision=bf16 only (now "
+                                   "train.precision=fp32); remove it or set train.precision=bf16"),
+    ("train.grad_comm_dtype=fp16", "train.grad_comm_dtype='fp16' is not allowed; choose one of 'fp32', 'bf16'"),
     ("parallel.ds_preset=zero9", "parallel.ds_preset='zero9' not found; choose one of"),
     ("parallel.ds_preset=zero3", "parallel.zero=1 but DeepSpeed preset zero3.json is for ZeRO stage 3"),
     ("model.init=/no/such/file.pt", "model.init='/no/such/file.pt' is not a file"),
@@ -180,6 +188,22 @@ def test_ds_config_is_composed_from_the_experiment():
     assert ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["params"]["lr"] == cfg.train.lr
     assert "scheduler" not in ds  # ours, handed to deepspeed.initialize (see vitscale.train.optim.lr_schedule)
+    # bf16 (issue 18): fp32 gradient accumulation and reduction, DeepSpeed's skip of NaN / Inf steps on.
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+    assert ds["bf16"]["check_grad_overflow"] is True
+
+
+@pytest.mark.parametrize("overrides, accum, comm", [
+    (["train.precision=bf16"], "fp32", "fp32"),
+    (["train.precision=bf16", "train.grad_comm_dtype=bf16"], "fp32", "bf16"),
+    (["train.precision=bf16", "parallel.pipe=2"], "fp32", "fp32"),
+    (["train.precision=bf16", "parallel.tensor=2", "parallel.zero=2"], "fp32", "fp32"),
+    (["train.precision=fp32"], None, None),  # fp32 (and fp16) keep DeepSpeed's own dtypes
+])
+def test_bf16_accumulates_and_reduces_gradients_in_fp32_in_every_layout(overrides, accum, comm):
+    ds = compose_ds_config(load_config(ROOT / "configs/vit_tiny.yaml", overrides), 1)
+    assert ds.get("data_types", {}).get("grad_accum_dtype") == accum
+    assert ds.get("communication_data_type") == comm
 
 
 def test_preset_may_not_restate_what_the_experiment_owns(tmp_path):
@@ -190,6 +214,22 @@ def test_preset_may_not_restate_what_the_experiment_owns(tmp_path):
     preset.write_text(json.dumps({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}))
     with pytest.raises(ConfigError, match="precision is set by train.precision only"):
         load_config(ROOT / "configs/vit_tiny.yaml", [f"parallel.ds_preset={preset}"])
+    preset.write_text(json.dumps({"zero_optimization": {"stage": 1}, "communication_data_type": "bf16"}))
+    with pytest.raises(ConfigError, match="sets 'communication_data_type', which the experiment config owns"):
+        load_config(ROOT / "configs/vit_tiny.yaml", [f"parallel.ds_preset={preset}"])
+
+
+@pytest.mark.parametrize("preset, message", [
+    ({"bf16": {"check_grad_overflow": False}}, "sets bf16.check_grad_overflow=False: ZeRO-2 would then apply a "
+                                               "step with NaN / Inf gradients; remove the key"),
+    ({"zero_optimization": {"stage": 1, "compute_grad_norm": False}},
+     "sets zero_optimization.compute_grad_norm=false: ZeRO would then apply a step with NaN / Inf gradients"),
+])
+def test_a_preset_may_not_turn_off_the_skip_of_bad_steps(tmp_path, preset, message):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(preset))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(ROOT / "configs/vit_tiny.yaml", [f"parallel.ds_preset={path}", "train.precision=bf16"])
 
 
 def test_every_schema_key_round_trips_through_yaml(tmp_path):

@@ -407,16 +407,16 @@ class StopRequest:
     def _set(self, signum, frame) -> None:
         self.signum = self.signum or signum
 
-    def poll(self, device: torch.device, bad: bool = False) -> tuple[int, bool]:
-        """Collective: (the largest signal number any rank received, 0 if none; whether any
-        rank reports ``bad``, e.g. a non-finite loss)."""
+    def poll(self, device: torch.device, *flags: bool) -> tuple:
+        """Collective: (the largest signal number any rank received, 0 if none; then for each of
+        ``flags`` whether any rank reports it, e.g. a non-finite loss), in one all-reduce."""
         import torch
         import torch.distributed as dist
 
-        flags = torch.tensor([float(self.signum), float(bad)], device=device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        signum, any_bad = flags.tolist()
-        return int(signum), bool(any_bad)
+        values = torch.tensor([float(self.signum), *map(float, flags)], device=device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        signum, *any_flags = values.tolist()
+        return (int(signum), *map(bool, any_flags))
 
     def agreed(self, device: torch.device) -> bool:
         """Collective: whether any rank received a stop signal."""

@@ -8,6 +8,7 @@ that no launcher kills the job for us: what ends it is vitscale's own watchdog.
 """
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -27,7 +28,7 @@ from vitscale.data.synthetic import create_generator
 from vitscale.data.synthetic_loader import ShardStream
 from vitscale.distributed import EXIT_LOST_RANK, EXIT_NUMERIC, EXIT_TERMINATED
 from vitscale.train import checkpoint
-from vitscale.train.faults import NumericFault, child_signals_deferred, report_bad_step
+from vitscale.train.faults import NumericFault, check_skip_decision, child_signals_deferred, report_bad_step
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 # A 2-block tiny ViT (pipe 2 still splits it), 4 micro-batches of 4 per step on 2 ranks.
@@ -105,6 +106,117 @@ def test_resume_in_another_layout_continues_the_function(resumed_runs, changed, 
     assert first[HALF + 1] == pytest.approx(_losses(resumed_runs / original)[HALF + 1], rel=1e-5, abs=1e-6)
     lrs = {r["step"]: r["lr"] for r in read_metrics(resumed_runs / changed) if r["kind"] == "train"}
     assert lrs[HALF + 1] == pytest.approx(2e-3)  # the schedule continued past its warm-up
+
+
+# --------------------------------------------------------------------------- a bad step is skipped (one launch)
+
+NAN_STEP, INF_STEP, SKIP_STEPS = 3, 5, 6  # NaN inputs on every rank at 3; an Inf loss on rank 1 only at 5
+SKIP_PROBE = "tests.train.test_reliability:train_watching_steps"
+SKIP_LAYOUTS = {
+    "fp32_zero0": ["parallel.zero=0"],  # a plain optimizer: vitscale's skip (train/faults.py)
+    "fp32_zero1": ["parallel.zero=1"],  # DeepSpeed's ZeRO optimizer skips on a NaN / Inf norm
+    "bf16_zero1": ["parallel.zero=1", "train.precision=bf16"],  # DeepSpeed's BF16_Optimizer
+    "pipe2": ["parallel.pipe=2", "parallel.zero=0"],  # fp32 ZeRO-0 stages, our clipping (optim.clip_in_step)
+}
+
+
+def _optimizer_state(engine) -> list[torch.Tensor]:
+    """Everything an optimizer step changes on this rank: the model's weights, the weights the
+    optimizer updates (DeepSpeed's fp32 master partitions, or the weights themselves) and its
+    state (Adam's moments and step counts), as copies."""
+    basic = engine.basic_optimizer
+    tensors = list(engine.module.parameters()) + [p for g in basic.param_groups for p in g["params"]]
+    for state in basic.state_dict()["state"].values():
+        tensors += [v if torch.is_tensor(v) else torch.tensor(v) for _, v in sorted(state.items())]
+    return [t.detach().clone() for t in tensors]
+
+
+def train_watching_steps(run) -> None:
+    """Train ``run`` (tests/train/layouts.py calls this on every rank) while recording, for each
+    step, whether it left the optimizer's state bit for bit as it was, and how far the LR schedule
+    moved; at step INF_STEP the loss of global rank 1 becomes Inf while every gradient stays
+    finite (a loss a NaN check on gradients alone would let through). Written to
+    ``run.dir/steps_rank{R}.json``, with the NumericFault that stopped the run, if one did (every
+    rank raises it at the same step; the launch goes on with the next layout)."""
+    from vitscale.train.loop import train
+
+    engine, steps, loss = run.engine, run.steps, run.objective.loss
+    seen = {}
+
+    def loss_inf_on_rank1(*args):
+        value = loss(*args)
+        return value + float("inf") if engine.global_steps + 1 == INF_STEP and run.dims.rank == 1 else value
+
+    run.objective.loss = loss_inf_on_rank1  # inside the objective: a pipeline's last stage calls it too
+    train_batch = steps.train_batch
+
+    def watched(batches, measure_norm):
+        step, before, scheduled = engine.global_steps + 1, _optimizer_state(engine), engine.lr_scheduler.last_epoch
+        result = train_batch(batches, measure_norm)
+        after = _optimizer_state(engine)
+        seen[step] = {"unchanged": len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after)),
+                      "lr_steps": engine.lr_scheduler.last_epoch - scheduled, "applied": engine.was_step_applied()}
+        return result
+
+    steps.train_batch = watched
+    try:
+        train(run)
+        fault = None
+    except NumericFault as stop:
+        fault = str(stop)
+    (Path(run.cfg.run.dir) / f"steps_rank{run.dims.rank}.json").write_text(json.dumps({"steps": seen, "fault": fault}))
+
+
+@pytest.fixture(scope="module")
+def skipped_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("skip")
+    layouts = {name: {"overrides": overrides, "call": SKIP_PROBE} for name, overrides in SKIP_LAYOUTS.items()}
+    launch_layouts(root, 2, layouts, COMMON + [f"train.steps={SKIP_STEPS}", "checkpoint.every=1"],
+                   env={"VITSCALE_FAULT_NAN_STEP": str(NAN_STEP)})
+    return root
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", list(SKIP_LAYOUTS))
+def test_a_bad_step_is_skipped_on_every_rank_and_training_goes_on(skipped_runs, layout):
+    """A NaN step (inputs NaN on every rank) and an Inf loss on one rank only (its gradients
+    finite) are each skipped on every rank: the weights, master weights and optimizer state are
+    bit for bit those of the step before, the LR schedule stays (DeepSpeed's rule for a skipped
+    step, train/faults.py), no checkpoint of them is written, and training goes on with finite
+    losses; the steps around them change the weights."""
+    run = skipped_runs / layout
+    records = [json.loads((run / f"steps_rank{rank}.json").read_text()) for rank in range(2)]
+    assert [r["fault"] for r in records] == [None, None]  # the run finished
+    losses = _losses(run)
+    assert sorted(losses) == list(range(1, SKIP_STEPS + 1))
+    bad = {NAN_STEP, INF_STEP}
+    assert all(math.isfinite(losses[s]) for s in losses if s not in bad), losses
+    assert not math.isfinite(losses[NAN_STEP]) and not math.isfinite(losses[INF_STEP]), losses
+    skipped = {r["step"] for r in read_metrics(run) if r["kind"] == "train" and r["skipped"]}
+    assert skipped == bad
+    for rank, record in enumerate(records):
+        seen = {int(s): v for s, v in record["steps"].items()}
+        for step in bad:
+            assert seen[step] == {"unchanged": True, "lr_steps": 0, "applied": False}, (rank, step, seen[step])
+        for step in set(seen) - bad:
+            assert seen[step] == {"unchanged": False, "lr_steps": 1, "applied": True}, (rank, step, seen[step])
+    root = checkpoint.checkpoint_root(run)
+    assert [p.name for p in checkpoint.complete_checkpoints(root)] == ["step00000004", "step00000006"]  # keep 2
+    assert not (root / f"step{NAN_STEP:08d}").exists() and not (root / f"step{INF_STEP:08d}").exists()
+
+
+def test_a_nonfinite_loss_makes_its_gradients_nan_and_leaves_finite_ones_bit_for_bit():
+    from vitscale.train.faults import nonfinite_spreads
+
+    w = torch.tensor([0.3, -1.7], requires_grad=True)
+    for scale in (1.0, 1.0e30):  # finite: the value and the gradient are those of the loss itself
+        loss = (w * w).sum() * scale
+        (plain,) = torch.autograd.grad(loss, w, retain_graph=True)
+        spread = nonfinite_spreads(loss)
+        assert torch.equal(spread, loss) and torch.equal(torch.autograd.grad(spread, w)[0], plain)
+    loss = (w * w).sum() + float("inf")  # an Inf loss with finite gradients
+    assert torch.isfinite(torch.autograd.grad(loss, w, retain_graph=True)[0]).all()
+    assert torch.isnan(torch.autograd.grad(nonfinite_spreads(loss), w)[0]).all()
 
 
 # --------------------------------------------------------------------------- checkpoint files (no launch)
@@ -216,6 +328,14 @@ def test_bad_steps_stop_bf16_but_not_fp16():
     report_bad_step(5, 2, "bf16", 3, True)
     with pytest.raises(NumericFault, match=r"NaN / Inf for 3 step\(s\) in a row \(train.max_bad_steps=3"):
         report_bad_step(6, 3, "bf16", 3, True)
+    with pytest.raises(NumericFault, match=r"step 7: the gradient norm was NaN / Inf for 3 step\(s\) in a row"):
+        report_bad_step(7, 3, "fp32", 3, True, "gradient norm")
+    check_skip_decision(8, loss_bad=True, any_skipped=True, any_applied=False)  # a bad step, skipped everywhere
+    check_skip_decision(8, loss_bad=False, any_skipped=False, any_applied=True)
+    with pytest.raises(NumericFault, match=r"step 8: some ranks skipped the optimizer step and others applied it"):
+        check_skip_decision(8, loss_bad=True, any_skipped=True, any_applied=True)
+    with pytest.raises(NumericFault, match=r"step 9: the loss was NaN / Inf but the optimizer step was applied"):
+        check_skip_decision(9, loss_bad=True, any_skipped=False, any_applied=True)
 
 
 def test_a_loader_workers_death_raises_only_after_the_checkpoint_collectives():

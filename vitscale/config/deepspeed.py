@@ -19,7 +19,7 @@ def own_clipping(cfg: Config) -> bool:
 
 # Keys that the experiment config states; a preset must not state them too.
 _OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-               "optimizer", "scheduler", "gradient_clipping")
+               "optimizer", "scheduler", "gradient_clipping", "data_types", "communication_data_type")
 
 
 def find_preset(name: str) -> Path:
@@ -86,6 +86,12 @@ def compose_ds_config(cfg: Config, data_parallel: int, check_batch: bool = True,
     if t.precision == "fp16":
         ds["fp16"] = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                       "hysteresis": 2, "min_loss_scale": 1, **ds["fp16"]}
+    if t.precision == "bf16":
+        _bf16_as_large_stacks_do(ds, cfg, path.name)
+    if zero.get("compute_grad_norm", True) is False:
+        # ZeRO 1/2 skip a step only through the norm they compute (stage_1_and_2.py step()).
+        raise ConfigError(f"DeepSpeed preset {path.name} sets zero_optimization.compute_grad_norm=false: "
+                          "ZeRO would then apply a step with NaN / Inf gradients; remove the key")
 
     data = max(1, data_parallel)
     ds["train_batch_size"] = t.global_batch
@@ -111,3 +117,43 @@ def compose_ds_config(cfg: Config, data_parallel: int, check_batch: bool = True,
     ds.setdefault("steps_per_print", 10**9)  # we log ourselves; silence DeepSpeed's own step prints
     ds.setdefault("wall_clock_breakdown", False)
     return copy.deepcopy(ds)
+
+
+def _bf16_as_large_stacks_do(ds: dict, cfg: Config, preset: str) -> None:
+    """bf16 weights and activations, fp32 gradient accumulation and (by default) fp32 gradient
+    reduction, as Megatron-LM (``--accumulate-allreduce-grads-in-fp32``) and torchtitan (FSDP
+    ``reduce_dtype=float32``) train in bf16. What DeepSpeed 0.19 does with each key:
+
+    - ``data_types.grad_accum_dtype`` (``runtime/engine.py`` ``get_data_types``; the default is
+      the model dtype, bf16) picks the optimizer in ``_do_optimizer_sanity_check``: ZeRO-1 (also
+      under a pipeline, and with tensor parallelism) gets ``BF16_Optimizer``
+      (``runtime/bf16_optimizer.py``: fp32 gradient buffers ``fp32_groups_gradients_flat``, each
+      micro-batch's bf16 gradient added in fp32 by ``_update_hp_grad``, fp32 master weights
+      sharded over the data ranks; a pipeline reduces them in ``PipelineEngine._bf16_reduce_grads``);
+      ZeRO-2 gets ``DeepSpeedZeroOptimizer(gradient_accumulation_dtype=fp32)``
+      (``runtime/zero/stage_1_and_2.py``: each reduced partition is added into an fp32 partition
+      buffer, ``_build_compact_grad_partition_buffer``); ZeRO-3 gets
+      ``DeepSpeedZeroOptimizer_Stage3`` (``runtime/zero/stage3.py``: reduced partitions are cast
+      with ``.to(self.gradient_accumulation_dtype)`` and added into ``grad_partitions_flat_buffer``).
+      Without ZeRO DeepSpeed has no fp32 accumulation for bf16 (``_do_optimizer_sanity_check``
+      raises ``NotImplementedError: unsupported mix``; without the key it accumulates in bf16):
+      ``vitscale.config.validation`` refuses bf16 with ``parallel.zero=0`` before any process starts.
+    - ``communication_data_type`` (``runtime/engine.py``, property ``communication_data_type``;
+      the default is bf16 when bf16 is on) is the dtype of the gradient reduction:
+      ``DeepSpeedEngine.allreduce_bucket`` casts each bucket to it before ``all_reduce`` (this is
+      how ``BF16_Optimizer``'s fp32 buffers are reduced, so by default they would be rounded to
+      bf16 on the wire), ZeRO 1/2 key their reduction buckets by it (``average_tensor``,
+      ``gradient_reduction_w_predivide``), ZeRO-3 casts to it in ``__avg_scatter_contiguous_grads``.
+      ``train.grad_comm_dtype`` chooses it (fp32 unless a run trades precision for bandwidth).
+    - ``bf16.check_grad_overflow`` (``runtime/precision_config.py``, default true): ZeRO-2 skips a
+      step with a NaN / Inf gradient norm only with it (``stage_1_and_2.py`` ``step``); stated
+      here so that no preset turns the skip off.
+    """
+    bf16 = ds["bf16"]
+    if bf16.get("check_grad_overflow", True) is not True:
+        raise ConfigError(f"DeepSpeed preset {preset} sets bf16.check_grad_overflow="
+                          f"{bf16['check_grad_overflow']}: ZeRO-2 would then apply a step with NaN / Inf "
+                          "gradients; remove the key")
+    bf16["check_grad_overflow"] = True
+    ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    ds["communication_data_type"] = cfg.train.grad_comm_dtype

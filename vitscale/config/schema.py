@@ -138,13 +138,18 @@ class TrainConfig:
     steps: int = 300  # optimizer steps
     seed: int = 0  # weights, data order and augmentation all derive from it
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # bf16 only: the dtype gradients are reduced in over the data-parallel ranks. They always
+    # accumulate over micro-batches in fp32; fp32 keeps them fp32 on the wire too (Megatron's and
+    # torchtitan's default), bf16 halves the gradient traffic and rounds each reduction to bf16.
+    grad_comm_dtype: Literal["fp32", "bf16"] = "fp32"
     micro_batch: int = 16  # samples per data-parallel rank per forward/backward
     global_batch: int = 32  # samples per optimizer step over all data-parallel ranks
     lr: float = 1e-3  # peak learning rate
     label_smoothing: float = 0.0
     loss: Literal["softmax", "sigmoid"] = "softmax"  # classifier: softmax cross-entropy, or sigmoid (multi-label, ViT-22B)
-    # bf16 / fp32: stop after this many steps in a row with a NaN / Inf loss (fp16's loss
-    # scaler skips such steps itself and lowers the scale); no checkpoint of them is written.
+    # bf16 / fp32: a step whose loss or gradient norm is NaN / Inf on any rank is skipped on every
+    # rank (the weights stay as they were); this many such steps in a row stop the run (fp16's
+    # loss scaler skips such steps itself and lowers the scale). No checkpoint of them is written.
     max_bad_steps: int = 3
     ema: float = 0.0  # decay of an EMA of the weights (timm's ModelEmaV3, e.g. 0.9998), evaluated on data.test; 0 = off
 

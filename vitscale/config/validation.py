@@ -58,6 +58,7 @@ def check_config(cfg: Config) -> None:
         # DeepSpeed asserts this inside PipelineModule; say it before any process starts.
         _fail(f"parallel.zero={p.zero} cannot run with parallel.pipe={p.pipe}: DeepSpeed's pipeline engine "
              f"supports only ZeRO 0 and 1; set parallel.zero=1 or parallel.pipe=1")
+    _check_precision(cfg)
     _check_model_options(cfg)
     if p.activation_checkpoint < 0:
         _fail(f"parallel.activation_checkpoint={p.activation_checkpoint} must be >= 0 (blocks per recomputed "
@@ -140,6 +141,23 @@ def check_evaluation_data(cfg: Config) -> None:
         path = getattr(e, key)
         if e.every and path and not is_remote_path(path) and not exists_pattern(path):
             _fail(f"eval.{key}={path} does not exist")
+
+
+def _check_precision(cfg: Config) -> None:
+    """bf16 as the composer sets it up (``vitscale.config.deepspeed``): fp32 gradient accumulation,
+    which DeepSpeed 0.19 has for bf16 only with ZeRO (its ``BF16_Optimizer`` from stage 1 on)."""
+    t, p = cfg.train, cfg.parallel
+    if t.precision == "bf16" and p.zero == 0:
+        # runtime/engine.py _do_optimizer_sanity_check: bf16 weights with fp32 accumulation and no
+        # ZeRO raise NotImplementedError ("unsupported mix"); without fp32 accumulation DeepSpeed
+        # would sum the micro-batches' gradients and all-reduce them in bf16.
+        _fail(f"train.precision=bf16 needs parallel.zero >= 1 (now parallel.zero={p.zero}): DeepSpeed accumulates "
+              "bf16 gradients in fp32 only with ZeRO; set parallel.zero=1 (its BF16_Optimizer keeps fp32 gradients "
+              "and fp32 master weights, sharded over the data-parallel ranks; with one data rank nothing is "
+              "sharded), or train.precision=fp32")
+    if t.grad_comm_dtype != "fp32" and t.precision != "bf16":
+        _fail(f"train.grad_comm_dtype={t.grad_comm_dtype} applies to train.precision=bf16 only (now "
+              f"train.precision={t.precision}); remove it or set train.precision=bf16")
 
 
 def _check_model_options(cfg: Config) -> None:

@@ -1,6 +1,7 @@
 """This rank's model and its DeepSpeed engine: the model parallelised for the layout
 (``models.parallelize``), its starting weights (``model.init``), and ``deepspeed.initialize`` with
-our parameter groups, LR schedule and process grid (``train/optim.py``)."""
+our parameter groups, LR schedule and process grid (``train/optim.py``); the skip of NaN / Inf
+steps where DeepSpeed has none (``train/faults.py``), and a log line of the dtypes DeepSpeed chose."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +13,7 @@ from torch import nn
 from vitscale.config import own_clipping
 from vitscale.experiment import Experiment
 from vitscale.models.parallelize import layer_prefixes, parallelize
+from vitscale.train.faults import skip_nonfinite_steps
 from vitscale.train.initial_weights import load_initial_weights
 from vitscale.train.optim import clip_in_step, layer_decay_groups, lr_schedule, param_groups
 
@@ -76,9 +78,41 @@ def build_engine(exp: Experiment, dims, ds_config: dict, loss_fn: Callable | Non
     schedule = lr_schedule(t.steps, o.warmup_steps, o.schedule, o.warmup_init_ratio, o.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, mpu=mpu, lr_scheduler=schedule,
                                            model_parameters=groups)
+    skip_nonfinite_steps(engine)  # first: our clipping (below) wraps the step that may skip
     if own_clipping(cfg):
         clip_in_step(engine, model, dims, o.grad_clip)
+    if dims.is_main:
+        used = precision_in_use(engine)
+        logger.info("DeepSpeed optimizer %s: %s weights, %s master weights, gradients accumulated in %s and "
+                    "reduced in %s", used["optimizer"], used["weights"], used["master_weights"],
+                    used["grad_accum"], used["grad_comm"])
     return engine
+
+
+def precision_in_use(engine) -> dict:
+    """What DeepSpeed set up for this rank, read from its objects rather than from the config we
+    gave it: the optimizer class it chose (``runtime/engine.py`` ``_configure_optimizer``), the
+    dtype of the model's weights, of the weights the optimizer updates (the fp32 master partitions
+    of ``BF16_Optimizer`` / ZeRO 1-2 / ZeRO-3), of the buffers gradients accumulate in over micro-batches
+    (``BF16_Optimizer``'s ``fp32_groups_gradients_flat``; ZeRO's ``gradient_accumulation_dtype``,
+    which sizes its partition buffers; a plain optimizer accumulates in ``param.grad``) and of the
+    gradient reduction (``engine.communication_data_type``, which the engine and ZeRO cast to).
+    Dtypes are short names (``fp32``, ``bf16``, ``fp16``)."""
+    optimizer = engine.optimizer
+    weights = next(engine.module.parameters()).dtype
+    buffers = getattr(optimizer, "fp32_groups_gradients_flat", None)
+    accum = buffers[0].dtype if buffers else getattr(optimizer, "gradient_accumulation_dtype", weights)
+    # The fp32 copies the optimizer updates: BF16_Optimizer's, ZeRO 1/2's, ZeRO-3's partitions.
+    masters = [t for name in ("fp32_groups_flat_partition", "single_partition_of_fp32_groups",
+                              "fp32_partitioned_groups_flat") for t in getattr(optimizer, name, None) or []]
+    master = masters[0].dtype if masters else weights  # a plain optimizer updates the weights themselves
+    return {"optimizer": type(optimizer).__name__, "weights": dtype_name(weights), "master_weights": dtype_name(master),
+            "grad_accum": dtype_name(accum), "grad_comm": dtype_name(engine.communication_data_type)}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``fp32`` (the names ``train.precision`` uses)."""
+    return {v: k for k, v in _DTYPES.items()}.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def _human(n: int) -> str:

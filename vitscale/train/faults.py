@@ -1,6 +1,18 @@
-"""Faults met in the step loop (issue 9): NaN / Inf losses, stop signals while loader
+"""Faults met in the step loop (issues 9, 18): NaN / Inf steps, stop signals while loader
 workers start, a loader worker dying during a checkpoint, and the ``VITSCALE_FAULT_NAN_STEP``
-test hook."""
+test hook.
+
+A bad step is never applied, in any precision, ZeRO stage or layout: a NaN / Inf loss makes its
+own gradients NaN (``nonfinite_spreads``, in the objective), the data-parallel reduction carries
+them to every data rank, and every optimizer then skips the step on every rank. DeepSpeed's
+own wrappers already do (``BF16_Optimizer``, ZeRO 1-3 and the fp16 optimizers skip when the
+gradient norm, summed over all ranks, is NaN / Inf, and say so in ``optimizer.overflow``); a
+plain optimizer (fp32 without ZeRO) gets the same skip here (``skip_nonfinite_steps``). The
+engine then leaves the LR schedule where it was (``runtime/engine.py`` ``_take_model_step``
+steps the scheduler only when ``overflow`` is false): the schedule counts applied updates, in
+every precision alike, as DeepSpeed's fp16 loss scaler always did. The loop asks the engine
+(``was_step_applied``), counts bad steps in a row and stops at ``train.max_bad_steps``.
+"""
 from __future__ import annotations
 
 import atexit
@@ -8,26 +20,96 @@ import contextlib
 import logging
 import signal
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 
 class NumericFault(RuntimeError):
-    """``train.max_bad_steps`` steps in a row with a NaN / Inf loss (bf16 / fp32)."""
+    """``train.max_bad_steps`` skipped steps in a row (bf16 / fp32), or ranks that disagree on a skip."""
 
 
-def report_bad_step(step: int, in_a_row: int, precision: str, limit: int, is_main: bool) -> None:
-    """Log a step with a NaN / Inf loss; raise NumericFault (on every rank) at the limit."""
+def report_bad_step(step: int, in_a_row: int, precision: str, limit: int, is_main: bool,
+                    what: str = "loss") -> None:
+    """Log a skipped step (``what`` was NaN / Inf: the loss, or only the gradient norm); raise
+    NumericFault (on every rank) at the limit."""
     if precision == "fp16":
         if is_main:
-            logger.warning("step %d: NaN / Inf loss; fp16 loss scaling skips the step and lowers the scale", step)
+            logger.warning("step %d: NaN / Inf %s; fp16 loss scaling skips the step and lowers the scale", step, what)
         return
     if in_a_row >= limit:
-        raise NumericFault(f"step {step}: the loss was NaN / Inf for {in_a_row} step(s) in a row "
+        raise NumericFault(f"step {step}: the {what} was NaN / Inf for {in_a_row} step(s) in a row "
                            f"(train.max_bad_steps={limit}, train.precision={precision}); stopping without "
                            "writing a checkpoint. Resume from the last complete one (checkpoint.resume=auto) with "
                            "a lower train.lr, a longer optim.warmup_steps or optim.grad_clip, or check the data")
     if is_main:
-        logger.warning("step %d: NaN / Inf loss (%d of train.max_bad_steps=%d in a row)", step, in_a_row, limit)
+        logger.warning("step %d: NaN / Inf %s: the step was skipped on every rank, the weights are unchanged "
+                       "(%d of train.max_bad_steps=%d in a row)", step, what, in_a_row, limit)
+
+
+def check_skip_decision(step: int, loss_bad: bool, any_skipped: bool, any_applied: bool) -> None:
+    """A safety net over the flags all ranks agreed on: raise NumericFault when some ranks skipped
+    step ``step`` and others applied it (the model copies differ now), or when a step with a NaN /
+    Inf loss was applied. Neither can happen while every skip is decided over all ranks and a bad
+    loss makes its gradients NaN (module docstring); a DeepSpeed path that did otherwise stops here."""
+    if any_skipped and any_applied:
+        problem = "some ranks skipped the optimizer step and others applied it, so the model copies differ now"
+    elif loss_bad and any_applied:
+        problem = "the loss was NaN / Inf but the optimizer step was applied"
+    else:
+        return
+    raise NumericFault(f"step {step}: {problem}; stopping without writing a checkpoint. Resume from the last "
+                       "complete one (checkpoint.resume=auto) and report the layout (parallel.*, train.precision)")
+
+
+def nonfinite_spreads(loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` with its value and gradient unchanged bit for bit (a factor of exactly 1), except
+    that a NaN / Inf loss gets NaN gradients (a factor of NaN).
+
+    A loss can be Inf while its gradients are finite (cross-entropy with a target logit of
+    -Inf); the step must be skipped all the same, and every optimizer skips on NaN gradients
+    (see the module docstring). No host synchronisation."""
+    finite = torch.isfinite(loss.detach())
+    return loss * torch.where(finite, torch.ones_like(loss), torch.full_like(loss, float("nan"))).detach()
+
+
+def skip_nonfinite_steps(engine) -> bool:
+    """Make ``engine``'s optimizer skip a step whose gradients are NaN / Inf on any rank, on every
+    rank, where DeepSpeed handed us a plain optimizer that would apply it (fp32 without ZeRO).
+
+    DeepSpeed's own wrappers (``BF16_Optimizer``, ZeRO 1-3, fp16) skip such steps themselves and
+    expose ``overflow``; the engine reads that attribute after ``optimizer.step()``
+    (``_take_model_step``) to leave the LR schedule alone and count ``skipped_steps``, and
+    ``engine.was_step_applied()`` reports it. The plain optimizer gets the same attribute and
+    the same decision: its gradients (data-parallel reduced already) are checked on each rank
+    and the verdict taken over all ranks (pipeline stages and tensor shards hold different
+    gradients), one one-element all-reduce per step.
+
+    Returns:
+        Whether the skip was installed (False: DeepSpeed's optimizer skips on its own).
+    """
+    import torch.distributed as dist
+
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "overflow"):
+        return False
+    step = optimizer.step
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    device = params[0].device if params else torch.device("cpu")
+
+    def step_unless_nonfinite(*args, **kwargs):
+        grads = [p.grad for p in params if p.grad is not None]
+        bad = torch.zeros(1, device=device)
+        if grads:
+            bad[0] = ~torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        optimizer.overflow = bool(bad.item())
+        if optimizer.overflow:
+            return None  # the engine zeroes the gradients next, as after every step
+        return step(*args, **kwargs)
+
+    optimizer.step = step_unless_nonfinite
+    return True
 
 
 @contextlib.contextmanager

@@ -1,11 +1,13 @@
 """The step loop: step, agree on faults and signals, log, checkpoint, evaluate.
 
-Faults (issue 9): every step the ranks agree (one tiny all-reduce) on whether a stop
+Faults (issues 9, 18): every step the ranks agree (one tiny all-reduce) on whether a stop
 signal arrived (SIGTERM: checkpoint after this step and stop; SIGUSR1: at the next log
-interval) and whether the loss was NaN / Inf somewhere. Under fp16 DeepSpeed's loss scaler
-skips such a step; under bf16 / fp32 ``train.max_bad_steps`` of them in a row raise
-``NumericFault``; a step with a bad loss is never checkpointed. Everything a run needs is set
-up by ``setup.start_run``; one step is ``step.optimizer_step``.
+interval), whether the loss was NaN / Inf somewhere and whether the optimizer skipped the step.
+A step with a NaN / Inf loss or gradient norm on any rank is skipped on every rank
+(``train/faults.py``; under fp16 by DeepSpeed's loss scaler); under bf16 / fp32
+``train.max_bad_steps`` skipped steps in a row raise ``NumericFault``; a bad step is never
+checkpointed. Everything a run needs is set up by ``setup.start_run``; one step is
+``step.optimizer_step``.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from vitscale.train import checkpoint
 from vitscale.train.batches import check_tensor_peers, data_records, gather_positions
 from vitscale.train.ema import ema_state
 from vitscale.train.evaluate import evaluate_run
-from vitscale.train.faults import child_signals_deferred, report_bad_step
+from vitscale.train.faults import check_skip_decision, child_signals_deferred, report_bad_step
 from vitscale.train.setup import Run
 from vitscale.train.step import optimizer_step
 
@@ -29,7 +31,7 @@ def train(run: Run) -> dict:
     """Train from ``run.start`` to ``train.steps`` (or a stop signal). Returns the last train record."""
     cfg, t, dims = run.cfg, run.cfg.train, run.dims
     record: dict = {}
-    bad_steps = 0  # consecutive steps with a NaN / Inf loss
+    bad_steps = 0  # consecutive bad steps: NaN / Inf loss or gradient norm, the step skipped
     for step in range(run.start + 1, t.steps + 1):  # the step being taken, 1-based
         log_now = step % cfg.log.every == 0 or step == t.steps
         lr = run.engine.get_lr()[0]  # the lr this step uses
@@ -40,12 +42,18 @@ def train(run: Run) -> dict:
             run.ema.update(run.engine.module, step=step)
         if run.progress is not None:
             run.progress.update(1)
-        signum, bad = run.stop_request.poll(dims.device, not torch.isfinite(loss).all().item())
+        skipped = not run.engine.was_step_applied()  # DeepSpeed's record (faults.py: ours too)
+        signum, loss_bad, any_skipped, any_applied = run.stop_request.poll(
+            dims.device, not torch.isfinite(loss).all().item(), skipped, not skipped)
+        check_skip_decision(step, loss_bad, any_skipped, any_applied)
+        # fp16's loss scaler skips steps with finite losses while it finds its scale: not bad.
+        bad = loss_bad or (any_skipped and t.precision != "fp16")
         bad_steps = bad_steps + 1 if bad and t.precision != "fp16" else 0
         if bad:
-            report_bad_step(step, bad_steps, t.precision, t.max_bad_steps, dims.is_main)
+            report_bad_step(step, bad_steps, t.precision, t.max_bad_steps, dims.is_main,
+                            "loss" if loss_bad else "gradient norm")
         if log_now:
-            record = _log(run, step, loss, lr)
+            record = _log(run, step, loss, lr, any_skipped)
         done = step == t.steps
         # SIGTERM: SLURM kills 30 s later, stop now; SIGUSR1 (--signal=USR1@120): at a log interval.
         stop = signum == signal.SIGTERM or (signum != 0 and log_now)
@@ -64,13 +72,13 @@ def train(run: Run) -> dict:
     return record
 
 
-def _log(run: Run, step: int, loss: torch.Tensor, lr: float) -> dict:
-    """Collective: the train record (loss averaged over data ranks), throughput and data records;
-    global rank 0 writes them. Returns the train record."""
+def _log(run: Run, step: int, loss: torch.Tensor, lr: float, skipped: bool) -> dict:
+    """Collective: the train record (loss averaged over data ranks; whether the optimizer skipped
+    the step), throughput and data records; global rank 0 writes them. Returns the train record."""
     t, dims = run.cfg.train, run.dims
     loss_mean, norm = run.steps.mean_loss(loss), run.steps.grad_norm()
     record = {"kind": "train", "step": step, "samples": step * t.global_batch, "loss": loss_mean, "lr": lr,
-              "grad_norm": float(norm) if norm is not None else None}
+              "grad_norm": float(norm) if norm is not None else None, "skipped": skipped}
     if t.precision == "fp16":
         record["loss_scale"] = run.engine.optimizer.cur_scale
     rows = run.meter.records(step)
@@ -88,10 +96,11 @@ def _log(run: Run, step: int, loss: torch.Tensor, lr: float) -> dict:
 
 
 def _checkpoint(run: Run, step: int, bad: bool):
-    """Collective: save a checkpoint of ``step`` (not of a step whose loss was NaN / Inf)."""
+    """Collective: save a checkpoint of ``step`` (not of a bad step, although its weights are those
+    of the step before: a run that stops at ``train.max_bad_steps`` resumes from before the streak)."""
     if bad:
         if run.dims.is_main:
-            logger.warning("no checkpoint at step %d: its loss was NaN / Inf", step)
+            logger.warning("no checkpoint at step %d: its loss or gradient norm was NaN / Inf", step)
         return None
     extra = {"data": gather_positions(run.source, run.dims)} if run.source_cls.stateful else {}
     if run.ema is not None:

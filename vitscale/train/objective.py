@@ -9,7 +9,9 @@
   the loss rather than on the parameter, which under ZeRO lives in the optimizer's master copy).
 
 Every objective says whether it needs the whole step's micro-batches first (``whole_batch``):
-the step function (``train/step.py``) then runs a forward-only collecting pass.
+the step function (``train/step.py``) then runs a forward-only collecting pass. A NaN / Inf loss
+gives NaN gradients (``train.faults.nonfinite_spreads``), so that its step is skipped on every
+rank even where the gradients alone were finite.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Callable
 import torch
 
 from vitscale.models.losses import create_loss
+from vitscale.train.faults import nonfinite_spreads
 
 
 class Objective:
@@ -29,7 +32,7 @@ class Objective:
         self.loss = loss
 
     def __call__(self, outputs, target) -> torch.Tensor:
-        return self.loss(outputs, target)
+        return nonfinite_spreads(self.loss(outputs, target))
 
     def collect(self) -> None:
         """Start a step's collecting pass (only objectives with ``whole_batch``)."""
@@ -82,7 +85,7 @@ class WholeBatchContrastive(Objective):
         image, text, scale = outputs
         image, text, scale = image.float(), text.float(), scale.float().clamp(max=100.0)  # open_clip's clamp
         if self.accum == 1:
-            return self.loss(image, text, scale)
+            return nonfinite_spreads(self.loss(image, text, scale))
         if self.collecting:
             self._cache.append((image.detach(), text.detach()))
             return scale * 0.0  # a placeholder with a graph; nothing is trained on it
@@ -94,7 +97,7 @@ class WholeBatchContrastive(Objective):
         # would get accum times the whole-batch gradient (caught by comparing gradient norms with
         # the data-parallel layout, where each rank's loss uses the scale once).
         scale = scale.detach() + (scale - scale.detach()) / self.accum
-        return self._scale_grad(self.loss(images, texts, scale))
+        return nonfinite_spreads(self._scale_grad(self.loss(images, texts, scale)))
 
     def _scale_grad(self, loss: torch.Tensor) -> torch.Tensor:
         # Value of ``loss``, gradient x accum: DeepSpeed divides every micro-batch's loss by
