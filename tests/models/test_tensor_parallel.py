@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from tests.conftest import run_in_gloo
 from vitscale.models import create_model
-from vitscale.models.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, gather_from_tensor_parallel,
+from vitscale.models.tensor_parallel import (ColumnParallelLinear, gather_from_tensor_parallel,
                                              parallelize_vit)
 from vitscale.models.vit import init_weights
 

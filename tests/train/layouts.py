@@ -13,6 +13,7 @@ every layout after the first reuses the process group, so a test pays one start-
 import importlib
 import json
 import sys
+from pathlib import Path
 
 from vitscale.distributed import init_distributed, shutdown
 from vitscale.train.loop import train
@@ -24,6 +25,8 @@ def _runner(spec):
     if isinstance(spec, list):
         return spec, train
     module, _, function = spec["call"].partition(":")
+    # A script's own folder is on sys.path, the repository's root (where ``tests`` is) only under PYTHONPATH.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     return spec["overrides"], getattr(importlib.import_module(module), function)
 
 
