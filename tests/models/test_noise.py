@@ -59,7 +59,7 @@ def test_a_tensor_shard_draws_its_slice_of_the_whole_mask():
     full = whole(x, keys)
     for rank in range(4):
         part = KeyedDropout(0.5).train()
-        part.site, part.shard = 99, (rank * 3, 12)
+        part.site, part.tensor_slice = 99, (rank * 3, 12)
         torch.testing.assert_close(part(x[..., rank * 3:(rank + 1) * 3], keys), full[..., rank * 3:(rank + 1) * 3],
                                    rtol=0, atol=0)
 

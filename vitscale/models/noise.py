@@ -13,7 +13,7 @@ keep probability``:
 - the **site** is the layer's name in the whole model (``assign_noise_sites``), the same whether
   the layer sits in one process, a tensor shard or a pipeline stage;
 - the **element index** is its position in the whole (unsharded) tensor of that sample: a
-  tensor-parallel shard computes only its slice, from its offset (``KeyedDropout.shard``,
+  tensor-parallel shard computes only its slice, from its offset (``KeyedDropout.tensor_slice``,
   ``Attention.head_offset``), never the whole mask.
 
 Activation checkpointing recomputes the same masks, since they depend on nothing but their
@@ -95,21 +95,21 @@ def keyed_dropout(x: torch.Tensor, p: float, keys: torch.Tensor, site: int, dim:
 class KeyedDropout(nn.Module):
     """``nn.Dropout`` whose mask is keyed to the sample when the forward gets ``noise`` keys.
 
-    ``shard`` = (offset, full width) when the last dimension is a tensor-parallel slice
+    ``tensor_slice`` = (offset, full width) when the last dimension is a tensor-parallel slice
     (set by ``tensor_parallel.parallelize_vit``); ``site`` is set by ``assign_noise_sites``."""
 
     def __init__(self, p: float = 0.0):
         super().__init__()
         self.p = p
         self.site = 0
-        self.shard: tuple[int, int] | None = None
+        self.tensor_slice: tuple[int, int] | None = None
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         if self.p == 0.0 or not self.training:
             return x
         if noise is None:
             return nn.functional.dropout(x, self.p, True)
-        offset, full = self.shard or (0, None)
+        offset, full = self.tensor_slice or (0, None)
         return keyed_dropout(x, self.p, noise, self.site, -1, offset, full)
 
     def extra_repr(self) -> str:

@@ -274,7 +274,7 @@ def _parallelize_parallel_block(block: ParallelBlock, rank: int, world: int, gro
     block.num_heads //= world
     # Keyed dropout masks (models/noise.py) index the whole tensor: say which slice this rank holds.
     block.heads = HeadSlice(rank * block.num_heads, block.num_heads * world)
-    block.mlp_drop.shard = (rank * (hidden // world), hidden)
+    block.mlp_drop.tensor_slice = (rank * (hidden // world), hidden)
     _share_qk_norms(block, group)
     block.__class__ = ShardedParallelBlock
     block.mlp_hidden_full, block.tp_rank, block.tp_world = hidden, rank, world
@@ -329,7 +329,7 @@ def parallelize_vit(model: nn.Module, rank: int, world: int, group) -> nn.Module
         hidden = mlp.fc1.out_features
         mlp.fc1 = _column(mlp.fc1, rank, world, group)
         mlp.fc2 = _row(mlp.fc2, rank, world, group)
-        mlp.drop1.shard = (rank * (hidden // world), hidden)  # keyed dropout of this rank's hidden units
+        mlp.drop1.tensor_slice = (rank * (hidden // world), hidden)  # keyed dropout of this rank's hidden units
     return model
 
 
