@@ -1,6 +1,7 @@
 """This rank's model and its DeepSpeed engine: the model parallelised for the layout
 (``models.parallelize``), its starting weights (``model.init``), and ``deepspeed.initialize`` with
-our parameter groups, LR schedule and process grid (``train/optim.py``)."""
+our parameter groups, LR schedule and process grid, and what wraps the optimizer step (our
+clipping where DeepSpeed's is wrong, the clamp of bounded parameters; ``train/optim.py``)."""
 from __future__ import annotations
 
 import logging
@@ -13,7 +14,7 @@ from vitscale.config import own_clipping
 from vitscale.experiment import Experiment
 from vitscale.models.parallelize import layer_prefixes, parallelize
 from vitscale.train.initial_weights import load_initial_weights
-from vitscale.train.optim import clip_in_step, layer_decay_groups, lr_schedule, param_groups
+from vitscale.train.optim import clamp_in_step, clip_in_step, layer_decay_groups, lr_schedule, param_groups
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ def build_engine(exp: Experiment, dims, ds_config: dict, loss_fn: Callable | Non
                                            model_parameters=groups)
     if own_clipping(cfg):
         clip_in_step(engine, model, dims, o.grad_clip)
+    if exp.model.clamped:  # after the clipped step: e.g. a CLIP's logit scale to [0, log 100], master copy too
+        clamp_in_step(engine, model, dict(exp.model.clamped), layer_prefixes(exp.model) if dims.pipe > 1 else None)
     return engine
 
 

@@ -14,11 +14,13 @@ import signal
 
 import torch
 
+from vitscale.models.parallelize import layer_prefixes
 from vitscale.train import checkpoint
 from vitscale.train.batches import check_tensor_peers, data_records, gather_positions
 from vitscale.train.ema import ema_state
 from vitscale.train.evaluate import evaluate_run
 from vitscale.train.faults import child_signals_deferred, report_bad_step
+from vitscale.train.replicas import check_replicated_weights
 from vitscale.train.setup import Run
 from vitscale.train.step import optimizer_step
 
@@ -78,6 +80,9 @@ def _log(run: Run, step: int, loss: torch.Tensor, lr: float) -> dict:
         rows += data_records(run.source_cls, run.source if run.reports_data else None, dims, step)
     if dims.tensor > 1 and run.source is not None and (fingerprint := run.source.fingerprint()) is not None:
         check_tensor_peers(fingerprint, dims.tensor_group(), dims.device)
+    if dims.tensor > 1:  # every stage: its tensor ranks hold its replicated weights alike
+        check_replicated_weights(run.engine.module, dims.tensor_group(), dims.device,
+                                 layer_prefixes(run.exp.model) if dims.pipe > 1 else None)
     if run.writer:
         for row in [record] + rows:
             run.writer.write(row)
