@@ -2,6 +2,8 @@
 weights (train/replicas.py) and the batch they read (train/batches.py's check_tensor_peers). Both
 failure paths, in one 2-process gloo spawn; the passing path runs at every log step of every
 tensor-parallel layout (tests/train/test_parallel.py, tests/train/test_clip_siglip.py)."""
+import gc
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -67,6 +69,10 @@ def _check(rank: int, world: int) -> None:
     # The batch check: equal key checksums pass, different ones stop the run.
     check_tensor_peers(12345, group, cpu)
     _raises(lambda: check_tensor_peers(1000 + rank, group, cpu), "read different batches", "[1000, 1001]")
+    # The shards hold the process group: drop them before the worker destroys it, or a rank's
+    # gloo threads may outlive it and abort the process at exit (seen 1 in 5 runs without this).
+    del model
+    gc.collect()
 
 
 def test_tensor_ranks_stop_on_replicas_or_batches_that_differ():

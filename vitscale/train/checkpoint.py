@@ -25,7 +25,7 @@ m = s x tensor + t the model-parallel rank, L = pipeline layer index):
     pipe = 1, ZeRO 0/1/2   mp_rank_{t:02d}_model_states.pt: the rank's whole module
                            (``"module"``: full tensors when tensor = 1, its shards otherwise,
                            in the training dtype) and ``"param_shapes"`` (the optimizer's
-                           parameter order), written by data rank 0
+                           parameter order; None for ZeRO-0 fp16 / bf16), written by data rank 0
     pipe = 1, ZeRO 3       zero_pp_rank_{d}_mp_rank_{t:02d}_model_states.pt (the module's
                            tensors are empty placeholders; its buffers; ``param_shapes``)
     pipe > 1 (ZeRO 0/1)    layer_{L:02d}-model_{t:02d}-model_states.pt: one state dict per
@@ -36,15 +36,20 @@ m = s x tensor + t the model-parallel rank, L = pipeline layer index):
 and where the optimizer keeps its fp32 master weights when the module trains in bf16 / fp16
 (or, ZeRO-3, holds only placeholders):
 
-    ZeRO 1/2, and BF16_Optimizer    ``[bf16_]zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt``:
-    (bf16 ZeRO-1, bf16 pipelines)   ``single_partition_of_fp32_groups``, data rank d's contiguous
-                                    slice of each parameter group's flat buffer (parameters in
-                                    ``param_shapes`` order, ``param_alignment_paddings`` between)
-    ZeRO 3                          the same files: ``fp32_flat_groups``, each parameter split
-                                    into ceil(numel / D)-element pieces, piece d on data rank d
-    ZeRO 0 (fp16, bf16)             ``mp_rank_{m:02d}_model_states.pt``'s ``optimizer``:
-                                    ``fp32_groups_flat`` (one flat buffer per group) or, torch's
-                                    Adam, ``fp32_groups`` (one tensor per parameter)
+    ZeRO 1/2, BF16_Optimizer          ``[bf16_]zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt``:
+    (bf16 ZeRO-1, bf16 pipelines)     ``single_partition_of_fp32_groups``, data rank d's slice of
+                                      each parameter group's flat buffer, and
+                                      ``param_slice_mappings``: where each parameter's piece lies
+                                      in it (``param_shapes`` give the order too, where DeepSpeed
+                                      records them: not for bf16 ZeRO-0 pipelines)
+    ZeRO 3                            the same files: ``fp32_flat_groups``, each parameter split
+                                      into ceil(numel / D)-element pieces, piece d on data rank d
+    ZeRO 0 (fp16 / bf16 with pipe 1,  ``mp_rank_{m:02d}_model_states.pt``'s ``optimizer``:
+    fp16 pipelines)                   ``fp32_groups_flat`` (one flat buffer per group) or, torch's
+                                      Adam, ``fp32_groups`` (one tensor per parameter). DeepSpeed
+                                      records no parameter order for this optimizer, so ``save``
+                                      adds it to the client state (``MASTER_ORDER``); a checkpoint
+                                      written before that is read from its module, with a warning
 
 ``read_checkpoint`` takes every parameter from the fp32 master where the module's copy is not it
 (``train.precision`` bf16 / fp16, or ZeRO-3), in every layout, as DeepSpeed's

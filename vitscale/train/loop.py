@@ -4,8 +4,10 @@ Faults (issue 9): every step the ranks agree (one tiny all-reduce) on whether a 
 signal arrived (SIGTERM: checkpoint after this step and stop; SIGUSR1: at the next log
 interval) and whether the loss was NaN / Inf somewhere. Under fp16 DeepSpeed's loss scaler
 skips such a step; under bf16 / fp32 ``train.max_bad_steps`` of them in a row raise
-``NumericFault``; a step with a bad loss is never checkpointed. Everything a run needs is set
-up by ``setup.start_run``; one step is ``step.optimizer_step``.
+``NumericFault``; a step with a bad loss is never checkpointed. At log steps the ranks of a
+tensor-parallel group also check that they read the same batch and hold the same replicated
+weights (``batches.check_tensor_peers``, ``replicas.check_replicated_weights``). Everything a run
+needs is set up by ``setup.start_run``; one step is ``step.optimizer_step``.
 """
 from __future__ import annotations
 
