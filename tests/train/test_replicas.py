@@ -36,8 +36,7 @@ def _raises(fn, *parts: str) -> str:
     raise AssertionError(f"no error; expected one naming {parts}")
 
 
-def _check(rank: int, world: int) -> None:
-    group, cpu = dist.group.WORLD, torch.device("cpu")
+def _check_replicas(rank: int, world: int, group, cpu) -> None:
     model = _tensor_shard(rank, world)
     names = [name for name, _ in replicated_parameters(model)]
     assert {"logit_scale", "logit_bias", "visual.conv1.weight", "visual.ln_pre.weight", "text.token_embedding.weight",
@@ -62,6 +61,14 @@ def _check(rank: int, world: int) -> None:
         model.logit_bias.fill_(-10.0)
     check_replicated_weights(model, group, cpu)
 
+
+def _check(rank: int, world: int) -> None:
+    group, cpu = dist.group.WORLD, torch.device("cpu")
+    _check_replicas(rank, world, group, cpu)
+    # The shards hold the process group: collect them before the worker destroys it, or a rank's
+    # gloo threads may outlive it and abort the process at exit (seen in 1 of 5 runs without this).
+    gc.collect()
+
     # Swapped elements change the checksum too (position-weighted).
     t = torch.arange(6, dtype=torch.float32)
     assert checksum(t) != checksum(t[[1, 0, 2, 3, 4, 5]]) and checksum(t) == checksum(t.clone())
@@ -69,10 +76,6 @@ def _check(rank: int, world: int) -> None:
     # The batch check: equal key checksums pass, different ones stop the run.
     check_tensor_peers(12345, group, cpu)
     _raises(lambda: check_tensor_peers(1000 + rank, group, cpu), "read different batches", "[1000, 1001]")
-    # The shards hold the process group: drop them before the worker destroys it, or a rank's
-    # gloo threads may outlive it and abort the process at exit (seen 1 in 5 runs without this).
-    del model
-    gc.collect()
 
 
 def test_tensor_ranks_stop_on_replicas_or_batches_that_differ():

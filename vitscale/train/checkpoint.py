@@ -528,7 +528,7 @@ def _with_master(shards: list[dict], masters: list[dict], run: Experiment, tenso
         if missing or unexpected or wrong:
             raise ValueError(f"{folder}: the fp32 master weights of tensor rank {t} do not fit the model: no master "
                              f"for {missing[:5]}, unknown {unexpected[:5]}, sizes {wrong[:3]}")
-        out.append({**shard, **{k: v.reshape(params[k]) for k, v in master.items()}})
+        out.append({**shard, **{k: v.detach().reshape(params[k]) for k, v in master.items()}})  # saved with grad
     return out
 
 
