@@ -3,9 +3,10 @@ process starts.
 
 ``load_experiment(path, overrides)`` is ``config.load_config`` (keys, types, everything that needs
 only the config), then the model the config names (``models.resolve_model``: built once, on the
-meta device), the data source that reads its data section (``data.sources``), and the checks
-across the parts: a CLIP reads image-text data, the heads split over the tensor ranks, packing
-needs a model that takes packed sequences, evaluation fits the model's kind. Every start
+meta device, with the loss ``train.loss`` names for its kind), the data source that reads its data
+section (``data.sources``), and the checks across the parts: a CLIP reads image-text data, the
+heads split over the tensor ranks, packing needs a model that takes packed sequences, evaluation
+fits the model's kind. Every start
 (``vitscale-train``, ``vitscale-recipe``, the benchmarks, the export and evaluation tools) goes
 through here, so nothing downstream asks the config what kind of model it is.
 """
@@ -52,7 +53,7 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] = ()) -
 
 def resolve(cfg: Config) -> Experiment:
     """``cfg`` (already checked by ``load_config``) resolved and checked against the model and the data."""
-    model = resolve_model(cfg.model, cfg.data.image_size, cfg.data.num_classes)
+    model = resolve_model(cfg.model, cfg.data.image_size, cfg.data.num_classes, cfg.train.loss)
     task = TASKS[model.kind]
     name = source_name(cfg, task)
     source = source_class(name)

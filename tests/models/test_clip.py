@@ -167,6 +167,42 @@ def test_logit_scale_starts_at_log_1_over_007_and_clamps_at_log_100():
     assert create_model("clip_tiny", init_logit_scale=0.0).logit_scale.item() == 0.0
 
 
+def test_logit_scale_is_declared_clamped_for_the_trainer():
+    # The trainer reads the bounds from the model (ModelSpec.clamped) and clamps after each step.
+    assert create_model("clip_tiny").clamped_parameters() == {"logit_scale": (0.0, LOGIT_SCALE_MAX)}
+
+
+def test_siglip_bias_is_open_clips_and_moves_both_ways():
+    # init_logit_bias (open_clip's option; SigLIP: -10 with logit scale log 10): a learned
+    # logit_bias, returned fourth as open_clip's forward does, converted to its 0-d scalar.
+    torch.manual_seed(0)
+    model = create_model("clip_tiny", init_logit_bias=-10.0, init_logit_scale=math.log(10)).eval()
+    assert model.logit_bias.shape == (1,) and model.logit_bias.item() == -10.0
+    assert model.logit_scale.item() == pytest.approx(math.log(10))
+    assert "logit_bias" in model.no_weight_decay()
+    assert create_model("clip_tiny").logit_bias is None and len(create_model("clip_tiny")(*_batch(model.cfg))) == 3
+    with torch.no_grad():
+        model.logit_bias.fill_(-7.5)  # trained away from its init: the value itself must travel
+    ref = _open_clip_twin(model.cfg)
+    assert ref.logit_bias is not None and model.cfg.to_dict()["init_logit_bias"] == -10.0
+    converted = to_open_clip_state_dict(model.state_dict())
+    assert converted["logit_bias"].shape == ()
+    ref.load_state_dict(converted, strict=True)
+    images, tokens = _batch(model.cfg)
+    with torch.no_grad():
+        ours, theirs = model(images, tokens), ref(images, tokens)
+        assert len(ours) == len(theirs) == 4
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(images, tokens)[3], torch.tensor(-7.5))
+    back = from_open_clip_state_dict(ref.state_dict())
+    assert back["logit_bias"].shape == (1,)
+    model.load_state_dict(back, strict=True)
+    # initialised by name, as every other parameter (pipeline stages, tensor shards)
+    clip_init_weights(model, model.cfg, seed=0)
+    assert model.logit_bias.item() == -10.0
+
+
 def test_forward_returns_unit_features_and_trains():
     model = create_model("clip_tiny")
     img, txt, scale = model(*_batch(model.cfg))

@@ -146,7 +146,11 @@ class TrainConfig:
     global_batch: int = 32  # samples per optimizer step over all data-parallel ranks
     lr: float = 1e-3  # peak learning rate
     label_smoothing: float = 0.0
-    loss: Literal["softmax", "sigmoid"] = "softmax"  # classifier: softmax cross-entropy, or sigmoid (multi-label, ViT-22B)
+    # None = the model's own: softmax for a classifier, clip for a CLIP. A classifier: softmax cross-entropy,
+    # or sigmoid (multi-label, ViT-22B). A CLIP: clip (softmax contrastive, as open_clip; softmax reads as clip),
+    # or siglip (pairwise sigmoid, Zhai et al. 2023: the model gets a learned logit bias, init -10, and logit
+    # scale log 10, as open_clip_train --siglip).
+    loss: Literal["softmax", "sigmoid", "clip", "siglip"] | None = None
     # bf16 / fp32: a step whose loss or gradient norm is NaN / Inf on any rank is skipped on every
     # rank (the weights stay as they were); this many such steps in a row stop the run (fp16's
     # loss scaler skips such steps itself and lowers the scale). No checkpoint of them is written.

@@ -36,9 +36,12 @@ blocks -> ``ln_post`` on the class token -> ``proj``; text tower token + positio
 embedding -> causal blocks -> ``ln_final`` -> the end-of-text token's features (the
 largest token id, open_clip's ``text_pool_type='argmax'``) -> ``text_projection``.
 The logit scale is a learned log-temperature initialised to log(1/0.07); ``forward``
-returns its ``exp()`` unclamped, as open_clip does, and the training step clamps the
-parameter to [0, log 100] after each optimizer step (``clamp_logit_scale_``, as
-open_clip_train does).
+returns its ``exp()`` unclamped, as open_clip does. The parameter lives in [0, log 100]:
+``clamped_parameters()`` says so, and the trainer clamps it (and the optimizer's fp32 master
+copy of it) after each optimizer step, as open_clip_train does; ``clamp_logit_scale_`` does
+it on a plain model. A CLIP built with ``init_logit_bias`` (open_clip's option, set for
+SigLIP's sigmoid loss: bias -10, logit scale log 10) also learns a ``logit_bias``, and
+``forward`` returns it fourth, as open_clip's ``CLIP.forward`` does.
 
 Plain single-device torch: parallelism is applied to a built model elsewhere.
 """
@@ -159,6 +162,7 @@ class CLIPConfig:
     text: CLIPTextConfig = field(default_factory=CLIPTextConfig)
     quick_gelu: bool = False  # x * sigmoid(1.702 x) as OpenAI's weights; open_clip's own configs use GELU
     init_logit_scale: float = math.log(1 / 0.07)  # log of the inverse softmax temperature
+    init_logit_bias: float | None = None  # a learned logit bias from this value (SigLIP: -10); None = no bias
 
     def __post_init__(self):
         if isinstance(self.vision, dict):
@@ -179,8 +183,9 @@ class CLIPConfig:
         """open_clip's JSON layout: ``open_clip.model.CLIP(**cfg.to_dict())`` builds the same model."""
         vision = {k: v for k, v in dataclasses.asdict(self.vision).items()
                   if k not in _VISION_OPTIONS or k in self.vision.options()}
+        bias = {} if self.init_logit_bias is None else {"init_logit_bias": self.init_logit_bias}
         return dict(embed_dim=self.embed_dim, quick_gelu=self.quick_gelu, init_logit_scale=self.init_logit_scale,
-                    vision_cfg=vision, text_cfg=dataclasses.asdict(self.text))
+                    **bias, vision_cfg=vision, text_cfg=dataclasses.asdict(self.text))
 
 
 _VISION_OPTIONS = ("qk_norm", "dual_patchnorm", "moe_blocks", "moe_experts", "moe_slots")
@@ -342,7 +347,8 @@ class TextTower(nn.Module):
 
 
 class CLIP(nn.Module):
-    """Contrastive image-text model: ``visual`` and ``text`` towers and ``logit_scale``.
+    """Contrastive image-text model: ``visual`` and ``text`` towers, ``logit_scale`` and, with
+    ``cfg.init_logit_bias`` set (SigLIP), ``logit_bias``.
 
     Args:
         cfg: the architecture; kept as ``self.cfg`` (read by ``models/flops.py``).
@@ -357,6 +363,9 @@ class CLIP(nn.Module):
         # 0-d parameters. The open_clip conversions reshape it (``to/from_open_clip_state_dict``).
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
         assign_noise_sites(self)
+        # open_clip's name and init; (1,) for the same reason as logit_scale.
+        self.logit_bias = (nn.Parameter(torch.full((1,), float(cfg.init_logit_bias)))
+                           if cfg.init_logit_bias is not None else None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -371,15 +380,22 @@ class CLIP(nn.Module):
         self.visual.grad_checkpointing = self.text.grad_checkpointing = every
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names exempt from weight decay (open_clip's, plus the logit scale it
-        exempts as a 0-d parameter)."""
-        return {"visual.class_embedding", "visual.positional_embedding", "text.positional_embedding", "logit_scale"}
+        """Parameter names exempt from weight decay (open_clip's, plus the logit scale and bias it
+        exempts as 0-d parameters)."""
+        names = {"visual.class_embedding", "visual.positional_embedding", "text.positional_embedding", "logit_scale"}
+        return names | ({"logit_bias"} if self.logit_bias is not None else set())
+
+    def clamped_parameters(self) -> dict[str, tuple[float, float]]:
+        """Parameters that live in a closed interval, ``{name: (low, high)}``: ``logit_scale`` in
+        [0, log 100], so the temperature never exceeds 100 (open_clip_train clamps it after each
+        optimizer step). Whoever steps an optimizer on this model clamps them after each step."""
+        return {"logit_scale": (0.0, LOGIT_SCALE_MAX)}
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
-        """Clamp ``logit_scale`` to [0, log 100] in place; call after each optimizer step
-        (open_clip_train does), so the temperature never exceeds 100."""
-        self.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+        """Clamp ``logit_scale`` to [0, log 100] in place (``clamped_parameters``); call after
+        each optimizer step of a plain model, as open_clip_train does."""
+        self.logit_scale.clamp_(*self.clamped_parameters()["logit_scale"])
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Images (B, 3, H, W) -> embeddings (B, E), unit length with ``normalize``."""
@@ -392,17 +408,19 @@ class CLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor,
-                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """What open_clip's ``CLIP.forward`` returns. ``noise`` (sample keys, ``models/noise.py``)
         is accepted as every model here accepts it; the towers have no stochastic layers (open_clip's
         have none either), so nothing draws from it.
 
         Returns:
-            Normalised image embeddings (B, E), normalised text embeddings (B, E), and
-            ``logit_scale.exp()`` (the inverse temperature the loss multiplies logits by).
+            Normalised image embeddings (B, E), normalised text embeddings (B, E),
+            ``logit_scale.exp()`` (the inverse temperature the loss multiplies logits by), and
+            ``logit_bias`` when the model has one (SigLIP), all scalars 0-d.
         """
-        return self.encode_image(images, normalize=True), self.encode_text(tokens, normalize=True), \
-            self.logit_scale.exp()[0]
+        out = (self.encode_image(images, normalize=True), self.encode_text(tokens, normalize=True),
+               self.logit_scale.exp()[0])
+        return out if self.logit_bias is None else (*out, self.logit_bias[0])
 
 
 def _initial_value(name: str, module: nn.Module, shape: tuple[int, ...], gen: torch.Generator,
@@ -416,6 +434,8 @@ def _initial_value(name: str, module: nn.Module, shape: tuple[int, ...], gen: to
         return torch.zeros(shape)
     if name == "logit_scale":
         return torch.full(shape, float(cfg.init_logit_scale))
+    if name == "logit_bias":
+        return torch.full(shape, float(cfg.init_logit_bias))
     out = torch.empty(shape)
     tower = cfg.vision if name.startswith("visual.") else cfg.text
     width = tower.width
@@ -444,7 +464,8 @@ def clip_init_weights(module: nn.Module, cfg: CLIPConfig, seed: int, prefix: str
     Normal with open_clip's stds: token embedding .02, text positions .01, image class
     and position embeddings and both projections width^-1/2; in every block qkv
     width^-1/2, fc1 (2 width)^-1/2, proj and fc2 width^-1/2 (2 layers)^-1/2; conv1
-    (3 fan_in)^-1/2; zero biases, unit LayerNorms, ``logit_scale`` = ``cfg.init_logit_scale``.
+    (3 fan_in)^-1/2; zero biases, unit LayerNorms, ``logit_scale`` = ``cfg.init_logit_scale``,
+    ``logit_bias`` = ``cfg.init_logit_bias``.
 
     As ``vit.init_weights``: no value depends on the order of the others, so a piece of
     the model (``prefix`` = its name in the whole model, e.g. ``"text.blocks.3"``) or a
@@ -492,8 +513,12 @@ def _rename(key: str, to_open_clip: bool) -> str:
     return key
 
 
+_SCALARS = ("logit_scale", "logit_bias")  # (1,) here, 0-d in open_clip
+
+
 def to_open_clip_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our CLIP's state dict -> open_clip's ``CLIP`` names (same tensors, renamed keys; ``logit_scale`` viewed as open_clip's 0-d scalar).
+    """Our CLIP's state dict -> open_clip's ``CLIP`` names (same tensors, renamed keys; ``logit_scale``
+    and ``logit_bias`` viewed as open_clip's 0-d scalars).
 
     Args:
         state_dict: from ``CLIP.state_dict()`` (a full, unsharded model).
@@ -501,7 +526,7 @@ def to_open_clip_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, to
     Returns:
         A dict that ``open_clip.create_model(<matching name>).load_state_dict(sd, strict=True)`` loads.
     """
-    return {_rename(k, True): v.reshape(()) if k == "logit_scale" else v for k, v in state_dict.items()}
+    return {_rename(k, True): v.reshape(()) if k in _SCALARS else v for k, v in state_dict.items()}
 
 
 def from_open_clip_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -514,7 +539,7 @@ def from_open_clip_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, 
     Returns:
         A dict that ``CLIP.load_state_dict(sd, strict=True)`` loads.
     """
-    return {_rename(k, False): v.reshape(1) if k == "logit_scale" else v for k, v in state_dict.items()
+    return {_rename(k, False): v.reshape(1) if k in _SCALARS else v for k, v in state_dict.items()
             if k != "attn_mask"}
 
 
@@ -545,7 +570,7 @@ def clip_config(name: str, /, **overrides) -> CLIPConfig:
     Args:
         name: a key of ``CLIP_SIZES``, e.g. ``clip_vit_b32``.
         overrides: top-level ``CLIPConfig`` fields (``embed_dim``, ``quick_gelu``,
-            ``init_logit_scale``), and ``vision`` / ``text`` dicts whose keys replace
+            ``init_logit_scale``, ``init_logit_bias``), and ``vision`` / ``text`` dicts whose keys replace
             the tower's fields, e.g. ``vision=dict(layers=2), text=dict(context_length=16)``.
 
     Returns:

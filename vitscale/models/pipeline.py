@@ -176,7 +176,7 @@ def build_vit_pipeline(model: VisionTransformer, topology, stage: int, seed: int
 # the tuple (image activations, text activations) travels through every stage, image
 # blocks touching the first, text blocks the second; the EOT positions ride along as an
 # integer tensor (no gradient needed). The last layer projects, normalises and hands
-# (image features, text features, logit scale) to the contrastive loss.
+# (image features, text features, logit scale[, logit bias]) to the contrastive loss.
 
 class _Parts(nn.Module):
     """Holds some of a tower's modules and parameters under their names in the tower."""
@@ -222,19 +222,20 @@ class TextBlock(CLIPBlock):
 
 class CLIPHead(nn.Module):
     """(image tokens, text tokens, EOT) -> (normalised image features, normalised text features,
-    ``logit_scale.exp()``), what ``CLIP.forward`` returns."""
+    ``logit_scale.exp()``[, ``logit_bias``]), what ``CLIP.forward`` returns."""
 
     def __init__(self, model: CLIP):
         super().__init__()
         v, t = model.visual, model.text
         self.visual = _Parts(v.cfg, ln_post=v.ln_post, proj=v.proj)
         self.text = _Parts(t.cfg, ln_final=t.ln_final, text_projection=t.text_projection)
-        self.logit_scale = model.logit_scale
+        self.logit_scale, self.logit_bias = model.logit_scale, model.logit_bias  # the bias: SigLIP's, or None
 
     def forward(self, x):
         image = F.normalize(VisionTower.forward_head(self.visual, x[0]), dim=-1)
         text = F.normalize(TextTower.forward_head(self.text, x[1], x[2]), dim=-1)
-        return image, text, self.logit_scale.exp()[0]
+        out = (image, text, self.logit_scale.exp()[0])
+        return out if self.logit_bias is None else (*out, self.logit_bias[0])
 
 
 def _recast(block: CLIPBlock, cls: type) -> CLIPBlock:

@@ -6,11 +6,16 @@ the architecture they give, and what the rest of a start asks of the model (para
 parameters without weight decay, the transformer stacks a layout splits, the text tower a
 tokenizer needs, FLOPs per sample), all from one build on the meta device. This is the one place
 that knows how config keys map onto each model family's options; the model classes know no config.
+
+The loss a model trains with (``train.loss``) is resolved here too, because for a CLIP it is part
+of the model: ``siglip`` builds the CLIP with a learned logit bias (open_clip's
+``init_logit_bias=-10``) and logit scale log 10, as open_clip_train's ``--siglip`` does.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +25,11 @@ from torch import nn
 from vitscale.config.schema import ConfigError, ModelConfig
 from vitscale.models.flops import forward_flops, packed_forward_flops
 from vitscale.models.registry import ModelKind, create_model, list_models, model_kind
+
+# The losses (``models/losses.py``) each kind of model trains with (``train.loss``), its default first.
+LOSSES_BY_KIND: dict[str, tuple[str, ...]] = {"classifier": ("softmax", "sigmoid"), "clip": ("clip", "siglip")}
+# SigLIP's starting logit scale and bias (Zhai et al. 2023; open_clip_train's --siglip).
+SIGLIP_INIT = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}
 
 # Model keys that only a ViT classifier has; a CLIP states its towers in model.vision / model.text.
 VIT_ONLY = ("depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm", "init_values", "class_token", "global_pool",
@@ -48,6 +58,10 @@ class ModelSpec:
     arch: Any  # the architecture: vit.ViTConfig or clip.CLIPConfig
     parameters: int  # elements of the whole model (all stages and shards)
     no_weight_decay: frozenset[str] = field(default_factory=frozenset)  # the whole model's no_weight_decay()
+    loss: str = ""  # the loss it trains with (resolve_loss): softmax | sigmoid (classifier), clip | siglip (CLIP)
+    # Parameters kept in [low, high] after each optimizer step (the whole model's clamped_parameters(),
+    # e.g. a CLIP's logit_scale in [0, log 100]), as sorted (name, (low, high)) pairs.
+    clamped: tuple[tuple[str, tuple[float, float]], ...] = ()
 
     def create(self) -> nn.Module:
         """The whole model on torch's current default device, freshly initialised."""
@@ -82,12 +96,34 @@ class ModelSpec:
         return forward_flops(self.arch)
 
 
-def resolve_model(model: ModelConfig, image_size: int, num_classes: int) -> ModelSpec:
-    """The model ``model.*`` describes at ``image_size`` px with ``num_classes`` classes.
+def resolve_loss(loss: str | None, kind: str) -> str:
+    """The loss a model of ``kind`` trains with for ``train.loss=loss``.
+
+    ``None`` picks the kind's own (``softmax`` for a classifier, ``clip`` for a CLIP). A CLIP also
+    reads ``softmax`` as ``clip`` (the contrastive loss is a softmax over the batch; the
+    ``config.yaml`` of runs from before CLIP losses were named says ``softmax``).
 
     Raises:
-        ConfigError: an unknown name, an option the model family does not have, or options the
-            model's own checks refuse; the message names the key and the fix.
+        ConfigError: a loss the kind does not train with, naming the ones it does.
+    """
+    own = LOSSES_BY_KIND[kind]
+    if loss is None or (kind == "clip" and loss == "softmax"):
+        return own[0]
+    if loss not in own:
+        other = "a CLIP" if kind == "classifier" else "a classifier"
+        fix = {"sigmoid": "siglip", "clip": "softmax", "siglip": "sigmoid"}.get(loss)
+        raise ConfigError(f"train.loss={loss} is a loss of {other}; a {kind} trains with train.loss "
+                          f"{' or '.join(own)}" + (f" (e.g. train.loss={fix})" if fix else ""))
+    return loss
+
+
+def resolve_model(model: ModelConfig, image_size: int, num_classes: int, loss: str | None = None) -> ModelSpec:
+    """The model ``model.*`` describes at ``image_size`` px with ``num_classes`` classes, to train
+    with ``train.loss=loss`` (``resolve_loss``; ``siglip`` gives the CLIP its logit bias).
+
+    Raises:
+        ConfigError: an unknown name, an option the model family does not have, a loss it does not
+            train with, or options the model's own checks refuse; the message names the key and the fix.
     """
     if model.name not in list_models():
         near = difflib.get_close_matches(model.name, list_models(), n=3, cutoff=0.4)
@@ -95,13 +131,14 @@ def resolve_model(model: ModelConfig, image_size: int, num_classes: int) -> Mode
                           + (f"; did you mean {', '.join(near)}?" if near else "")
                           + " (vitscale.models.list_models() lists them all)")
     kind = model_kind(model.name)
+    loss = resolve_loss(loss, kind)
     if kind == "clip":
         defaults = ModelConfig()
         stated = [k for k in VIT_ONLY if getattr(model, k) != getattr(defaults, k)]
         if stated:
             raise ConfigError(f"model.{stated[0]} is a ViT option; a CLIP states its towers in model.vision / "
                               f"model.text (open_clip's names, e.g. model.vision={{layers: 2}} model.text={{heads: 4}})")
-        kwargs = _clip_kwargs(model, image_size)
+        kwargs = _clip_kwargs(model, image_size, loss)
     else:
         if model.vision or model.text:
             raise ConfigError(f"model.vision / model.text configure CLIP towers; {model.name} is a ViT classifier")
@@ -111,9 +148,11 @@ def resolve_model(model: ModelConfig, image_size: int, num_classes: int) -> Mode
             built = create_model(model.name, **kwargs)
     except ValueError as e:  # the model's own checks (e.g. image size vs patch size)
         raise ConfigError(f"model {model.name} with data.image_size={image_size}: {e}") from None
+    clamped = getattr(built, "clamped_parameters", dict)()
     return ModelSpec(name=model.name, kind=kind, kwargs=kwargs, arch=built.cfg,
                      parameters=sum(p.numel() for p in built.parameters()),
-                     no_weight_decay=frozenset(built.no_weight_decay()))
+                     no_weight_decay=frozenset(built.no_weight_decay()), loss=loss,
+                     clamped=tuple(sorted((k, (float(lo), float(hi))) for k, (lo, hi) in clamped.items())))
 
 
 def _classifier_kwargs(m: ModelConfig, image_size: int, num_classes: int) -> dict:
@@ -129,12 +168,15 @@ def _classifier_kwargs(m: ModelConfig, image_size: int, num_classes: int) -> dic
     return kwargs
 
 
-def _clip_kwargs(m: ModelConfig, image_size: int) -> dict:
-    """A CLIP's options: open_clip's tower fields in model.vision / model.text; patch_size and embed_dim."""
+def _clip_kwargs(m: ModelConfig, image_size: int, loss: str) -> dict:
+    """A CLIP's options: open_clip's tower fields in model.vision / model.text; patch_size and embed_dim;
+    SigLIP's logit scale and bias for ``loss == "siglip"``."""
     vision = {**(m.vision or {}), "image_size": image_size}
     if m.patch_size is not None:
         vision["patch_size"] = m.patch_size
     kwargs = {"vision": vision, "text": dict(m.text or {})}
     if m.embed_dim is not None:
         kwargs["embed_dim"] = m.embed_dim
+    if loss == "siglip":
+        kwargs.update(SIGLIP_INIT)
     return kwargs

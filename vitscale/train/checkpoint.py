@@ -19,38 +19,54 @@ whose weights hold a NaN / Inf is never written.
 
 Reading a checkpoint of any layout back into one whole-model state dict (``read_checkpoint``,
 for export, evaluation, ``model.init`` and resharding) lives here too. What DeepSpeed 0.19.8
-writes into a checkpoint folder (t = tensor rank, d = data rank, s = pipe x tensor
-model-parallel rank, L = pipeline layer index):
+writes into a checkpoint folder (t = tensor rank, d = data rank, s = pipeline stage,
+m = s x tensor + t the model-parallel rank, L = pipeline layer index):
 
     pipe = 1, ZeRO 0/1/2   mp_rank_{t:02d}_model_states.pt: the rank's whole module
                            (``"module"``: full tensors when tensor = 1, its shards otherwise,
-                           in the training dtype), written by data rank 0; beside it
-                           the optimizer's ``zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt``
+                           in the training dtype) and ``"param_shapes"`` (the optimizer's
+                           parameter order; None for ZeRO-0 fp16 / bf16), written by data rank 0
     pipe = 1, ZeRO 3       zero_pp_rank_{d}_mp_rank_{t:02d}_model_states.pt (the module's
-                           tensors are empty placeholders) and ``..._optim_states.pt``
-                           holding each data rank's flat fp32 partition
+                           tensors are empty placeholders; its buffers; ``param_shapes``)
     pipe > 1 (ZeRO 0/1)    layer_{L:02d}-model_{t:02d}-model_states.pt: one state dict per
                            pipeline layer (keys relative to the layer) and tensor rank;
-                           ``mp_rank_{s:02d}_model_states.pt`` only carry ``module=None``
+                           ``mp_rank_{m:02d}_model_states.pt`` carry ``module=None`` and the
+                           stage's ``param_shapes`` (names ``"{L}.{key}"``)
 
-ZeRO-3 is consolidated by DeepSpeed's own ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``.
-That function globs every ``*_model_states.pt`` / ``*_optim_states.pt`` of the folder and
-requires their count to equal the data-parallel partition count, so it refuses tensor > 1
-(dp x tensor files); we therefore hand it one tensor rank at a time (a temporary folder
-of links to that rank's files) and merge the ranks' shards ourselves
-(``interop.merge_tensor_parallel``). Everything else is read with
-``torch.load(..., weights_only=True)``.
+and where the optimizer keeps its fp32 master weights when the module trains in bf16 / fp16
+(or, ZeRO-3, holds only placeholders):
+
+    ZeRO 1/2, BF16_Optimizer          ``[bf16_]zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt``:
+    (bf16 ZeRO-1, bf16 pipelines)     ``single_partition_of_fp32_groups``, data rank d's slice of
+                                      each parameter group's flat buffer, and
+                                      ``param_slice_mappings``: where each parameter's piece lies
+                                      in it (``param_shapes`` give the order too, where DeepSpeed
+                                      records them: not for bf16 ZeRO-0 pipelines)
+    ZeRO 3                            the same files: ``fp32_flat_groups``, each parameter split
+                                      into ceil(numel / D)-element pieces, piece d on data rank d
+    ZeRO 0 (fp16 / bf16 with pipe 1,  ``mp_rank_{m:02d}_model_states.pt``'s ``optimizer``:
+    fp16 pipelines)                   ``fp32_groups_flat`` (one flat buffer per group) or, torch's
+                                      Adam, ``fp32_groups`` (one tensor per parameter). DeepSpeed
+                                      records no parameter order for this optimizer, so ``save``
+                                      adds it to the client state (``MASTER_ORDER``); a checkpoint
+                                      written before that is read from its module, with a warning
+
+``read_checkpoint`` takes every parameter from the fp32 master where the module's copy is not it
+(``train.precision`` bf16 / fp16, or ZeRO-3), in every layout, as DeepSpeed's
+``zero_to_fp32`` does for the layouts it reads (one model-parallel rank, pipe = 1), and the
+buffers from the module. Every file is read with ``torch.load(..., weights_only=True)``: the
+few DeepSpeed classes an optimizer state pickles (loss scaler, ZeRO stage, fragment address:
+plain data) are allowed by name, nothing else (``zero_to_fp32`` itself unpickles with
+``weights_only=False``, so it is not used).
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
+import math
 import random
 import re
 import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -62,13 +78,15 @@ from torch import nn
 from vitscale.config import load_config
 from vitscale.experiment import Experiment, resolve
 from vitscale.files import write_text_atomic
-from vitscale.models.interop import check_state_dict, merge_tensor_parallel, pipeline_to_whole
+from vitscale.models.interop import check_state_dict, merge_tensor_parallel, pipeline_to_whole, whole_name
 from vitscale.models.parallelize import layer_prefixes
 from vitscale.models.tensor_parallel import parallelize_vit
+from vitscale.train.optim import zero0_master_order
 
 logger = logging.getLogger(__name__)
 
 MARKER = "vitscale.json"  # written last, by global rank 0, once every rank's files are complete
+MASTER_ORDER = "fp32_master_order"  # client-state key: the ZeRO-0 fp16 / bf16 optimizer's parameter order
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -149,8 +167,10 @@ def save(engine, run_dir: str | Path, step: int, samples: int, keep: int, is_mai
         return None
     error = None
     try:
+        order = zero0_master_order(engine.optimizer, engine.module)  # this rank's; DeepSpeed keeps none (optim.py)
         engine.save_checkpoint(str(root), tag=folder.name, save_latest=False,
-                               client_state={"step": step, "samples": samples, **(extra or {})})
+                               client_state={"step": step, "samples": samples, **(extra or {}),
+                                             **({MASTER_ORDER: order} if order is not None else {})})
         torch.save(_rng_state(), folder / f"rng_rank{dist.get_rank():05d}.pt")
     except (OSError, RuntimeError) as e:  # no space left, quota, I/O error
         error = e
@@ -263,7 +283,7 @@ class LayoutChange(ValueError):
 def client_state(folder: Path) -> dict:
     """The client state DeepSpeed stored beside the model (in every ``*mp_rank_00_model_states.pt``)."""
     path = next(iter(sorted(folder.glob("*mp_rank_00_model_states.pt"))), None)
-    return torch.load(path, map_location="cpu", weights_only=True) if path is not None else {}
+    return _load(path) if path is not None else {}
 
 
 # -- reading a checkpoint of any layout -------------------------------------------------------------
@@ -271,6 +291,7 @@ def client_state(folder: Path) -> dict:
 _LAYER_FILE = re.compile(r"layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 _MP_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
 _ZERO3_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+_OPTIM_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 
 # Keys of config.yaml that only say where the run's data and starting weights were, or how
 # to resume: the model and layout do not depend on them, and they need not exist where
@@ -316,8 +337,21 @@ def _meta_model(run: Experiment, tensor: int = 1) -> nn.Module:
     return model
 
 
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _deepspeed_data_classes() -> list:
+    """The DeepSpeed classes its checkpoints pickle, each plain data (no code runs to rebuild
+    them): the loss scalers, the ZeRO stage enum, the fragment addresses of ``param_slice_mappings``."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _load(path: Path, mmap: bool = False) -> dict:
+    """A DeepSpeed checkpoint file, ``weights_only=True`` (those classes allowed by name, nothing else);
+    ``mmap``: tensors stay in the file until read (optimizer states, of which only the weights are used)."""
+    with torch.serialization.safe_globals(_deepspeed_data_classes()):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def _check_ranks(ranks, what: str, tensor: int, folder: Path) -> None:
@@ -350,26 +384,152 @@ def _read_module(folder: Path, tensor: int) -> list[dict]:
 
 
 def _read_zero3(folder: Path, tensor: int) -> list[dict]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+    """Each tensor rank's module states of a ZeRO-3 checkpoint: buffers, and empty placeholders
+    for the parameters (``read_checkpoint`` puts the fp32 master in their place)."""
     ranks = {int(m.group(2)) for p in folder.iterdir() if (m := _ZERO3_FILE.fullmatch(p.name))}
     _check_ranks(ranks, "ZeRO-3 model-states files", tensor, folder)
-    shards = []
-    for t in range(tensor):
-        # zero_to_fp32 reads every *_model_states.pt / *_optim_states.pt of a folder and wants
-        # one per data rank: show it only tensor rank t's (see the module docstring).
-        with tempfile.TemporaryDirectory(prefix="vitscale-export-") as tmp:
-            view = Path(tmp) / folder.name
-            view.mkdir()
-            for path in folder.iterdir():
-                if f"mp_rank_{t:02d}_" in path.name and path.name.endswith(("_model_states.pt", "_optim_states.pt")):
-                    (view / path.name).symlink_to(path.resolve())
-            chatter = io.StringIO()
-            with contextlib.redirect_stdout(chatter):  # it prints its progress; keep our stdout clean
-                state = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=folder.name)
-            logger.debug("zero_to_fp32 (tensor rank %d): %s", t, chatter.getvalue())
-        shards.append(state)
-    return shards
+    return [dict(_load(folder / f"zero_pp_rank_0_mp_rank_{t:02d}_model_states.pt")["module"]) for t in range(tensor)]
+
+
+def _walk(flat: torch.Tensor, shapes: dict, paddings: list[int] | None, where: str) -> dict[str, torch.Tensor]:
+    """The parameters ``shapes`` (name -> shape, in order) laid one after another in ``flat``, with
+    ``paddings[i]`` elements after parameter i."""
+    out, offset = {}, 0
+    for i, (name, shape) in enumerate(shapes.items()):
+        numel = math.prod(shape)
+        if offset + numel > flat.numel():
+            raise ValueError(f"{where}: the fp32 master weights end at {flat.numel()} elements, before {name} "
+                             f"({tuple(shape)}) at {offset}; the optimizer states do not fit param_shapes")
+        out[name] = flat[offset:offset + numel].view(tuple(shape)).clone()
+        offset += numel + (paddings[i] if paddings else 0)
+    return out
+
+
+def _partition_count(state: dict, where: str) -> int:
+    counts = state["partition_count"]
+    counts = set(counts) if isinstance(counts, (list, tuple)) else {counts}
+    if len(counts) != 1:
+        raise ValueError(f"{where}: parameter groups partitioned over different data ranks {sorted(counts)}")
+    return counts.pop()
+
+
+def _master_from_optim_states(states: list[dict], shapes: list[dict], where: str) -> dict[str, torch.Tensor]:
+    """One model-parallel rank's fp32 master weights from its data ranks' ZeRO / BF16_Optimizer states."""
+    partitions = _partition_count(states[0], where)
+    if partitions != len(states):
+        raise ValueError(f"{where}: the optimizer states are partitioned over {partitions} data ranks but "
+                         f"{len(states)} files were found; is the checkpoint complete?")
+    out: dict[str, torch.Tensor] = {}
+    if "fp32_flat_groups" in states[0]:  # ZeRO-3: every parameter split over the data ranks
+        flats = [torch.cat([g.flatten() for g in s["fp32_flat_groups"]]) for s in states]
+        offset = 0
+        for name, shape in ((k, v) for group in shapes for k, v in group.items()):
+            numel = math.prod(shape)
+            piece = math.ceil(numel / partitions)
+            if offset + piece > flats[0].numel():
+                raise ValueError(f"{where}: the ZeRO-3 fp32 partitions end before {name}; they do not fit "
+                                 "param_shapes")
+            out[name] = torch.cat([f[offset:offset + piece] for f in flats])[:numel].view(tuple(shape)).clone()
+            offset += piece
+        if offset != flats[0].numel():
+            raise ValueError(f"{where}: the ZeRO-3 fp32 partitions hold {flats[0].numel()} elements per data rank, "
+                             f"param_shapes account for {offset}; they do not fit")
+        return out
+    if "param_slice_mappings" in states[0]:  # ZeRO 1/2, BF16_Optimizer: where each parameter's pieces are
+        for g in range(len(states[0]["single_partition_of_fp32_groups"])):
+            pieces: dict[str, list[torch.Tensor]] = defaultdict(list)
+            for state in states:  # data rank order: a parameter's pieces follow each other
+                partition = state["single_partition_of_fp32_groups"][g].flatten()
+                for name, piece in state["param_slice_mappings"][g].items():
+                    pieces[name].append(partition[piece.start:piece.start + piece.numel])
+            out.update({name: torch.cat(parts).clone() for name, parts in pieces.items()})
+        return out  # flat: read_checkpoint gives each the model's shape
+    if shapes is None:
+        raise ValueError(f"{where}: the optimizer states say neither where each parameter is (param_slice_mappings) "
+                         "nor in which order (param_shapes)")
+    paddings = states[0].get("param_alignment_paddings")
+    for g, group in enumerate(shapes):  # data rank d holds a slice of each group's flat buffer
+        flat = torch.cat([s["single_partition_of_fp32_groups"][g].flatten() for s in states])
+        out.update(_walk(flat, group, paddings[g] if paddings else None, where))
+        # Saved without the group's end padding; as zero_to_fp32, allow DeepSpeed's 2 x D alignment.
+        used = sum(math.prod(shape) for shape in group.values()) + sum(paddings[g] if paddings else [])
+        align = 2 * partitions
+        if math.ceil(used / align) != math.ceil(flat.numel() / align):
+            raise ValueError(f"{where}: parameter group {g}'s fp32 partitions hold {flat.numel()} elements, "
+                             f"param_shapes account for {used}; they do not fit")
+    return out
+
+
+def _master_from_model_states(state: dict, where: str) -> dict[str, torch.Tensor] | None:
+    """The fp32 master weights of DeepSpeed's ZeRO-0 fp16 / bf16 optimizer (``FP16_Optimizer``), in the
+    parameter order and shapes the checkpoint recorded (``MASTER_ORDER``); None for a checkpoint
+    written before vitscale recorded them."""
+    optimizer, order = state.get("optimizer") or {}, state.get(MASTER_ORDER)
+    if "fp32_groups_flat" not in optimizer and "fp32_groups" not in optimizer:
+        raise ValueError(f"{where} holds no fp32 master weights (fp32_groups_flat / fp32_groups): not a "
+                         "checkpoint of DeepSpeed's ZeRO-0 fp16 / bf16 optimizer")
+    if order is None:
+        return None
+    out: dict[str, torch.Tensor] = {}
+    groups = optimizer.get("fp32_groups_flat") or optimizer["fp32_groups"]  # flat buffers, or one tensor each
+    for group, params in zip(groups, order, strict=True):
+        shapes = {name: tuple(shape) for name, shape in params}
+        if torch.is_tensor(group):
+            out.update(_walk(group.flatten(), shapes, None, where))
+        else:
+            out.update({name: t.view(shapes[name]).clone() for t, name in zip(group, shapes, strict=True)})
+    return out
+
+
+def _read_master(folder: Path, pipe: int, tensor: int, zero3: bool) -> list[dict[str, torch.Tensor]] | None:
+    """The optimizer's fp32 master weights, one dict per model-parallel rank m = stage x tensor + t,
+    keyed as that rank's module names its parameters (a pipeline stage: ``"{layer}.{key}"``); None
+    where an older ZeRO-0 checkpoint does not say how its master is ordered."""
+    files: dict[int, dict[int, Path]] = defaultdict(dict)  # m -> d -> optimizer-states file
+    for path in folder.iterdir():
+        if m := _OPTIM_FILE.fullmatch(path.name):
+            files[int(m.group(2))][int(m.group(1))] = path
+    masters = []
+    for mp in range(pipe * tensor):
+        where = f"{folder} (model-parallel rank {mp})"
+        if files.get(mp):
+            ranks = files[mp]
+            if sorted(ranks) != list(range(len(ranks))):
+                raise ValueError(f"{where}: optimizer states of data ranks {sorted(ranks)}; is the checkpoint "
+                                 "complete?")
+            model_file = f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt" if zero3 else \
+                f"mp_rank_{mp:02d}_model_states.pt"
+            shapes = _load(folder / model_file).get("param_shapes")  # None where DeepSpeed records no order
+            states = [_load(ranks[d], mmap=True)["optimizer_state_dict"] for d in sorted(ranks)]
+            masters.append(_master_from_optim_states(states, shapes, where))
+        else:
+            master = _master_from_model_states(_load(folder / f"mp_rank_{mp:02d}_model_states.pt"), where)
+            if master is None:
+                logger.warning("%s: written before checkpoints recorded the order of the ZeRO-0 optimizer's fp32 "
+                               "master weights; reading the module's %s weights instead", where, "low-precision")
+                return None
+            masters.append(master)
+    return masters
+
+
+def _with_master(shards: list[dict], masters: list[dict], run: Experiment, tensor: int, folder: Path) -> list[dict]:
+    """Each tensor rank's state dict with every parameter replaced by its fp32 master value."""
+    pipe = len(masters) // tensor
+    prefixes = layer_prefixes(run.model) if pipe > 1 else None
+    params = {name: p.shape for name, p in _meta_model(run, tensor).named_parameters()}  # a tensor rank's shapes
+    out = []
+    for t, shard in enumerate(shards):
+        master = {}
+        for stage in range(pipe):
+            master.update({whole_name(k, "", prefixes): v for k, v in masters[stage * tensor + t].items()})
+        missing, unexpected = sorted(set(params) - set(master)), sorted(set(master) - set(params))
+        wrong = [f"{k}: {v.numel()} elements for {tuple(params[k])}" for k, v in master.items()
+                 if k in params and v.numel() != params[k].numel()]
+        if missing or unexpected or wrong:
+            raise ValueError(f"{folder}: the fp32 master weights of tensor rank {t} do not fit the model: no master "
+                             f"for {missing[:5]}, unknown {unexpected[:5]}, sizes {wrong[:3]}")
+        out.append({**shard, **{k: v.detach().reshape(params[k]) for k, v in master.items()}})  # saved with grad
+    return out
 
 
 def read_checkpoint(folder: str | Path, run: Experiment) -> dict[str, torch.Tensor]:
@@ -383,20 +543,26 @@ def read_checkpoint(folder: str | Path, run: Experiment) -> dict[str, torch.Tens
         run: the run's experiment (``load_run``): model and layout.
 
     Returns:
-        A state dict that the whole model (``run.model.create()``) loads with ``strict=True``: fp32 for ZeRO-3 (DeepSpeed's master weights), the training dtype
-        otherwise.
+        A state dict that the whole model (``run.model.create()``) loads with ``strict=True``: the
+        optimizer's fp32 master weights where the module's copy is not them (bf16 / fp16 training,
+        ZeRO-3; see the module docstring), in any layout; the module's fp32 weights otherwise.
     """
     folder = Path(folder)
     names = [p.name for p in folder.iterdir()]
-    tensor = run.cfg.parallel.tensor
+    tensor, pipe = run.cfg.parallel.tensor, run.cfg.parallel.pipe
+    zero3 = any(_ZERO3_FILE.fullmatch(n) for n in names)
     if any(_LAYER_FILE.match(n) for n in names):
         shards = _read_pipeline(folder, run, tensor)
-    elif any(_ZERO3_FILE.fullmatch(n) for n in names):
+    elif zero3:
         shards = _read_zero3(folder, tensor)
     elif any(_MP_FILE.fullmatch(n) for n in names):
         shards = _read_module(folder, tensor)
     else:
         raise FileNotFoundError(f"{folder} holds no DeepSpeed model states (*model_states.pt)")
+    if zero3 or run.cfg.train.precision != "fp32":
+        masters = _read_master(folder, pipe, tensor, zero3)
+        if masters is not None:
+            shards = _with_master(shards, masters, run, tensor, folder)
     state = merge_tensor_parallel(shards, _meta_model(run, tensor)) if tensor > 1 else shards[0]
     check_state_dict(state, run.model.meta(), f"the checkpoint {folder}")
     return state

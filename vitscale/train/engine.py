@@ -1,7 +1,8 @@
 """This rank's model and its DeepSpeed engine: the model parallelised for the layout
 (``models.parallelize``), its starting weights (``model.init``), and ``deepspeed.initialize`` with
-our parameter groups, LR schedule and process grid (``train/optim.py``); the skip of NaN / Inf
-steps where DeepSpeed has none (``train/faults.py``), and a log line of the dtypes DeepSpeed chose."""
+our parameter groups, LR schedule and process grid (``train/optim.py``); what wraps the optimizer
+step: the skip of NaN / Inf steps where DeepSpeed has none (``train/faults.py``), our clipping where
+DeepSpeed's is wrong, the clamp of bounded parameters; and a log line of the dtypes DeepSpeed chose."""
 from __future__ import annotations
 
 import logging
@@ -15,7 +16,7 @@ from vitscale.experiment import Experiment
 from vitscale.models.parallelize import layer_prefixes, parallelize
 from vitscale.train.faults import skip_nonfinite_steps
 from vitscale.train.initial_weights import load_initial_weights
-from vitscale.train.optim import clip_in_step, layer_decay_groups, lr_schedule, param_groups
+from vitscale.train.optim import clamp_in_step, clip_in_step, layer_decay_groups, lr_schedule, param_groups
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ def build_engine(exp: Experiment, dims, ds_config: dict, loss_fn: Callable | Non
     skip_nonfinite_steps(engine)  # first: our clipping (below) wraps the step that may skip
     if own_clipping(cfg):
         clip_in_step(engine, model, dims, o.grad_clip)
+    if exp.model.clamped:  # after the clipped step: e.g. a CLIP's logit scale to [0, log 100], master copy too
+        clamp_in_step(engine, model, dict(exp.model.clamped), layer_prefixes(exp.model) if dims.pipe > 1 else None)
     if dims.is_main:
         used = precision_in_use(engine)
         logger.info("DeepSpeed optimizer %s: %s weights, %s master weights, gradients accumulated in %s and "

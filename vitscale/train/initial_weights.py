@@ -62,8 +62,11 @@ def adapt_state_dict(state: dict[str, torch.Tensor], whole: dict[str, torch.Size
     a classifier head of another shape is dropped (the model keeps its own, new head), a
     learned position embedding of another grid is resampled with timm's
     ``resample_abs_pos_embed`` (bicubic, the ``num_prefix_tokens`` class-token positions
-    kept as they are). A dropped head is None in the result. Everything else is returned
-    unchanged, so the strict load that follows still names any other mismatch."""
+    kept as they are). A CLIP's ``logit_bias`` belongs to the loss it trains with (SigLIP's): weights
+    without one start a SigLIP run from its own initial bias (open_clip's ``load_checkpoint`` adds
+    one too), and a bias the model has no use for (a ``clip``-loss run) is left out. A dropped head
+    or a missing bias is None in the result. Everything else is returned unchanged, so the strict
+    load that follows still names any other mismatch."""
     from timm.layers import resample_abs_pos_embed
 
     state = dict(state)
@@ -73,6 +76,12 @@ def adapt_state_dict(state: dict[str, torch.Tensor], whole: dict[str, torch.Size
                 logger.info("model.init: %s %s replaced by a new head %s", key, tuple(state[key].shape),
                             tuple(whole[key]))
             state[key] = None  # marker: keep the model's initialised tensor
+    if "logit_bias" in whole and "logit_bias" not in state and "logit_scale" in state:
+        logger.info("model.init: no logit_bias in the weights; the model's initial one is kept (SigLIP)")
+        state["logit_bias"] = None
+    if "logit_bias" in state and "logit_bias" not in whole:
+        logger.info("model.init: the weights' logit_bias is left out: train.loss=clip has no logit bias")
+        del state["logit_bias"]
     old, new = state.get("pos_embed"), whole.get("pos_embed")
     if old is not None and new is not None and old.shape != new and old.shape[-1] == new[-1]:
         grid_old, grid_new = _grid(old.shape[1] - num_prefix_tokens), _grid(new[1] - num_prefix_tokens)
@@ -112,7 +121,7 @@ def load_initial_weights(model: nn.Module, path: str | Path, layer_prefixes: lis
     cfg = getattr(reference, "cfg", None)
     whole_shapes = {k: v.shape for k, v in reference.state_dict().items()}
     state = adapt_state_dict(state, whole_shapes, int(bool(getattr(cfg, "class_token", True))))
-    # A new head keeps the model's own initialised tensors: a placeholder of the whole shape
+    # A new head (or bias) keeps the model's own initialised tensors: a placeholder of the whole shape
     # goes through the slicing, and this rank's own values replace it afterwards.
     new_head = {k for k, v in state.items() if v is None}
     state.update({k: torch.zeros(whole_shapes[k]) for k in new_head})

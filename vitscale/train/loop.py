@@ -6,8 +6,10 @@ interval), whether the loss was NaN / Inf somewhere and whether the optimizer sk
 A step with a NaN / Inf loss or gradient norm on any rank is skipped on every rank
 (``train/faults.py``; under fp16 by DeepSpeed's loss scaler); under bf16 / fp32
 ``train.max_bad_steps`` skipped steps in a row raise ``NumericFault``; a bad step is never
-checkpointed. Everything a run needs is set up by ``setup.start_run``; one step is
-``step.optimizer_step``.
+checkpointed. At log steps the ranks of a tensor-parallel group also check that they read the
+same batch and hold the same replicated weights (``batches.check_tensor_peers``,
+``replicas.check_replicated_weights``). Everything a run needs is set up by ``setup.start_run``;
+one step is ``step.optimizer_step``.
 """
 from __future__ import annotations
 
@@ -16,11 +18,13 @@ import signal
 
 import torch
 
+from vitscale.models.parallelize import layer_prefixes
 from vitscale.train import checkpoint
 from vitscale.train.batches import check_tensor_peers, data_records, gather_positions
 from vitscale.train.ema import ema_state
 from vitscale.train.evaluate import evaluate_run
 from vitscale.train.faults import check_skip_decision, child_signals_deferred, report_bad_step
+from vitscale.train.replicas import check_replicated_weights
 from vitscale.train.setup import Run
 from vitscale.train.step import optimizer_step
 
@@ -86,6 +90,9 @@ def _log(run: Run, step: int, loss: torch.Tensor, lr: float, skipped: bool) -> d
         rows += data_records(run.source_cls, run.source if run.reports_data else None, dims, step)
     if dims.tensor > 1 and run.source is not None and (fingerprint := run.source.fingerprint()) is not None:
         check_tensor_peers(fingerprint, dims.tensor_group(), dims.device)
+    if dims.tensor > 1:  # every stage: its tensor ranks hold its replicated weights alike
+        check_replicated_weights(run.engine.module, dims.tensor_group(), dims.device,
+                                 layer_prefixes(run.exp.model) if dims.pipe > 1 else None)
     if run.writer:
         for row in [record] + rows:
             run.writer.write(row)

@@ -1,12 +1,17 @@
 """What a training step minimises: ``(model outputs, target) -> loss``, built from the loss registry
 (``vitscale.models.losses``) for the model's kind.
 
-- a classifier: ``train.loss`` (``softmax`` or ``sigmoid`` cross-entropy, ``train.label_smoothing``),
-  per image slot of packed sequences, soft targets from Mixup / CutMix;
-- a CLIP: the ``clip`` contrastive loss over the data-parallel group (each rank's images against
-  all texts and vice versa, gradients through the gather), over all micro-batches of a step
-  (``WholeBatchContrastive``), the logit scale clamped at 100 as open_clip does (as a clamp in
-  the loss rather than on the parameter, which under ZeRO lives in the optimizer's master copy).
+The loss is the one ``train.loss`` names for the model's kind (``models.spec.resolve_loss``):
+
+- a classifier: ``softmax`` or ``sigmoid`` cross-entropy (``train.label_smoothing``), per image slot
+  of packed sequences, soft targets from Mixup / CutMix;
+- a CLIP: the ``clip`` contrastive loss (each rank's images against all texts and vice versa,
+  gathered with gradients) or SigLIP's ``siglip`` sigmoid loss (big_vision's chunked exchange of
+  texts around the ring, with the model's ``logit_bias``), both over the data-parallel group and over
+  all micro-batches of a step (``WholeBatchContrastive``). The logit scale enters as the model gives
+  it: its clamp to [0, log 100] is on the parameter after each optimizer step
+  (``train/optim.py``'s ``clamp_in_step``), as open_clip_train does, never inside the loss, where it
+  would zero the parameter's gradient.
 
 Every objective says whether it needs the whole step's micro-batches first (``whole_batch``):
 the step function (``train/step.py``) then runs a forward-only collecting pass. A NaN / Inf loss
@@ -21,6 +26,7 @@ import torch
 
 from vitscale.models.losses import create_loss
 from vitscale.train.faults import nonfinite_spreads
+from vitscale.models.spec import resolve_loss
 
 
 class Objective:
@@ -53,13 +59,19 @@ class WholeBatchContrastive(Objective):
     loss of the whole batch with this micro-batch's fresh features in place of its cached
     ones. Each pass's gradient reaches only its own micro-batch, so their sum is the
     gradient of the whole-batch loss; DeepSpeed divides each by the accumulation count,
-    which ``_scale_grad`` undoes without changing the loss value that is logged. Costs one
-    extra forward pass per step when accumulating, none otherwise. Works in the plain engine
+    which ``_scale_grad`` undoes without changing the loss value that is logged. The logit scale
+    (and SigLIP's bias) is one parameter of the whole batch, not of a micro-batch: it enters with
+    its gradient in one pass only (the last), detached in the others, or it would receive ``accum``
+    times the whole-batch gradient (open_clip's ``accum_freq`` does) and data 2 would train a
+    different function than data 1 with two micro-batches. Costs one extra forward pass per step
+    when accumulating, none otherwise. Works in the plain engine
     and as a pipeline's ``loss_fn`` (``train/step.py`` runs DeepSpeed's ``eval_batch`` to
     collect, then ``train_batch``).
 
     Args:
-        loss: ``(image features, text features, logit scale) -> loss`` (``models.losses.ClipLoss``).
+        loss: ``(image features, text features, logit scale[, logit bias]) -> loss``
+            (``models.losses.ClipLoss`` / ``SigLipLoss``); the model's outputs after the features
+            are passed on as they come.
         accum: micro-batches per optimizer step on this rank.
     """
 
@@ -82,22 +94,19 @@ class WholeBatchContrastive(Objective):
         self.collecting, self._next = False, 0
 
     def __call__(self, outputs, target=None) -> torch.Tensor:
-        image, text, scale = outputs
-        image, text, scale = image.float(), text.float(), scale.float().clamp(max=100.0)  # open_clip's clamp
+        image, text, *scalars = outputs  # scalars: the logit scale, and SigLIP's logit bias
+        image, text, scalars = image.float(), text.float(), [s.float() for s in scalars]
         if self.accum == 1:
-            return nonfinite_spreads(self.loss(image, text, scale))
+            return nonfinite_spreads(self.loss(image, text, *scalars))
         if self.collecting:
             self._cache.append((image.detach(), text.detach()))
-            return scale * 0.0  # a placeholder with a graph; nothing is trained on it
+            return scalars[0] * 0.0  # a placeholder with a graph; nothing is trained on it
         i, self._next = self._next, self._next + 1
         images = torch.cat([image if j == i else cached[0] for j, cached in enumerate(self._cache)])
         texts = torch.cat([text if j == i else cached[1] for j, cached in enumerate(self._cache)])
-        # The features of other micro-batches are cached, but the logit scale enters every pass
-        # with its gradient: each pass may carry 1 / accum of it, or after _scale_grad the scale
-        # would get accum times the whole-batch gradient (caught by comparing gradient norms with
-        # the data-parallel layout, where each rank's loss uses the scale once).
-        scale = scale.detach() + (scale - scale.detach()) / self.accum
-        return nonfinite_spreads(self._scale_grad(self.loss(images, texts, scale)))
+        if i != self.accum - 1:  # the whole-batch scalars take their gradient once per step (class docstring)
+            scalars = [s.detach() for s in scalars]
+        return nonfinite_spreads(self._scale_grad(self.loss(images, texts, *scalars)))
 
     def _scale_grad(self, loss: torch.Tensor) -> torch.Tensor:
         # Value of ``loss``, gradient x accum: DeepSpeed divides every micro-batch's loss by
@@ -111,10 +120,12 @@ def build_objective(cfg, kind: str, dims=None, accum: int = 1) -> Objective:
     Args:
         cfg: the experiment's config (``train.loss``, ``train.label_smoothing``).
         kind: ``classifier`` or ``clip``.
-        dims: the layout (a CLIP gathers over its data-parallel group); None: one process.
+        dims: the layout (a CLIP's loss exchanges features over its data-parallel group); None: one process.
         accum: micro-batches per optimizer step on this rank.
     """
+    name = resolve_loss(cfg.train.loss, kind)
     if kind == "clip":
         group = dims.data_group() if dims is not None and dims.data > 1 else None
-        return WholeBatchContrastive(create_loss("clip", local_loss=True, group=group), accum)
-    return Objective(create_loss(cfg.train.loss, label_smoothing=cfg.train.label_smoothing))
+        loss = create_loss("clip", local_loss=True, group=group) if name == "clip" else create_loss(name, group=group)
+        return WholeBatchContrastive(loss, accum)
+    return Objective(create_loss(name, label_smoothing=cfg.train.label_smoothing))

@@ -1,8 +1,13 @@
 """What DeepSpeed's optimizer is handed: AdamW parameter groups (weight decay, layer-wise LR decay),
-the warm-up + cosine LR schedule, and the gradient norm and clipping where DeepSpeed's own is wrong.
+the warm-up + cosine LR schedule, the gradient norm and clipping where DeepSpeed's own is wrong;
+around its step, the clamp of parameters that live in an interval (a CLIP's logit scale); and
+this rank's fp32 master copy of a parameter, wherever the optimizer keeps it.
 
 The optimizer itself is DeepSpeed's (``ds_config["optimizer"]``, composed in ``vitscale.config``);
-its state lives wherever the ZeRO stage puts it.
+its state lives wherever the ZeRO stage puts it. Where the module trains in bf16 / fp16, or under
+ZeRO 1-3, the optimizer steps an fp32 master copy of each parameter and copies it into the module
+after the step; a parameter changed only in the module is overwritten at the next step, so the
+clamp and resharding write both (``master_views``, ``set_master_``).
 """
 from __future__ import annotations
 
@@ -13,6 +18,9 @@ import torch
 import torch.distributed as dist
 from deepspeed.pipe import PipelineModule
 from torch import nn
+from torch._utils import _unflatten_dense_tensors
+
+from vitscale.models.interop import whole_name
 
 
 def param_groups(model: nn.Module, weight_decay: float, skip: set[str] | None = None) -> list[dict]:
@@ -109,3 +117,105 @@ def clip_in_step(engine, model: nn.Module, dims, max_norm: float) -> None:
         return step(*args, **kwargs)
 
     engine.optimizer.step = clipped_step
+
+
+def _zero0_master(optimizer, param: nn.Parameter) -> torch.Tensor | None:
+    """``param``'s fp32 copy in DeepSpeed's ZeRO-0 fp16 / bf16 optimizer (``FP16_Optimizer``: flat fp32
+    groups; the unfused one: a tensor per parameter), or None."""
+    for i, group in enumerate(getattr(optimizer, "fp16_groups", None) or []):
+        for j, p in enumerate(group):
+            if p is param and hasattr(optimizer, "fp32_groups_flat"):
+                return _unflatten_dense_tensors(optimizer.fp32_groups_flat[i], group)[j]  # views
+            if p is param and hasattr(optimizer, "fp32_groups"):
+                return optimizer.fp32_groups[i][j]
+    return None
+
+
+def zero0_master_order(optimizer, module: nn.Module) -> list[list[list]] | None:
+    """``[name, shape]`` (``module``'s name) of each parameter in each fp32 group of DeepSpeed's ZeRO-0
+    fp16 / bf16 optimizer, in the order its flat buffers hold them; None for any other optimizer.
+    DeepSpeed records this (``param_shapes``) for its ZeRO and BF16 optimizers but not for this one,
+    so checkpoints record it themselves (``checkpoint.save``) to read the master weights back."""
+    groups = getattr(optimizer, "fp16_groups", None)
+    if groups is None or not (hasattr(optimizer, "fp32_groups_flat") or hasattr(optimizer, "fp32_groups")):
+        return None
+    names = {id(p): name for name, p in module.named_parameters()}
+    return [[[names[id(p)], list(p.shape)] for p in group] for group in groups]
+
+
+def master_views(optimizer, param: nn.Parameter) -> list[torch.Tensor]:
+    """This rank's part of ``param``'s fp32 master copy as tensors to read and change in place:
+    its fragment of the flat partition (ZeRO 1/2 and DeepSpeed's BF16_Optimizer, i.e. bf16 ZeRO-1 and
+    bf16 pipelines), its slice of the tensor (ZeRO 0 fp16 / bf16). [] where the optimizer steps the
+    module's parameter itself (fp32, ZeRO 0) or this rank holds no part of it. ZeRO-3 partitions:
+    ``deepspeed.utils.safe_get_local_fp32_param`` (they may be swapped out; see ``clamp_master_``)."""
+    mapping = getattr(param, "_hp_mapping", None)  # DeepSpeed's link from a parameter to its fp32 fragment
+    if mapping is not None:
+        return [mapping.get_hp_fragment()]
+    if hasattr(param, "_hp_mapping"):
+        return []  # linked, but the fragment lives on other data ranks
+    view = _zero0_master(optimizer, param)
+    return [view] if view is not None else []
+
+
+@torch.no_grad()
+def clamp_master_(optimizer, param: nn.Parameter, low: float, high: float) -> None:
+    """Clamp ``param`` to [low, high] in place: the module's copy (under ZeRO-3 this rank's partition)
+    and this rank's part of the fp32 master copy. Elementwise, so every rank clamps what it holds
+    and no collective is needed."""
+    getattr(param, "ds_tensor", param).data.clamp_(low, high)
+    if hasattr(param, "ds_id"):  # ZeRO-3
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        local = safe_get_local_fp32_param(param)
+        if local is not None:
+            safe_set_local_fp32_param(param, local.clamp(low, high))
+        return
+    for view in master_views(optimizer, param):
+        view.clamp_(low, high)
+
+
+@torch.no_grad()
+def set_master_(optimizer, param: nn.Parameter, value: torch.Tensor) -> None:
+    """Write the full fp32 ``value`` of ``param`` into this rank's part of its fp32 master copy
+    (nothing where the module's parameter is the master: load that with ``load_state_dict``)."""
+    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):  # ZeRO 1-3, BF16_Optimizer
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(param, value.detach().to(torch.float32))  # only the part this rank holds
+        return
+    view = _zero0_master(optimizer, param)
+    if view is not None:
+        view.copy_(value.detach().reshape(view.shape))
+
+
+def clamp_in_step(engine, model: nn.Module, bounds: dict[str, tuple[float, float]],
+                  layer_prefixes: list[str] | None = None) -> list[str]:
+    """After each optimizer step, clamp the parameters named in ``bounds`` (whole-model names:
+    ``ModelSpec.clamped``, e.g. a CLIP's ``logit_scale`` in [0, log 100]) in the module and in the
+    optimizer's fp32 master copy, as open_clip_train clamps ``logit_scale`` after ``optimizer.step()``.
+    A parameter, not the loss, is clamped: a clamp inside the loss would zero its gradient.
+
+    Args:
+        engine: the DeepSpeed engine; its ``optimizer.step`` is wrapped (after ``clip_in_step``'s, if any).
+        model: this rank's model (a pipeline stage: only the stage holding the parameter clamps).
+        bounds: whole-model name -> (low, high).
+        layer_prefixes: for a ``PipelineModule``, each layer's name in the whole model.
+
+    Returns:
+        The whole-model names of the parameters this rank clamps ([]: the step is left as it is).
+    """
+    targets = [(whole_name(name, "", layer_prefixes), p) for name, p in model.named_parameters()]
+    targets = [(name, p, bounds[name]) for name, p in targets if name in bounds]
+    if not targets:
+        return []
+    step = engine.optimizer.step
+
+    def step_then_clamp(*args, **kwargs):
+        out = step(*args, **kwargs)
+        for _, param, (low, high) in targets:
+            clamp_master_(engine.optimizer, param, low, high)
+        return out
+
+    engine.optimizer.step = step_then_clamp
+    return [name for name, _, _ in targets]

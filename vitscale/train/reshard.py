@@ -12,6 +12,7 @@ from vitscale.experiment import Experiment
 from vitscale.models.interop import shard_state_dict
 from vitscale.models.parallelize import layer_prefixes
 from vitscale.train.checkpoint import LayoutChange, client_state, find_resume, load_run, read_checkpoint, read_marker
+from vitscale.train.optim import set_master_
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +49,11 @@ def _reshard_problem(exp: Experiment, folder: Path, saved: dict, data: int) -> s
 
 def load_resharded(engine, folder: Path, exp: Experiment, dims) -> tuple[int, dict]:
     """Resume from a checkpoint of another layout: the whole model is read from it
-    (``checkpoint.read_checkpoint``, any layout), sliced to this rank's shard / stage, loaded, and
-    copied into the optimizer's fp32 master weights; the LR schedule and step counters move to the
-    checkpoint's step. The optimizer moments (and an fp16 loss scale) start afresh. Every rank
-    reads the whole model once.
+    (``checkpoint.read_checkpoint``, any layout: the fp32 master weights of a bf16 / fp16 run), sliced
+    to this rank's shard / stage, loaded into the module (in its dtype) and, as fp32, into the
+    optimizer's master weights (``optim.set_master_``), so a bf16 run continues from its fp32 values,
+    not from their bf16 rounding; the LR schedule and step counters move to the checkpoint's step.
+    The optimizer moments (and an fp16 loss scale) start afresh. Every rank reads the whole model once.
 
     Returns:
         As ``checkpoint.load``: the step and the client state (step, samples, and the data
@@ -68,9 +70,8 @@ def load_resharded(engine, folder: Path, exp: Experiment, dims) -> tuple[int, di
         state = shard_state_dict(state, module, layer_prefixes=prefixes)
     own = module.state_dict()
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
-    refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
-    if refresh is not None:  # ZeRO 1/2 and bf16 keep fp32 master weights of their own
-        refresh()
+    for name, param in module.named_parameters():  # the master copies get the fp32 values themselves
+        set_master_(engine.optimizer, param, state[name])
     step = int(marker["step"])
     engine.global_steps, engine.global_samples = step, int(marker["samples"])
     if engine.lr_scheduler is not None:
