@@ -105,6 +105,40 @@ def clip_forward_flops(cfg: CLIPConfig) -> int:
     return image + text
 
 
+def vit_layer_flops(cfg: ViTConfig) -> list[int]:
+    """Forward FLOPs of one image through each pipeline layer of a ViT (``models/pipeline.py``'s
+    ``vit_layers``: the embedding, each block, the head), in order; they sum to ``vit_forward_flops``."""
+    first_moe = cfg.depth - cfg.moe_blocks  # the last moe_blocks blocks are Soft MoE
+    d, n = cfg.embed_dim, cfg.seq_len
+    blocks = [_block_flops(n, d, cfg.mlp_hidden) if i < first_moe else
+              _attention_flops(n, d) + soft_moe_flops(n, d, cfg.mlp_hidden, cfg.moe_experts * cfg.moe_slots)
+              for i in range(cfg.depth)]
+    return [_patch_embed_flops(cfg, cfg.num_patches), *blocks, 2 * d * cfg.num_classes]
+
+
+def clip_layer_flops(cfg: CLIPConfig) -> list[int]:
+    """Forward FLOPs of one image-caption pair through each pipeline layer of a CLIP (``clip_layers``:
+    the embedding of both towers, the image blocks, the text blocks, the head with both
+    projections), in order; they sum to ``clip_forward_flops``."""
+    v, t = cfg.vision, cfg.text
+    image = vit_layer_flops(v.vit)
+    text_block = _block_flops(t.context_length, t.width, int(t.width * t.mlp_ratio))
+    head = image[-1] + 2 * v.width * cfg.embed_dim + 2 * t.width * cfg.embed_dim
+    return [image[0], *image[1:-1], *[text_block] * t.layers, head]
+
+
+def layer_flops(cfg_or_model: nn.Module | ViTConfig) -> list[int]:
+    """Forward FLOPs per sample of each pipeline layer, in layer order (what a pipeline stage's
+    share of the work is made of)."""
+    cfg = getattr(cfg_or_model, "cfg", cfg_or_model)
+    if isinstance(cfg, CLIPConfig):
+        return clip_layer_flops(cfg)
+    if isinstance(cfg, ViTConfig):
+        return vit_layer_flops(cfg)
+    forward_flops(cfg)  # raises the error that names the known families
+    raise AssertionError
+
+
 # Config type -> forward-FLOPs formula. A new model family adds its entry here.
 _FORMULAS: dict[type, Callable[[Any], int]] = {
     ViTConfig: vit_forward_flops,

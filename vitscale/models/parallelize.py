@@ -17,6 +17,7 @@ from torch import nn
 
 from vitscale.config.schema import ConfigError
 from vitscale.models.clip import clip_init_weights
+from vitscale.models.flops import layer_flops
 from vitscale.models.spec import ModelSpec
 from vitscale.models.tensor_parallel import parallelize_vit
 from vitscale.models.vit import init_weights
@@ -65,6 +66,21 @@ def pipeline_layers(spec: ModelSpec) -> list[tuple[str, nn.Module]]:
 def layer_prefixes(spec: ModelSpec) -> list[str]:
     """Each pipeline layer's name prefix in the whole model, in layer order."""
     return [prefix for prefix, _ in pipeline_layers(spec)]
+
+
+def stage_flops(spec: ModelSpec, pipe: int, partition: str = "blocks") -> list[int]:
+    """Forward FLOPs per sample of each pipeline stage (one entry for ``pipe`` = 1): the layers
+    ``partition`` gives each stage, counted by ``flops.layer_flops``; they sum to the model's."""
+    if pipe == 1:
+        return [spec.forward_flops()]
+    from vitscale.models.pipeline import stage_bounds
+
+    layers = pipeline_layers(spec)
+    per_layer = layer_flops(spec.arch)
+    if len(per_layer) != len(layers):
+        raise RuntimeError(f"{spec.name}: {len(per_layer)} layer FLOP counts for {len(layers)} pipeline layers")
+    bounds = stage_bounds([layer for _, layer in layers], pipe, partition)
+    return [sum(per_layer[bounds[s]:bounds[s + 1]]) for s in range(pipe)]
 
 
 def parallelize(spec: ModelSpec, dims: ParallelDims | None, seed: int, loss_fn: Callable | None = None,

@@ -32,7 +32,7 @@ from vitscale.distributed import ParallelDims, StopRequest, world_size_from_env
 from vitscale.experiment import Experiment, load_experiment
 from vitscale.files import write_text_atomic
 from vitscale.models.noise import sample_keys
-from vitscale.models.parallelize import pipeline_takes_noise, stage_tensors
+from vitscale.models.parallelize import pipeline_takes_noise, stage_flops, stage_tensors
 from vitscale.train import checkpoint
 from vitscale.train.batches import make_prepare, noise_keys
 from vitscale.train.ema import build_ema, restore_ema
@@ -232,6 +232,7 @@ def _meter(exp: Experiment, dims: ParallelDims) -> ThroughputMeter:
     return ThroughputMeter(dims, t.global_batch, exp.model.forward_flops(pk.seq_len, pk.max_images),
                            cfg.log.warmup_steps, peak, recompute=cfg.parallel.activation_checkpoint > 0,
                            straggler_fraction=cfg.log.straggler_fraction,
+                           stage_flops=stage_flops(exp.model, dims.pipe, cfg.parallel.partition),
                            info={"model": cfg.model.name, "micro_batch": t.micro_batch, "global_batch": t.global_batch,
                                  "precision": t.precision, "layout": {"pipe": dims.pipe, "tensor": dims.tensor,
                                                                       "data": dims.data, "zero": cfg.parallel.zero}})

@@ -8,13 +8,30 @@ node`` record per node, each computed from that node's own ranks. A single write
 system (and of one file per node), and the straggler figures need every node's numbers
 in one place anyway.
 
+Timing (issue 19): a step is timed between marks at its boundaries. On a GPU the marks are
+CUDA events recorded on the current stream, so a step ends when the device has finished the
+work queued for it (optimizer update, ZeRO all-gathers), not when the host has queued it; the
+events are read at log steps (one wait for the last event there), so no synchronisation is
+added per step. On the CPU the wall clock at those points is already synchronous. Consecutive
+steps tile the device's timeline: the per-step times add up to the run's wall time, less what
+happens between steps (checkpoints, evaluation, logging).
+
+Per-node accounting: a node is credited with the work its own ranks did. Each rank does its
+stage's share of the model's forward FLOPs (``parallelize.stage_flops``; all of it without a
+pipeline), split over its tensor ranks, on its data rank's ``global_batch / data`` samples; a
+node's samples are that work in sample-equivalents (sum over its ranks of ``global_batch / data
+x stage share / tensor``), its FLOPs those samples x the model's FLOPs per sample. So every
+layout (data, tensor, pipe, pipe x data, a pipeline spanning nodes) credits each sample to the
+nodes exactly once, and the nodes' samples/s add up to the global figure (when their timed
+spans agree, as they do in synchronous training).
+
 Stragglers: in synchronous training every node's step takes as long as the slowest
 node's, so step times cannot show which node is slow. A node's own pace is its forward
 passes (``fwd_samples_per_s``: samples / forward seconds), which wait for no other node
 under data parallelism with ZeRO 0-2 (as Megatron-LM's straggler detector times the
 forward step). The global record names the slowest and fastest node by that pace,
 the spread (max - min) / median, and warns about nodes below ``straggler_fraction`` of
-the median. Pipelines time no forward of their own; there the pace is samples/s.
+the median. Pipelines time no forward of their own; there the pace is steps/s.
 
 Like big_vision's ``Chrono``, the first ``warmup_steps`` are left out of the figures
 (compilation, allocator and communicator warm-up), and checkpoints happen between
@@ -80,9 +97,14 @@ class ThroughputMeter:
 
     def __init__(self, dims, global_batch: int, flops_per_sample: int, warmup_steps: int,
                  peak_tflops: float | None, recompute: bool = False, info: dict | None = None,
-                 straggler_fraction: float = 0.8):
+                 straggler_fraction: float = 0.8, stage_flops: list[int] | None = None):
         self.dims, self.global_batch = dims, global_batch
         self.flops_per_sample, self.warmup_steps, self.peak_tflops = flops_per_sample, warmup_steps, peak_tflops
+        stage_flops = list(stage_flops or [flops_per_sample])
+        if len(stage_flops) != dims.pipe or min(stage_flops) < 0 or sum(stage_flops) <= 0:
+            raise ValueError(f"stage_flops must hold one non-negative count per pipeline stage ({dims.pipe}); "
+                             f"got {stage_flops}")
+        self.stage_share = [f / sum(stage_flops) for f in stage_flops]  # each stage's fraction of a sample's work
         self.recompute, self.info, self.straggler_fraction = recompute, dict(info or {}), straggler_fraction
         self.steps_done = 0  # steps timed by this meter (after warm-up)
         self.elapsed_s = 0.0
@@ -90,11 +112,22 @@ class ThroughputMeter:
         self.forward_s = 0.0
         self._forward_events: list = []  # (start, end) CUDA events, read at the next records()
         self.step_times_s: list[float] = []
-        self._step_start: float | None = None
+        self._cuda = dims.device.type == "cuda"
+        self._step_start = None  # this step's start mark
+        self._marks: list = []  # (start, end) marks of timed steps not yet read: CUDA events or perf_counter()s
         self._seen = 0
 
+    def _mark(self):
+        """A point on the device's timeline: a CUDA event recorded on the current stream (read later),
+        or the wall clock on the CPU, where work is synchronous."""
+        if self._cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
     def start_step(self) -> None:
-        self._step_start = time.perf_counter()
+        self._step_start = self._mark()
 
     @contextlib.contextmanager
     def data_wait(self) -> Iterator[None]:
@@ -127,19 +160,32 @@ class ThroughputMeter:
         return self.forward_s
 
     def end_step(self) -> None:
-        dt = time.perf_counter() - self._step_start
+        end = self._mark()
         self._seen += 1
         if self._seen > self.warmup_steps:
             self.steps_done += 1
-            self.elapsed_s += dt
+            self._marks.append((self._step_start, end))
+
+    def collect(self) -> None:
+        """Read the marks of the steps timed since the last call into ``step_times_s`` and
+        ``elapsed_s``. On a GPU this waits for the last step's work to finish (the one wait
+        per log interval); ``records`` calls it."""
+        if self._cuda and self._marks:
+            self._marks[-1][1].synchronize()  # events complete in stream order: every earlier one is done too
+        for start, end in self._marks:
+            dt = start.elapsed_time(end) / 1e3 if self._cuda else end - start
             self.step_times_s.append(dt)
+            self.elapsed_s += dt
+        self._marks.clear()
 
     def records(self, step: int) -> list[dict]:
         """Collective: every rank must call it at the same step. Returns records on rank 0, else []."""
         import torch.distributed as dist
 
         d = self.dims
-        mine = torch.tensor([self.elapsed_s, self.data_wait_s, float(d.data_rank), self._forward_total_s()],
+        self.collect()
+        mine = torch.tensor([self.elapsed_s, self.data_wait_s, float(d.data_rank), self._forward_total_s(),
+                             float(d.stage if d.pipe > 1 else 0)],
                             dtype=torch.float64, device=d.device)
         gathered = [torch.zeros_like(mine) for _ in range(d.world_size)]
         dist.all_gather(gathered, mine)
@@ -152,13 +198,15 @@ class ThroughputMeter:
 
         Args:
             step: the optimizer step just finished.
-            table: per global rank [elapsed_s, data_wait_s, data_rank, forward_s] since warm-up.
+            table: per global rank [elapsed_s, data_wait_s, data_rank, forward_s, stage] since warm-up.
 
         Returns:
             ``scope: global`` record first, then ``scope: node`` records by node index.
         """
         d = self.dims
-        per_rank_samples = self.global_batch / d.data  # samples per step of one data-parallel replica
+        replica_samples = self.global_batch / d.data  # samples per step of one data-parallel replica
+        # A rank's work per step in sample-equivalents: its replica's samples x its stage's share / its tensor peers.
+        credit = lambda row: replica_samples * self.stage_share[int(row[4])] / d.tensor  # noqa: E731
         wait_fraction = lambda rows: sum(r[1] for r in rows) / max(sum(r[0] for r in rows), 1e-12)  # noqa: E731
         glob = self._record("global", step, self.steps_done * self.global_batch, self.global_batch * step,
                             max(r[0] for r in table), wait_fraction(table), d.world_size)
@@ -166,19 +214,22 @@ class ThroughputMeter:
         nodes = []
         for node in range(d.num_nodes):
             rows = [table[r] for r in range(d.world_size) if d.node_of_rank[r] == node]
-            replicas = len({r[2] for r in rows})  # distinct data ranks: tensor/pipe peers share samples
-            node_samples = replicas * per_rank_samples
+            node_samples = sum(credit(r) for r in rows)
             rec = self._record("node", step, node_samples * self.steps_done, node_samples * step,
                                max(r[0] for r in rows), wait_fraction(rows), len(rows), node=node)
             forward_s = max(r[3] for r in rows)
             rec["fwd_samples_per_s"] = node_samples * self.steps_done / forward_s if forward_s > 0 else None
+            rec["work_fraction"] = node_samples / self.global_batch  # this node's share of every step's FLOPs
+            rec["steps_per_s"] = self.steps_done / rec["elapsed"] if rec["elapsed"] > 0 else 0.0
             nodes.append(rec)
         glob.update(self._stragglers(nodes))
         return [glob] + nodes
 
     def _stragglers(self, nodes: list[dict]) -> dict:
         """Slowest and fastest node by pace, their spread, and the nodes below the threshold (warned)."""
-        basis = "fwd_samples_per_s" if all(n["fwd_samples_per_s"] for n in nodes) else "samples_per_s"
+        # Without forward timings (pipelines) the pace is steps/s: the nodes' samples/s differ by
+        # their stages' shares of the work, which says nothing about their speed.
+        basis = "fwd_samples_per_s" if all(n["fwd_samples_per_s"] for n in nodes) else "steps_per_s"
         pace = [n[basis] for n in nodes]
         median = statistics.median(pace)
         slow, fast = min(range(len(nodes)), key=pace.__getitem__), max(range(len(nodes)), key=pace.__getitem__)
