@@ -77,7 +77,7 @@ class DataConfig:
     prefetch: int = 4  # batches prefetched per worker
     mean: list = field(default_factory=lambda: [0.5, 0.5, 0.5])  # normalisation, applied on the device
     std: list = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    shuffle_buffer: int = 1000  # shards: samples each loader worker holds for shuffling (0/1 = off)
+    shuffle_buffer: int = 1000  # shards: samples each loader worker shuffles together (LAION: blocks of this many raw samples; 0/1 = off)
     augment: bool = True  # shards: random resized crop + horizontal flip (FDSL pre-training); on the fly never augments
     crop_scale: list = field(default_factory=lambda: [0.08, 1.0])  # random resized crop: area fraction range
     crop_ratio: list = field(default_factory=lambda: [0.75, 1.3333333])  # aspect ratio range (log-uniform)

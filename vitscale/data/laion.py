@@ -5,8 +5,8 @@ img2dataset writes one tar per shard with ``{key}.jpg`` (or .png / .webp), ``{ke
 similarity, ... and any column it was asked to keep), beside ``{shard}.parquet`` (every
 row, failed downloads included) and ``{shard}_stats.json`` (``successes`` = the samples in
 the tar). webdataset opens the shards (``gopen``: local paths, ``pipe:`` and http URLs;
-brace patterns expand as in webdataset) and provides the shuffle buffer; the tar
-members are parsed by our ``shards.read_tar_samples`` (Python's ``tarfile``, under
+brace patterns expand as in webdataset); the tar
+members are parsed by our ``tars.read_tar_samples`` (Python's ``tarfile``, under
 webdataset's own reader, costs as much per sample as the JPEG decode). The rest is ours,
 because three things a run at scale needs are in neither webdataset nor open_clip:
 
@@ -27,13 +27,18 @@ because three things a run at scale needs are in neither webdataset nor open_cli
      epoch's order are left out (as ``DistributedSampler(drop_last=True)``). A range that
      yields fewer good samples than its quota (bad or filtered samples) is read again to
      fill it, and the repeats are counted.
-3. **An exact position.** Each batch carries its worker's position (epoch, batches
-   yielded, samples taken from the shuffle buffer) and cumulative counters;
-   ``LaionLoader.state_dict()`` is what the checkpoint stores. On resume each worker
-   re-reads its epoch's raw stream up to that position *without decoding* (tar reads,
-   filters and shuffle only) and continues with the sample it would have decoded next,
-   so a resumed run sees the keys an uninterrupted one would. The DataLoader's
-   round-robin over workers resumes at the right worker.
+3. **An exact position, seeked to.** Each batch carries its worker's position (epoch, batches
+   yielded, samples taken, and the place of the last one: its shuffle block, the cursor of
+   the block's first raw sample (shard, sample in the shard), its offset in the block, the
+   de-duplication window as the block began) and cumulative counters;
+   ``LaionLoader.state_dict()`` is what the checkpoint stores. On resume each worker seeks to
+   the block's first sample (``tar_index``: each shard's sample offsets, built lazily and
+   cached beside it as JSON), reads that one block again without decoding, and continues with
+   the sample it would have decoded next: a resumed run sees the keys an uninterrupted one
+   would, and reads at most one block (``shuffle_buffer`` raw samples) to get there, wherever
+   in the epoch it stopped (``benchmarks/resume_seek.py``). Shuffling is therefore by blocks
+   of ``shuffle_buffer`` raw samples (``LaionStream._pass``). The DataLoader's round-robin
+   over workers resumes at the right worker.
 
 Metadata filters (``FILTER_KEYS``) and key/URL de-duplication run before any image is
 decoded. Samples that cannot be read (a truncated or unreadable tar), lack a caption or
@@ -65,7 +70,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vitscale.data.tars import expand, is_remote, read_tar_samples
@@ -91,6 +95,7 @@ _WHERE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(<=|>=|==|!=|<|>)\s*(-?[\d.]+(?:[e
 # Counter names, in report order.
 BAD = ("read_error", "missing_image", "missing_caption", "decode_error")
 COUNTERS = ("read", "kept", "filtered", "duplicate", *BAD, "repeated", "resized")
+UNSHUFFLED_BLOCK = 1000  # raw samples per block without shuffling (evaluation): a resume reads at most one
 
 
 # -- sources and sizes ------------------------------------------------------------------------------
@@ -188,12 +193,13 @@ def _sizes(urls: list[str], sizes_file: str | None) -> list[int] | None:
 
 # -- reading tars -----------------------------------------------------------------------------------
 
-def read_shards(urls, counts: dict, key: str = "read_error") -> Iterator[dict]:
-    """Raw samples of the shards ``urls``, in order; an unreadable or truncated shard is
-    counted once in ``counts[key]``, logged, and the stream moves on to the next shard."""
-    for url in urls:
+def read_shards(urls, counts: dict, key: str = "read_error", start: int = 0) -> Iterator[dict]:
+    """Raw samples of the shards ``urls``, in order (the first from its sample ``start``, seeked
+    to); an unreadable or truncated shard is counted once in ``counts[key]``, logged, and the
+    stream moves on to the next shard."""
+    for i, url in enumerate(urls):
         try:
-            yield from read_tar_samples(url)
+            yield from read_tar_samples(url, start if i == 0 else 0)
         except (OSError, ValueError, EOFError) as exc:
             counts[key] = counts.get(key, 0) + 1
             logger.warning("skipping the rest of shard %s: %s", url, exc)
@@ -236,6 +242,13 @@ class SampleFilter:
         self.window = int(f.get("dedupe_window") or max(1000, default_window))
         self._recent: collections.OrderedDict = collections.OrderedDict()
         self.needs_json = bool(self.min_size or self.min_sim is not None or self.where or self.dedupe == "url")
+
+    def state(self) -> list | None:
+        """The de-duplication window, oldest first (None without de-duplication)."""
+        return list(self._recent) if self.dedupe else None
+
+    def load_state(self, recent: list | None) -> None:
+        self._recent = collections.OrderedDict.fromkeys(recent or ())
 
     def reason(self, caption: str, meta: dict | None, key: str) -> str | None:
         if self.min_words is not None or self.max_words is not None:
@@ -381,6 +394,20 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
+class _Redirect:
+    """A counter that counts into whichever counter ``target`` is now (the raw reader's read errors
+    go to the scratch counter while a resumed block is read again)."""
+
+    def __init__(self, target: dict):
+        self.target = target
+
+    def get(self, key, default=None):
+        return self.target.get(key, default)
+
+    def __setitem__(self, key, value) -> None:
+        self.target[key] = value
+
+
 @dataclass
 class LaionStream(IterableDataset):
     """Endless micro-batches of one data rank (see the module docstring).
@@ -445,6 +472,11 @@ class LaionStream(IterableDataset):
         return self.rank_batches // self.workers + (worker < self.rank_batches % self.workers)
 
     # raw samples ---------------------------------------------------------------------------------
+    #
+    # A worker's raw stream in one pass is a sequence of shards (exact epochs: its range of the
+    # epoch's order; resampled: its endless draws), read from a cursor (place in that sequence,
+    # sample index in that shard): a resumed run seeks there (``tars.read_tar_samples``' start,
+    # ``tar_index``) instead of reading the pass from its beginning.
 
     def _exact_range(self, epoch: int, worker: int) -> tuple[list[tuple[str, int]], int, int]:
         """(shard url, size) of this epoch's order, and this worker's [start, end) in its samples."""
@@ -455,19 +487,15 @@ class LaionStream(IterableDataset):
         start = before * self.micro_batch
         return order, start, start + self.quota(worker) * self.micro_batch
 
-    def _exact_raw(self, epoch: int, worker: int, counts: dict) -> Iterator[dict]:
+    def _exact_shards(self, epoch: int, worker: int) -> list[tuple[str, int, int]]:
+        """(url, first sample, end sample) of each shard in this worker's range of ``epoch``."""
         order, start, end = self._exact_range(epoch, worker)
         offset, chosen = 0, []
         for url, size in order:
             if offset + size > start and offset < end:
                 chosen.append((url, max(0, start - offset), min(size, end - offset)))
             offset += size
-        for url, first, last in chosen:
-            for index, sample in enumerate(read_shards([url], counts)):
-                if index >= last:
-                    break
-                if index >= first:
-                    yield sample
+        return chosen
 
     def resampled_urls(self, epoch: int, worker: int) -> Iterator[str]:
         """Endless shard draws of a worker: a source with probability proportional to its
@@ -477,57 +505,108 @@ class LaionStream(IterableDataset):
             source = rng.choices(self.sources, weights=self.weights)[0]
             yield rng.choice(source.urls)
 
-    def _resampled_raw(self, epoch: int, worker: int, counts: dict) -> Iterator[dict]:
-        return read_shards(self.resampled_urls(epoch, worker), counts)
-
-    def _candidates(self, epoch: int, worker: int, counts: dict) -> Iterator[tuple[dict, str, dict | None]]:
-        """(sample, caption, json) in training order: raw samples -> filters -> shuffle buffer.
-        Exact epochs: the worker's range, shuffled and drained, then again (counted as
-        repeats) for as long as the quota is not filled."""
+    def _raw(self, epoch: int, worker: int, counts: dict, at: tuple[int, int] = (0, 0)) -> Iterator[tuple[int, dict]]:
+        """(place of its shard in the pass, sample) of a pass's raw samples from cursor ``at``."""
         if self.resampled:
-            yield from self._shuffled(self._resampled_raw(epoch, worker, counts), epoch, worker, 0, counts)
+            shards: Iterator = ((url, 0, None) for url in self.resampled_urls(epoch, worker))
+        else:
+            shards = iter(self._exact_shards(epoch, worker))
+        for place, (url, first, end) in enumerate(shards):
+            if place < at[0]:
+                continue  # a draw or a range entry costs microseconds; no shard is opened
+            begin = max(first, at[1]) if place == at[0] else first
+            for sample in read_shards([url], counts, start=begin):
+                if end is not None and sample["__index__"] >= end:
+                    break
+                yield place, sample
+
+    def _keep(self, sample: dict, sample_filter: SampleFilter, counts: dict) -> tuple[dict, str, dict | None] | None:
+        """(sample, caption, json) if the sample is complete and passes the filters; else counted, None."""
+        counts["read"] += 1
+        caption = sample.get("txt")
+        caption = caption.decode("utf-8", "replace").strip() if caption is not None else None
+        meta = None
+        if "json" in sample and sample_filter.needs_json:
+            try:
+                meta = json.loads(sample["json"])
+            except ValueError:
+                meta = None
+        if not any(e in sample for e in IMAGE_EXTS):
+            counts["missing_image"] += 1
+            return None
+        if not caption:
+            counts["missing_caption"] += 1
+            return None
+        why = sample_filter.reason(caption, meta, sample["__key__"])
+        if why is not None:
+            counts[why] += 1
+            return None
+        return sample, caption, meta
+
+    def _pass(self, epoch: int, worker: int, repeat: int, counts: dict,
+              resume: dict | None = None) -> Iterator[tuple[tuple[dict, str, dict | None], dict]]:
+        """(sample, caption, json) of one pass in training order, each with its place: raw samples
+        -> filters -> shuffle blocks.
+
+        Shuffling is by blocks: the samples kept of each next ``shuffle_buffer`` raw samples,
+        permuted with a generator seeded by (epoch, rank, worker, pass, block). Why not webdataset's
+        ``shuffle``: its buffer lives inside a generator, so a resumed run could rebuild it only by
+        reading the pass from its start; a block is rebuilt from its first raw sample's cursor, so
+        resuming reads at most one block. Each item's place (block, its first raw sample's cursor,
+        the item's offset in the block, the de-duplication window as the block began) is what
+        ``resume`` takes back; the resumed block is read into a scratch counter (the checkpoint's
+        counters already hold it)."""
+        sample_filter = SampleFilter(self.filters, self.shuffle_buffer)
+        size = self.shuffle_buffer if self.shuffle_buffer > 1 else UNSHUFFLED_BLOCK
+        block, skip, at = 0, 0, (0, 0)
+        scratch = None
+        if resume is not None:
+            block, skip, at = resume["block"], resume["offset"], (resume["shard"], resume["sample"])
+            sample_filter.load_state(resume.get("recent"))
+            scratch = collections.Counter()  # the resumed block: its reads were counted before the checkpoint
+        sink = _Redirect(scratch if scratch is not None else counts)
+        raw = self._raw(epoch, worker, sink, at)
+        while True:
+            recent = sample_filter.state()  # the window as this block begins
+            tally = sink.target
+            items, cursor = [], None
+            for place, sample in itertools.islice(raw, size):
+                cursor = cursor or (place, sample["__index__"])
+                kept = self._keep(sample, sample_filter, tally)
+                if kept is not None:
+                    items.append(kept)
+            sink.target = counts
+            scratch = None
+            if cursor is None:
+                return
+            if self.shuffle_buffer > 1:
+                random.Random(_seed(self.seed, epoch, self.data_rank, worker, repeat, block, 0x5B0F)).shuffle(items)
+            for offset in range(skip, len(items)):
+                place = {"repeat": repeat, "block": block, "shard": cursor[0], "sample": cursor[1],
+                         "offset": offset + 1}
+                if recent is not None:
+                    place["recent"] = recent
+                yield items[offset], place
+            block, skip = block + 1, 0
+
+    def _candidates(self, epoch: int, worker: int, counts: dict,
+                    resume: dict | None = None) -> Iterator[tuple[tuple[dict, str, dict | None], dict]]:
+        """``_pass`` items in training order. Exact epochs: the worker's range, then again
+        (counted as repeats) for as long as the quota is not filled."""
+        if self.resampled:
+            yield from self._pass(epoch, worker, 0, counts, resume)
             return
-        for repeat in itertools.count():
-            got = 0
-            for item in self._shuffled(self._exact_raw(epoch, worker, counts), epoch, worker, repeat, counts):
+        for repeat in itertools.count(resume["repeat"] if resume else 0):
+            got = resume["offset"] if resume else 0  # items the resumed pass gave before the checkpoint
+            for item in self._pass(epoch, worker, repeat, counts, resume):
                 got += 1
                 counts["repeated"] += repeat > 0
                 yield item
+            resume = None
             if got == 0:
                 _, start, end = self._exact_range(epoch, worker)
                 raise ValueError(f"data rank {self.data_rank} worker {worker}: no usable sample among samples "
                                  f"[{start}, {end}) of epoch {epoch}; check the shards and data.filters")
-
-    def _shuffled(self, raw: Iterator[dict], epoch: int, worker: int, salt: int, counts: dict):
-        sample_filter = SampleFilter(self.filters, self.shuffle_buffer)
-
-        def kept():
-            for sample in raw:
-                counts["read"] += 1
-                caption = sample.get("txt")
-                caption = caption.decode("utf-8", "replace").strip() if caption is not None else None
-                meta = None
-                if "json" in sample and sample_filter.needs_json:
-                    try:
-                        meta = json.loads(sample["json"])
-                    except ValueError:
-                        meta = None
-                if not any(e in sample for e in IMAGE_EXTS):
-                    counts["missing_image"] += 1
-                    continue
-                if not caption:
-                    counts["missing_caption"] += 1
-                    continue
-                why = sample_filter.reason(caption, meta, sample["__key__"])
-                if why is not None:
-                    counts[why] += 1
-                    continue
-                yield sample, caption, meta
-
-        if self.shuffle_buffer <= 1:
-            return kept()
-        rng = random.Random(_seed(self.seed, epoch, self.data_rank, worker, salt, 0x5B0F))
-        return wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(kept())
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]]:
         info = get_worker_info()
@@ -538,41 +617,40 @@ class LaionStream(IterableDataset):
         # The DataLoader starts its round-robin at worker 0; after a resume the next batch is due
         # from logical worker (batches % workers): rotate so that physical 0 plays it.
         worker = (physical + state.get("batches", 0)) % self.workers
-        pos = Position(**state.get("positions", {}).get(str(worker), {}))
+        saved = dict(state.get("positions", {}).get(str(worker), {}))
+        resume = saved.pop("place", None)
+        pos = Position(**saved)
+        if pos.taken and resume is None:
+            logger.warning("data worker %d: the checkpoint's loader position has no seek place (written before "
+                           "seekable resume); epoch %d restarts its reading, batch %d on: not the samples an "
+                           "uninterrupted run would have seen", worker, pos.epoch, pos.batch)
         counts = collections.Counter({k: 0 for k in COUNTERS})
         counts.update(state.get("counts", {}).get(str(worker), {}))
         for epoch in itertools.count(pos.epoch):
             first = pos if epoch == pos.epoch else Position(epoch)
-            yield from self._epoch(epoch, worker, first, counts)
+            yield from self._epoch(epoch, worker, first, counts, resume if epoch == pos.epoch else None)
 
-    def _epoch(self, epoch: int, worker: int, pos: Position, counts: collections.Counter):
-        """Batches ``pos.batch`` .. quota of ``epoch``. A resumed epoch first replays its first
-        ``pos.taken`` samples without decoding them; ``counts`` (restored with the position)
-        already includes them, so the replay counts into a scratch counter that then takes
-        over the restored totals."""
+    def _epoch(self, epoch: int, worker: int, pos: Position, counts: collections.Counter,
+               resume: dict | None = None):
+        """Batches ``pos.batch`` .. quota of ``epoch``; a resumed epoch seeks to its place ``resume``
+        (``_pass``) and continues with the sample it would have decoded next."""
         quota = self.quota(worker)
         if pos.batch >= quota:
             return
-        live = collections.Counter() if pos.taken else counts
         base = _seed(self.seed, epoch, self.data_rank, worker, 0xA06)
-        taken, batch = 0, pos.batch
+        taken, batch = pos.taken, pos.batch
         c, b = self.canvas, self.micro_batch
         images, boxes, captions, keys = np.empty((b, c, c, 3), np.uint8), np.zeros((b, 5), np.float32), [], []
-        for sample, caption, _ in self._candidates(epoch, worker, live):
+        for (sample, caption, _), place in self._candidates(epoch, worker, counts, resume):
             taken += 1
-            if taken <= pos.taken:
-                if taken == pos.taken:  # replay done: the restored totals hold from here on
-                    live.clear()
-                    live.update(counts)
-                continue
             n = len(keys)
             try:
                 h, w, resized = decode_to_canvas(sample, images[n])
             except Exception:  # noqa: BLE001 -- any undecodable image is a bad sample, never a crash
-                live["decode_error"] += 1
+                counts["decode_error"] += 1
                 continue
-            live["resized"] += resized
-            live["kept"] += 1
+            counts["resized"] += resized
+            counts["kept"] += 1
             if self.train:  # a generator per sample: crops do not depend on where a run resumed
                 aug = SampleRng(base * 1_000_003 + taken)
                 box = random_resized_crop_box(w, h, aug, self.crop_scale, self.crop_ratio)
@@ -584,16 +662,13 @@ class LaionStream(IterableDataset):
             keys.append(sample["__key__"])
             if len(keys) == b:
                 batch += 1
-                meta = {"worker": worker, "position": {"epoch": epoch, "batch": batch, "taken": taken},
-                        "counts": dict(live), "keys": keys}
+                meta = {"worker": worker, "position": {"epoch": epoch, "batch": batch, "taken": taken, "place": place},
+                        "counts": dict(counts), "keys": keys}
                 yield torch.from_numpy(images), self.tokenizer(captions), torch.from_numpy(boxes), meta
                 images, boxes = np.empty((b, c, c, 3), np.uint8), np.zeros((b, 5), np.float32)
                 captions, keys = [], []
                 if batch == quota:
                     break
-        if live is not counts:
-            counts.clear()
-            counts.update(live)
 
 
 class LaionLoader:
@@ -621,7 +696,7 @@ class LaionLoader:
     def _track(self, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for images, tokens, boxes, meta in batches:
             worker = str(int(meta["worker"]))
-            self.positions[worker] = {k: int(v) for k, v in meta["position"].items()}
+            self.positions[worker] = dict(meta["position"])  # ints, and the seek place (ints, the dedupe window)
             self.counts[worker] = {k: int(v) for k, v in meta["counts"].items()}
             self.batches += 1
             self.last_keys = list(meta["keys"])

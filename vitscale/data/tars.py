@@ -13,6 +13,8 @@ import tarfile
 from pathlib import PurePosixPath
 from typing import Iterable, Iterator
 
+from vitscale.data.tar_index import seek_sample
+
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     """Append ``data`` as member ``name`` with fixed header fields: the same arguments give the
@@ -55,9 +57,20 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
     pax ``path`` records (what Python's and GNU tar write). Raises ValueError on a bad
     checksum or a truncated member.
     """
+    for _, _, name, data in _entries(stream):
+        yield name, data
+
+
+def _entries(stream, skip_data: bool = False) -> Iterator[tuple[int, int, str, bytes | None]]:
+    """(offset where the member's headers start, offset after it, name, bytes) of each regular file,
+    offsets counted from where ``stream`` stood. ``skip_data``: seek over the regular files' bytes
+    (a seekable file; their bytes come as None, and a truncated last member goes unnoticed)."""
     long_name = None
+    pos, chain = 0, None  # chain: where the headers of the next member began (GNU / pax headers first)
     while True:
         header = stream.read(512)
+        chain = pos if chain is None else chain
+        pos += len(header)
         if len(header) < 512:
             if header.strip(b"\0"):
                 raise ValueError("truncated tar header")
@@ -73,11 +86,17 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
         raw_size = header[124:136]
         size = (int.from_bytes(raw_size[1:], "big") if raw_size[0] & 0x80 else
                 int(raw_size.strip(b"\0 ") or b"0", 8))
-        data = stream.read(size)
-        if len(data) < size:
-            raise ValueError("truncated tar member")
-        stream.read(-size % 512)  # padding to the block; a missing last one ends the archive below
         kind = header[156:157]
+        regular = kind in (b"0", b"\0", b"7")
+        if skip_data and regular:
+            stream.seek(size + (-size % 512), 1)
+            pos += size + (-size % 512)
+            data = None
+        else:
+            data = stream.read(size)
+            if len(data) < size:
+                raise ValueError("truncated tar member")
+            pos += size + len(stream.read(-size % 512))  # padding to the block; a missing last one ends the archive below
         if kind == b"L":  # GNU long name of the next member
             long_name = data.rstrip(b"\0").decode("utf-8", "replace")
             continue
@@ -87,8 +106,8 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
                 if kv.startswith("path="):
                     long_name = kv[5:]
             continue
-        if kind not in (b"0", b"\0", b"7"):
-            long_name = None
+        if not regular:
+            long_name, chain = None, None
             continue  # directories, links, global pax headers
         name = long_name
         if name is None:
@@ -96,30 +115,69 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
             if header[257:262] == b"ustar" and header[345:500].strip(b"\0"):
                 name = header[345:500].rstrip(b"\0").decode("utf-8", "replace") + "/" + name
         long_name = None
-        yield name, data
+        yield chain, pos, name, data
+        chain = None
 
 
-def read_tar_samples(url: str) -> Iterator[dict]:
+def _sample_key(name: str, url: str) -> tuple[str, str] | None:
+    """(key, extension) of a member as webdataset groups it, None for a member it skips; raises
+    ValueError for an absolute or '..' name."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    check_member_name(name, url)  # absolute or '..' paths: the shard is refused
+    if dot < 0 or _META.match(name):  # webdataset's rule for tar-level metadata members
+        return None
+    return name[:dot], name[dot + 1:].lower()
+
+
+def sample_starts(f, url: str) -> tuple[list[int], int]:
+    """(offset where each sample of the open shard ``f`` starts, offset where the scan stopped):
+    what ``tar_index`` caches. Reads the headers only."""
+    offsets: list[int] = []
+    key, end, last = None, 0, 0
+    try:
+        for chain, after, name, _ in _entries(f, skip_data=True):
+            parts = _sample_key(name, url)
+            if parts is not None and parts[0] != key:
+                key = parts[0]
+                offsets.append(chain)
+            end, last = after, chain
+    except ValueError:
+        pass  # the reader fails at ``end`` too
+    if end > f.seek(0, 2):  # the last member's bytes were seeked over, past the end: it is truncated
+        end = last
+    return offsets, end
+
+
+def read_tar_samples(url: str, start: int = 0) -> Iterator[dict]:
     """Samples of one shard as webdataset groups them: consecutive members with the same
-    key (the name up to the first dot of its basename), ``{"__key__", "__url__", ext: bytes}``.
-    Local paths, ``pipe:`` and http(s) URLs open through webdataset's ``gopen``."""
+    key (the name up to the first dot of its basename), ``{"__key__", "__url__", "__index__"
+    (the sample's place in the shard), ext: bytes}``. Local paths, ``pipe:`` and http(s) URLs
+    open through webdataset's ``gopen``.
+
+    ``start``: the first sample to yield. A local shard is seeked to it (``tar_index``: the
+    shard's sample offsets, built once and cached); a remote one is read from its start."""
     from webdataset.gopen import gopen
 
-    with gopen(url, "rb") as stream:
+    seek = start > 0 and not is_remote(url)
+    with (open(url, "rb") if seek else gopen(url, "rb")) as stream:
+        if seek:
+            seek_sample(stream, url, start, sample_starts)
+        index = start if seek else 0
         sample: dict | None = None
         for name, data in tar_members(stream):
-            slash = name.rfind("/")
-            dot = name.find(".", slash + 1)
-            check_member_name(name, url)  # absolute or '..' paths: the shard is refused
-            if dot < 0 or _META.match(name):  # webdataset's rule for tar-level metadata members
+            parts = _sample_key(name, url)
+            if parts is None:
                 continue
-            key, ext = name[:dot], name[dot + 1:].lower()
+            key, ext = parts
             if sample is None or sample["__key__"] != key:
                 if sample is not None:
-                    yield sample
-                sample = {"__key__": key, "__url__": url}
+                    if sample["__index__"] >= start:
+                        yield sample
+                    index += 1
+                sample = {"__key__": key, "__url__": url, "__index__": index}
             sample[ext] = data
-        if sample is not None:
+        if sample is not None and sample["__index__"] >= start:
             yield sample
 
 
