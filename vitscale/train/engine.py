@@ -43,9 +43,9 @@ def build_model(exp: Experiment, dims=None, loss_fn: Callable | None = None) -> 
                         cfg.parallel.activation_checkpoint)
     if cfg.model.init:
         if dims is not None and dims.pipe > 1:
-            load_initial_weights(model, cfg.model.init, layer_prefixes(exp.model), whole=exp.model.meta())
+            load_initial_weights(model, cfg.model.init, layer_prefixes(exp.model), whole=exp.model.meta(), dims=dims)
         else:
-            load_initial_weights(model, cfg.model.init)
+            load_initial_weights(model, cfg.model.init, dims=dims)
     return model
 
 

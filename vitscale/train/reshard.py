@@ -12,6 +12,7 @@ from vitscale.experiment import Experiment
 from vitscale.models.interop import shard_state_dict
 from vitscale.models.parallelize import layer_prefixes
 from vitscale.train.checkpoint import LayoutChange, client_state, find_resume, load_run, read_checkpoint, read_marker
+from vitscale.train.node_reads import read_once_per_node
 from vitscale.train.optim import set_master_
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,8 @@ def load_resharded(engine, folder: Path, exp: Experiment, dims) -> tuple[int, di
     to this rank's shard / stage, loaded into the module (in its dtype) and, as fp32, into the
     optimizer's master weights (``optim.set_master_``), so a bf16 run continues from its fp32 values,
     not from their bf16 rounding; the LR schedule and step counters move to the checkpoint's step.
-    The optimizer moments (and an fp16 loss scale) start afresh. Every rank reads the whole model once.
+    The optimizer moments (and an fp16 loss scale) start afresh. The checkpoint is read once per node
+    and each rank takes only its piece's tensors (``node_reads.read_once_per_node``).
 
     Returns:
         As ``checkpoint.load``: the step and the client state (step, samples, and the data
@@ -63,15 +65,17 @@ def load_resharded(engine, folder: Path, exp: Experiment, dims) -> tuple[int, di
     problem = _reshard_problem(exp, folder, marker["layout"], dims.data)
     if problem:
         raise ValueError(problem)
-    state = read_checkpoint(folder, load_run(folder.parent.parent))
     module = engine.module
     prefixes = layer_prefixes(exp.model) if dims.pipe > 1 else None
-    if prefixes is not None or any(hasattr(m, "shard") for m in module.modules()):
-        state = shard_state_dict(state, module, layer_prefixes=prefixes)
-    own = module.state_dict()
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
-    for name, param in module.named_parameters():  # the master copies get the fp32 values themselves
-        set_master_(engine.optimizer, param, state[name])
+    with read_once_per_node(lambda: read_checkpoint(folder, load_run(folder.parent.parent)), dims, "reshard") as whole:
+        if prefixes is not None or any(hasattr(m, "shard") for m in module.modules()):
+            state = shard_state_dict(whole, module, layer_prefixes=prefixes)  # this rank's tensors only
+        else:
+            state = dict(whole)
+        own = module.state_dict()
+        module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+        for name, param in module.named_parameters():  # the master copies get the fp32 values themselves
+            set_master_(engine.optimizer, param, state[name])
     step = int(marker["step"])
     engine.global_steps, engine.global_samples = step, int(marker["samples"])
     if engine.lr_scheduler is not None:
