@@ -88,3 +88,73 @@ def test_a_truncated_or_refused_shard_fails_at_the_same_sample(tmp_path):
     for start in (0, 1, 2, 3):
         with pytest.raises(ValueError, match="'..' path"):
             list(read_tar_samples(str(bad), start))
+
+
+def _shards(tmp_path):
+    """Three clean shards of 7, 5 and 9 samples, a truncated one (3 samples given before the cut) and
+    one refused for a '..' member after 2 samples; the truncated and refused ones sit between clean ones."""
+    urls = []
+    for i, n in enumerate((7, 5)):
+        urls.append(str(tmp_path / f"{i}.tar"))
+        _write(tmp_path / f"{i}.tar", [(f"k{i}_{j:03d}.{ext}", f"{i}-{j}-{ext}".encode() * (j + 1))
+                                       for j in range(n) for ext in ("jpg", "txt")])
+    whole = _write(tmp_path / "cut.tar", _members(6))
+    (tmp_path / "cut.tar").write_bytes(whole[:whole.index(b"s0004.jpg") + 512 + 50])
+    urls.append(str(tmp_path / "cut.tar"))
+    _write(tmp_path / "bad.tar", [("a.txt", b"x"), ("b.txt", b"y"), ("../evil.txt", b"z"), ("c.txt", b"w")])
+    urls.append(str(tmp_path / "bad.tar"))
+    _write(tmp_path / "3.tar", [(f"k3_{j:03d}.{ext}", b"%d" % j * 50) for j in range(9) for ext in ("jpg", "txt")])
+    urls.append(str(tmp_path / "3.tar"))
+    return urls
+
+
+@pytest.mark.parametrize("limit", [0, 15])
+def test_each_rank_reads_only_its_share_and_the_shares_make_the_whole(tmp_path, monkeypatch, limit):
+    import vitscale.data.tars as tars
+    from vitscale.data.tars import shard_share
+
+    urls = _shards(tmp_path)
+    # the reference: every sample read_tar_samples gives, shard after shard, numbered across shards
+    reference = []
+    for url in urls:
+        try:
+            for s in read_tar_samples(url):
+                reference.append((s["__url__"], s["__index__"], s["__key__"], s.get("jpg")))
+        except ValueError:
+            pass
+    assert len(reference) == 7 + 5 + 3 + 1 + 9  # bad.tar: 'b' is lost with the refused member after it
+    if limit:
+        reference = reference[:limit]
+    members = tars.tar_members
+    damaged = []  # members parsed reading the damaged shards through (up to their error), which every rank does
+    monkeypatch.setattr(tars, "tar_members", lambda stream: (damaged.append(m[0]) or m for m in members(stream)))
+    for url in urls[2:4]:
+        with pytest.raises(ValueError):
+            list(read_tar_samples(url))
+    damaged = len(damaged)
+    for world in (1, 2, 3):
+        union, errors = [], []
+        for rank in range(world):
+            parsed = {"members": 0, "bytes": 0}
+
+            def counted(stream):
+                for name, data in members(stream):
+                    parsed["members"] += 1
+                    parsed["bytes"] += len(data)
+                    yield name, data
+
+            monkeypatch.setattr(tars, "tar_members", counted)
+            got = [(s["__url__"], s["__index__"], s["__key__"], s.get("jpg"))
+                   for s in shard_share(urls, rank, world, limit, lambda url, exc: errors.append(url))]
+            monkeypatch.setattr(tars, "tar_members", members)
+            assert got == reference[rank::world], (world, rank)
+            union += got
+            if world == 3 and not limit:
+                # the clean shards' samples are read by their owner only: this rank parses its share of
+                # their members (2 per sample), plus the damaged shards' members, which every rank reads through
+                clean = sum(1 for u, *_ in got if not u.endswith(("cut.tar", "bad.tar")))
+                assert parsed["members"] == 2 * clean + damaged, (parsed, clean, damaged)
+        assert sorted(union, key=str) == sorted(reference, key=str)
+        # an unreadable shard is reported once (by one rank), whichever the number of ranks
+        # (with the first 15 samples: cut.tar's error comes before a 16th sample, bad.tar is not reached)
+        assert sorted(errors) == sorted(u for u in urls if u.endswith(("cut.tar",) if limit else ("cut.tar", "bad.tar")))

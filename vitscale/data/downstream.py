@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from vitscale.data.shards import resolve_shards
 from vitscale.data.synthetic_loader import StepSampler, collate_labelled
+from vitscale.data.tars import shard_share
 
 DIGITS = "digits"
 DIGITS_TEST = 360  # images in the fixed test split (20 %)
@@ -115,11 +116,9 @@ class LabelledShards(IterableDataset):
     def __iter__(self) -> Iterator[tuple[Any, int]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if not self.endless:
-            samples = wds.tarfile_to_samples()(iter({"url": u} for u in self.urls))
-            for i, sample in enumerate(samples):
-                if i % (self.world * workers) == self.rank * workers + worker:
-                    yield self._decode(sample)
+        if not self.endless:  # this rank's and worker's share, only its bytes read (tars.shard_share)
+            for sample in shard_share(self.urls, self.rank * workers + worker, self.world * workers):
+                yield self._decode(sample)
             return
         rng = random.Random(hash((self.seed, self.rank, worker)))
         urls = ({"url": rng.choice(self.urls)} for _ in iter(int, 1))

@@ -33,7 +33,7 @@ from vitscale.files import replacing
 logger = logging.getLogger(__name__)
 
 FORMAT = "vitscale-tar-index"
-VERSION = 1
+VERSION = 2
 
 _memory: dict[str, tuple[tuple[int, int], dict]] = {}  # absolute path -> ((size, mtime_ns), index): this process's
 
@@ -47,17 +47,17 @@ def cache_path(shard: str | Path) -> Path:
     return root / (hashlib.sha1(str(shard).encode()).hexdigest()[:20] + ".idx.json")
 
 
-Scan = Callable[[BinaryIO, str], tuple[list[int], int]]
+Scan = Callable[[BinaryIO, str], tuple[list[int], int, bool]]
 
 
 def build_index(shard: str | Path, scan: Scan) -> dict:
     """Scan ``shard``'s headers with ``scan`` (``tars.sample_starts``): ``{"offsets": [start of each
-    sample], "end": where the scan stopped}``. The scan stops at the end-of-archive marker or at the
+    sample], "end": where the scan stopped, "clean": whether the whole shard reads without error}``. The scan stops at the end-of-archive marker or at the
     first member the reader refuses (a bad header, a truncated member, an absolute or '..' name):
     reading from ``end`` then ends or fails exactly as reading through the whole shard does."""
     with open(shard, "rb") as f:
-        offsets, end = scan(f, str(shard))
-    return {"offsets": offsets, "end": end}
+        offsets, end, clean = scan(f, str(shard))
+    return {"offsets": offsets, "end": end, "clean": clean}
 
 
 def sample_offsets(shard: str | Path, scan: Scan) -> dict:
@@ -74,7 +74,7 @@ def sample_offsets(shard: str | Path, scan: Scan) -> dict:
     try:
         data = json.loads(cached.read_text())
         if (data.get("format"), data.get("version"), data.get("size"), data.get("mtime_ns")) == (FORMAT, VERSION, *stamp):
-            index = {"offsets": [int(o) for o in data["offsets"]], "end": int(data["end"])}
+            index = {"offsets": [int(o) for o in data["offsets"]], "end": int(data["end"]), "clean": bool(data["clean"])}
     except (OSError, ValueError, KeyError, TypeError):
         pass  # none yet, stale or unreadable: build it
     if index is None:

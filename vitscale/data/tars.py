@@ -11,9 +11,9 @@ import io
 import re
 import tarfile
 from pathlib import PurePosixPath
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
-from vitscale.data.tar_index import seek_sample
+from vitscale.data.tar_index import sample_offsets, seek_sample
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -130,11 +130,12 @@ def _sample_key(name: str, url: str) -> tuple[str, str] | None:
     return name[:dot], name[dot + 1:].lower()
 
 
-def sample_starts(f, url: str) -> tuple[list[int], int]:
-    """(offset where each sample of the open shard ``f`` starts, offset where the scan stopped):
-    what ``tar_index`` caches. Reads the headers only."""
+def sample_starts(f, url: str) -> tuple[list[int], int, bool]:
+    """(offset where each sample of the open shard ``f`` starts, offset where the scan stopped,
+    whether the shard is whole: it ended at its end-of-archive or end of file without a refused
+    or truncated member): what ``tar_index`` caches. Reads the headers only."""
     offsets: list[int] = []
-    key, end, last = None, 0, 0
+    key, end, last, clean = None, 0, 0, True
     try:
         for chain, after, name, _ in _entries(f, skip_data=True):
             parts = _sample_key(name, url)
@@ -143,10 +144,10 @@ def sample_starts(f, url: str) -> tuple[list[int], int]:
                 offsets.append(chain)
             end, last = after, chain
     except ValueError:
-        pass  # the reader fails at ``end`` too
+        clean = False  # the reader fails at ``end`` too
     if end > f.seek(0, 2):  # the last member's bytes were seeked over, past the end: it is truncated
-        end = last
-    return offsets, end
+        end, clean = last, False
+    return offsets, end, clean
 
 
 def read_tar_samples(url: str, start: int = 0) -> Iterator[dict]:
@@ -179,6 +180,64 @@ def read_tar_samples(url: str, start: int = 0) -> Iterator[dict]:
             sample[ext] = data
         if sample is not None and sample["__index__"] >= start:
             yield sample
+
+
+def _group_one(data: bytes, url: str, index: int) -> dict:
+    """The sample whose members are the tar bytes ``data`` (one sample's span of a shard)."""
+    sample = {"__url__": url, "__index__": index}
+    for name, member in tar_members(io.BytesIO(data)):
+        parts = _sample_key(name, url)
+        if parts is not None:
+            sample["__key__"], sample[parts[1]] = parts[0], member
+    return sample
+
+
+def shard_share(urls: list[str], rank: int, world: int, limit: int = 0,
+                on_error: Callable[[str, Exception], None] | None = None) -> Iterator[dict]:
+    """Every ``world``-th sample, from the ``rank``-th, of the shards ``urls`` read one after another
+    (the samples ``read_tar_samples`` yields, numbered across the shards; only those numbered below
+    ``limit`` where it is > 0), reading only this share's bytes: a whole local shard is indexed
+    (``tar_index``) and each of its samples read by seeking to its span. A remote or damaged shard is
+    read through and the other samples skipped.
+
+    ``on_error(url, exception)``: a shard that cannot be read (raises when None) is reported by one
+    rank only (the shard's place modulo ``world``), and the numbering goes on after the samples it gave.
+    """
+    base = 0  # samples in the shards before this one
+    for place, url in enumerate(urls):
+        if limit and base >= limit:
+            return
+        index = None
+        if not is_remote(url):
+            try:
+                index = sample_offsets(url, sample_starts)
+            except OSError:
+                index = None  # unreadable: read through below, which reports it
+        if index is not None and index["clean"]:
+            spans = index["offsets"] + [index["end"]]
+            first = (rank - base) % world
+            with open(url, "rb") as f:
+                for j in range(first, len(index["offsets"]), world):
+                    if limit and base + j >= limit:
+                        break
+                    f.seek(spans[j])
+                    yield _group_one(f.read(spans[j + 1] - spans[j]), url, j)
+            base += len(index["offsets"])
+            continue
+        count = 0
+        try:
+            for sample in read_tar_samples(url):
+                if limit and base + count >= limit:
+                    break
+                if (base + count) % world == rank:
+                    yield sample
+                count += 1
+        except (OSError, ValueError, EOFError) as exc:
+            if on_error is None:
+                raise
+            if place % world == rank:
+                on_error(url, exc)
+        base += count
 
 
 def tar_samples(urls: Iterable[dict]) -> Iterator[dict]:

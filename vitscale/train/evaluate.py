@@ -16,12 +16,13 @@ zero-shot, img2dataset shards for retrieval. Images get CLIP's eval transform (s
 side resized, centre crop) through the same canvas + device crop as training.
 
 With a process group, each data rank evaluates its share (every ``data_world``-th
-sample) and the counts are summed; ranks keep stepping together (a rank out of samples
+sample), reading only that share's bytes, and the counts are summed; ranks keep stepping together (a rank out of samples
 runs a dummy batch), since tensor-parallel and ZeRO-3 forwards are collective.
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -31,11 +32,14 @@ import torch.nn.functional as F
 
 from vitscale.data.captions import CaptionTokenizer
 from vitscale.data.downstream import downstream_dataset, heldout_batches, timm_transform
-from vitscale.data.laion import IMAGE_EXTS, center_box, decode_image, fit_canvas, read_shards, resolve_sources
+from vitscale.data.laion import IMAGE_EXTS, center_box, decode_image, fit_canvas, resolve_sources
+from vitscale.data.tars import shard_share
 from vitscale.data.synthetic_loader import collate_labelled
 from vitscale.data.transforms import crop_resize, normalize
 from vitscale.experiment import Experiment
 from vitscale.train.checkpoint import find_checkpoint, load_run, read_checkpoint
+
+logger = logging.getLogger(__name__)
 
 RECALL_AT = (1, 5, 10)
 
@@ -122,8 +126,10 @@ def _label(sample: dict) -> int | None:
 
 def eval_samples(data: str, canvas: int, rank: int = 0, world: int = 1, max_samples: int = 0,
                  counts: dict | None = None) -> Iterator[tuple[np.ndarray, tuple, int | None, str | None]]:
-    """Every ``world``-th sample (from ``rank``) of ``data`` in order: (canvas image (3, c, c)
-    uint8, central box, label or None, caption or None). Unreadable samples are counted in
+    """Every ``world``-th sample (from ``rank``) of ``data`` in order (of its first ``max_samples``
+    when > 0): (canvas image (3, c, c) uint8, central box, label or None, caption or None). Only
+    this share's bytes are read (``tars.shard_share``: each local shard's samples seeked to).
+    Undecodable samples, and (counted by one rank) unreadable shards, are counted in
     ``counts['bad']`` and skipped."""
     counts = counts if counts is not None else {}
     counts.setdefault("bad", 0)
@@ -131,16 +137,16 @@ def eval_samples(data: str, canvas: int, rank: int = 0, world: int = 1, max_samp
         classes = sorted(p for p in Path(data).iterdir() if p.is_dir())
         files = [(f, label) for label, folder in enumerate(classes) for f in sorted(folder.iterdir())
                  if f.suffix.lower().lstrip(".") in IMAGE_EXTS]
+        files = files[:max_samples] if max_samples else files
         raw = ({"__key__": str(f), f.suffix.lower().lstrip("."): f.read_bytes(), "cls": str(label).encode()}
-               for f, label in files)
+               for f, label in files[rank::world])
     else:
-        raw = read_shards(_expand_data(data), counts, "bad")
-    taken = 0
-    for index, sample in enumerate(raw):
-        if max_samples and index >= max_samples:
-            break
-        if index % world != rank:
-            continue
+        def unreadable(url: str, exc: Exception) -> None:
+            counts["bad"] += 1
+            logger.warning("skipping the rest of shard %s: %s", url, exc)
+
+        raw = shard_share(_expand_data(data), rank, world, max_samples, unreadable)
+    for sample in raw:
         try:
             ext = next(e for e in IMAGE_EXTS if e in sample)
             image, _ = fit_canvas(decode_image(sample[ext], ext, canvas), canvas)
@@ -151,7 +157,6 @@ def eval_samples(data: str, canvas: int, rank: int = 0, world: int = 1, max_samp
         h, w = image.shape[:2]
         out[:, :h, :w] = image.transpose(2, 0, 1)
         caption = sample["txt"].decode("utf-8", "replace").strip() if "txt" in sample else None
-        taken += 1
         yield out, center_box(w, h), _label(sample), caption
 
 
