@@ -186,3 +186,48 @@ def test_step_times_add_up_to_the_wall_time_of_a_run():
     assert sum(m.step_times_s) == pytest.approx(wall, rel=0.02)
     assert m.elapsed_s == pytest.approx(sum(m.step_times_s))
     assert 0 < m.data_wait_s < m.elapsed_s and 0 < m.forward_s < m.elapsed_s
+
+
+class _DeviceClock:
+    """A device whose queued work finishes later than the host queues it: an event records the
+    time the stream reaches it, ``queued`` seconds of work after the previous one."""
+
+    def __init__(self):
+        self.now, self.syncs = 0.0, 0
+
+    def event_class(self):
+        clock = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                assert enable_timing
+                self.t = None
+
+            def record(self):
+                self.t = clock.now
+
+            def synchronize(self):
+                clock.syncs += 1
+
+            def elapsed_time(self, end):  # milliseconds, as torch's
+                return (end.t - self.t) * 1e3
+
+        return Event
+
+
+def test_on_a_gpu_steps_are_timed_by_events_read_at_log_steps(monkeypatch):
+    # Each step queues 2 s of device work; the host returns at once (as with asynchronous CUDA kernels).
+    # The events time the device's 2 s per step, and only collect() waits (once, on the last event).
+    clock = _DeviceClock()
+    monkeypatch.setattr(torch.cuda, "Event", clock.event_class())
+    dims = SimpleNamespace(pipe=1, device=SimpleNamespace(type="cuda"))
+    m = ThroughputMeter(dims, 64, 1, warmup_steps=1, peak_tflops=None)
+    for step in range(5):
+        m.start_step()
+        clock.now += 0.5 if step == 0 else 2.0  # the step's work, done on the device later
+        m.end_step()
+        clock.now += 0.25  # between steps (a checkpoint's device work): in no step
+    assert clock.syncs == 0 and m.step_times_s == []  # no synchronisation in the steps
+    m.collect()
+    assert clock.syncs == 1
+    assert m.step_times_s == pytest.approx([2.0] * 4) and m.elapsed_s == pytest.approx(8.0)  # warm-up left out
