@@ -266,6 +266,7 @@ class FakeEngine:
 
     def __init__(self):
         self.module, self.device, self.fail = nn.Linear(2, 2), torch.device("cpu"), False
+        self.optimizer = None  # an fp32 ZeRO-0 run's: the module holds the master weights
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         folder = Path(save_dir) / tag
