@@ -127,7 +127,7 @@ def test_deepspeeds_checkpoint_engine_loads_weights_only(tmp_path):
         load_file(tmp_path / "bad.pt")
     assert not (tmp_path / "pwned").exists()
 
-    with pytest.raises(ValueError, match=r"checkpoint engine object, whose loads can run code"):
+    with pytest.raises(ValueError, match=r"checkpoint engine object, whose loads bypass"):
         safe_deepspeed_loads(SimpleNamespace(checkpoint_engine=object(), load_universal_checkpoint=lambda: False))
     with pytest.raises(ValueError, match=r"sets load_universal_checkpoint"):
         safe_deepspeed_loads(SimpleNamespace(checkpoint_engine=TorchCheckpointEngine(),
@@ -146,6 +146,6 @@ def test_a_preset_whose_checkpoint_loads_can_run_code_is_refused_before_start(tm
     plain.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
     path.write_text(json.dumps({"zero_optimization": {"stage": 1}, **preset}))
     assert compose_ds_config(load_config(TINY, [f"parallel.ds_preset={plain}"]), 2)["zero_optimization"]["stage"] == 1
-    with pytest.raises(ConfigError, match=rf"sets {re.escape(key)}: those checkpoint loaders unpickle with "
-                                          r"weights_only=False"):
+    with pytest.raises(ConfigError, match=rf"sets {re.escape(key)}: its checkpoint loads bypass vitscale's "
+                                          r"weights-only reader"):
         compose_ds_config(load_config(TINY, [f"parallel.ds_preset={path}"]), 2)

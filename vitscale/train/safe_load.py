@@ -12,7 +12,10 @@ Who reads through it: resume (``safe_deepspeed_loads`` gives the DeepSpeed engin
 engine whose ``load`` is ``load_file``: the model, optimizer and ZeRO files ``engine.load_checkpoint``
 reads), the RNG state files, ``checkpoint.read_checkpoint`` (``vitscale-export``, ``vitscale-eval``,
 ``model.init`` from a run folder, ``checkpoint.reshard=weights``, the client state) and ``model.init``
-from a ``.pt`` file.
+from a ``.pt`` file. DeepSpeed's loaders with a ``torch.load`` of their own (``zero_to_fp32`` and
+universal checkpoints: ``weights_only=False``; the datastates / fast / decoupled checkpoint engines)
+are not used: a preset asking for them is refused before start (``config/deepspeed.py``), and
+``safe_deepspeed_loads`` checks again on the built engine.
 """
 from __future__ import annotations
 
@@ -81,8 +84,8 @@ def safe_deepspeed_loads(engine) -> None:
     (``deepspeed.runtime.checkpoint_engine``: its ``load`` is one ``torch.load(weights_only=False)``),
     and its config offers no way to name one of our own; so the engine built from the config is
     swapped, right after ``deepspeed.initialize``, for a subclass that differs in ``load`` alone
-    (saving stays DeepSpeed's). The universal-checkpoint loader and the datastates / fast / decoupled
-    engines read with ``torch.load`` of their own and are refused.
+    (saving stays DeepSpeed's). The universal-checkpoint loader (``weights_only=False``) and the
+    datastates / fast / decoupled engines read with a ``torch.load`` of their own and are refused.
 
     Raises:
         ValueError: the DeepSpeed config chose a checkpoint engine or loader this cannot make safe.
@@ -92,8 +95,8 @@ def safe_deepspeed_loads(engine) -> None:
     current = engine.checkpoint_engine
     if type(current) is not TorchCheckpointEngine:
         raise ValueError(f"the DeepSpeed preset chose the checkpoint engine {type(current).__name__}, whose loads "
-                         "can run code; remove its 'checkpoint' writer / 'datastates_ckpt' settings (vitscale "
-                         "resumes only through weights_only loads)")
+                         "bypass vitscale's weights-only reader; remove its 'checkpoint.writer' / 'datastates_ckpt' "
+                         "settings")
     if engine.load_universal_checkpoint():
         raise ValueError("the DeepSpeed preset sets load_universal_checkpoint, whose loads can run code "
                          "(torch.load(weights_only=False)); remove it (checkpoint.reshard=weights changes layouts)")
