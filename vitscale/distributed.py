@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -390,13 +391,16 @@ class StopRequest:
 
     ``poll`` and ``agreed`` are collective: every rank learns at the same step whether any
     rank got a signal (one tiny all-reduce), so all of them save the same checkpoint and
-    stop together.
+    stop together; ``poll`` also leaves in ``age_s`` how long before it the first signal
+    arrived on any rank (the time the signal's lead has already used).
     """
 
     def __init__(self, signums: tuple[int, ...] | None = None):
         import signal
 
         self.signum = 0  # the first signal received, 0 = none
+        self.received_at = 0.0  # time.monotonic() when it arrived
+        self.age_s = 0.0  # set by poll: seconds from the earliest arrival on any rank to the poll
         for signum in (signal.SIGUSR1, signal.SIGTERM) if signums is None else signums:
             signal.signal(signum, self._set)
 
@@ -405,7 +409,8 @@ class StopRequest:
         return self.signum != 0
 
     def _set(self, signum, frame) -> None:
-        self.signum = self.signum or signum
+        if not self.signum:
+            self.signum, self.received_at = signum, time.monotonic()
 
     def poll(self, device: torch.device, *flags: bool) -> tuple:
         """Collective: (the largest signal number any rank received, 0 if none; then for each of
@@ -413,9 +418,10 @@ class StopRequest:
         import torch
         import torch.distributed as dist
 
-        values = torch.tensor([float(self.signum), *map(float, flags)], device=device)
+        age = time.monotonic() - self.received_at if self.signum else 0.0
+        values = torch.tensor([float(self.signum), age, *map(float, flags)], device=device)
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
-        signum, *any_flags = values.tolist()
+        signum, self.age_s, *any_flags = values.tolist()
         return (int(signum), *map(bool, any_flags))
 
     def agreed(self, device: torch.device) -> bool:

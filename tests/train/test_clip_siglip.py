@@ -32,11 +32,14 @@ SIGLIP = [f"train.steps={STEPS}", "train.precision=fp32", "train.loss=siglip"]
 SIGLIP_TWO = {"sig_tensor2": SIGLIP + ["parallel.tensor=2", "parallel.zero=1"],
               "sig_data2": SIGLIP + ["parallel.zero=1"],
               "sig_pipe2": SIGLIP + ["parallel.pipe=2", "parallel.zero=1"]}
-# bf16 from a logit scale of 4.7 > log 100: each DeepSpeed optimizer that keeps an fp32 master once
-# (BF16_Optimizer: data 2 ZeRO-1 and pipelines; the ZeRO-0 fp16 / bf16 optimizer: tensor 2 ZeRO-0).
+# bf16 from a logit scale of 4.7 > log 100: each DeepSpeed optimizer that keeps a bf16 run's fp32 master
+# once (the ZeRO-2 optimizer: data 2, which DeepSpeed's zero_to_fp32 also reads; BF16_Optimizer, which
+# bf16 ZeRO-1 gets with fp32 gradient accumulation: tensor 2 and pipe 2). bf16 with ZeRO-0
+# is refused (config/validation.py); the ZeRO-0 fp16 master (FP16_Optimizer) is fp16-only, which
+# DeepSpeed's CPU accelerator does not train, so it is not covered here.
 BF16 = [f"train.steps={BF16_STEPS}", "train.precision=bf16"]
-BF16_TWO = {"bf16_data2": BF16 + ["parallel.zero=1"], "bf16_tensor2": BF16 + ["parallel.tensor=2", "parallel.zero=0"],
-            "bf16_pipe2": BF16 + ["parallel.pipe=2", "parallel.zero=0"]}
+BF16_TWO = {"bf16_data2": BF16 + ["parallel.zero=2"], "bf16_tensor2": BF16 + ["parallel.tensor=2", "parallel.zero=1"],
+            "bf16_pipe2": BF16 + ["parallel.pipe=2", "parallel.zero=1"]}
 LN100 = torch.tensor(math.log(100), dtype=torch.float32).item()  # the fp32 bound the clamp writes
 
 

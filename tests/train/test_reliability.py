@@ -1,5 +1,5 @@
-"""Issue 9: exact resume, atomic checkpoints, fail fast on a lost rank, stop signals, NaN steps,
-disk faults, tar safety.
+"""Issue 9: exact resume, atomic checkpoints, fail fast on a lost rank, stop signals (issue 19: at the
+next step boundary), NaN steps, disk faults, tar safety.
 
 Distributed tests pay for launches (15-30 s each on 2 cores): one deepspeed launch trains
 every exact-resume pair (data 2 and pipe 2, on the fly and from shards) and the layout
@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -266,6 +267,7 @@ class FakeEngine:
 
     def __init__(self):
         self.module, self.device, self.fail = nn.Linear(2, 2), torch.device("cpu"), False
+        self.optimizer = None  # an fp32 ZeRO-0 run's: the module holds the master weights
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         folder = Path(save_dir) / tag
@@ -459,6 +461,41 @@ def test_kill_9_of_a_rank_ends_the_job_naming_it_and_resume_continues(tmp_path):
     stopped = checkpoint.find_resume(tmp_path, "auto")
     assert "stopped at step" in out and "SIGTERM" in out
     assert checkpoint.read_marker(stopped)["step"] > done + 1
+
+
+USR1_LOG_EVERY = 50  # the old rule stopped at the next log interval: step 50 here
+
+
+@pytest.mark.distributed
+def test_usr1_on_one_rank_stops_every_rank_at_the_next_step_with_a_checkpoint(tmp_path):
+    """SLURM's --signal=USR1@120, here on rank 1 only: every rank learns it through the per-step flag
+    and stops at the step boundary after it (not at the next log interval), with that step's
+    checkpoint complete, exit 0, and a log line saying how long after the signal the checkpoint
+    was written and how long before the step's end the signal came."""
+    procs = _start_ranks(tmp_path, ["train.steps=100000", f"log.every={USR1_LOG_EVERY}", "checkpoint.every=2"])
+    deadline = time.time() + 240
+    while (last := checkpoint.find_resume(tmp_path, "auto")) is None and time.time() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError(f"a rank ended early: {_logs(tmp_path)}")
+        time.sleep(0.1)
+    assert last is not None, _logs(tmp_path)
+    before = checkpoint.read_marker(last)["step"]  # the run is past this step when the signal comes
+    os.kill(procs[1].pid, signal.SIGUSR1)
+    codes = _wait(procs, timeout=120)
+    logs = [(tmp_path / f"rank{rank}.log").read_text() for rank in range(2)]
+    assert codes == [0, 0], logs[0][-3000:]
+    stopped = [re.findall(r"stopped at step (\d+) on SIGUSR1", log) for log in logs]
+    assert stopped[0] and stopped[0] == stopped[1], stopped  # both ranks, the same step
+    step = int(stopped[0][0])
+    # the step in flight when the signal came (before + 1 .. before + 3), with slack for a busy machine
+    assert before < step <= before + 10 < USR1_LOG_EVERY, f"signal after step {before}, stopped at {step}"
+    assert checkpoint.read_marker(checkpoint.find_resume(tmp_path, "auto"))["step"] == step
+    timing = re.search(rf"stopped at step {step} on SIGUSR1: checkpoint written ([\d.]+) s after SIGUSR1 "
+                       r"\(received ([\d.]+) s before the step ended\)", logs[0])
+    assert timing, logs[0][-3000:]
+    written, lead = map(float, timing.groups())
+    assert lead <= written < 60, timing.group(0)
+    print(timing.group(0))
 
 
 @pytest.mark.distributed

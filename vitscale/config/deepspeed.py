@@ -58,6 +58,12 @@ def compose_ds_config(cfg: Config, data_parallel: int, check_batch: bool = True,
         if key in ds:
             raise ConfigError(f"DeepSpeed preset {path} sets '{key}', which the experiment config owns "
                               f"(train.*, optim.*); remove it from the preset")
+    unsafe = [f"checkpoint.{k}" for k in ("load_universal", "writer") if (ds.get("checkpoint") or {}).get(k)]
+    unsafe += ["datastates_ckpt"] if ds.get("datastates_ckpt") not in (None, False) else []
+    if unsafe:  # loaders of their own, not train/safe_load.py's
+        raise ConfigError(f"DeepSpeed preset {path} sets {', '.join(unsafe)}: its checkpoint loads bypass vitscale's "
+                          "weights-only reader (universal checkpoints unpickle with weights_only=False: a checkpoint "
+                          "could run code); remove it (checkpoint.reshard=weights resumes in another layout)")
     zero = ds.setdefault("zero_optimization", {})
     if zero.get("stage", p.zero) != p.zero:
         raise ConfigError(f"parallel.zero={p.zero} but DeepSpeed preset {path.name} is for ZeRO stage "

@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from vitscale.train.faults import NumericFault
     from vitscale.train.loop import train
+    from vitscale.train.safe_load import UnsafeCheckpoint
     from vitscale.train.setup import start_run
 
     cfg = plan.exp.cfg
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             last = train(start_run(plan, dims))
         except NumericFault as e:  # raised on every rank at the same step
             last = {"fault": e}
+        except UnsafeCheckpoint as e:  # a file to resume or start from that would run code: bad input, not a fault
+            log.error("refusing to start: %s", e)
+            _leave(EXIT_CONFIG)  # no closing barrier: a rank whose files were fine may wait in a collective
         except RuntimeError as e:  # a collective failed: if a peer died, let the watchdog name it
             heartbeat.settle(e)
             raise

@@ -54,10 +54,11 @@ and where the optimizer keeps its fp32 master weights when the module trains in 
 ``read_checkpoint`` takes every parameter from the fp32 master where the module's copy is not it
 (``train.precision`` bf16 / fp16, or ZeRO-3), in every layout, as DeepSpeed's
 ``zero_to_fp32`` does for the layouts it reads (one model-parallel rank, pipe = 1), and the
-buffers from the module. Every file is read with ``torch.load(..., weights_only=True)``: the
-few DeepSpeed classes an optimizer state pickles (loss scaler, ZeRO stage, fragment address:
-plain data) are allowed by name, nothing else (``zero_to_fp32`` itself unpickles with
-``weights_only=False``, so it is not used).
+buffers from the module. Every file here, and every file ``engine.load_checkpoint`` reads on resume,
+is read by ``safe_load.load_file``: ``torch.load(..., weights_only=True)`` with the few DeepSpeed
+classes an optimizer state pickles (loss scaler, ZeRO stage, fragment address: plain data) allowed
+by name, nothing else; a file that asks for more is refused before any of it is built
+(``zero_to_fp32`` itself unpickles with ``weights_only=False``, so it is not used).
 """
 from __future__ import annotations
 
@@ -82,6 +83,7 @@ from vitscale.models.interop import check_state_dict, merge_tensor_parallel, pip
 from vitscale.models.parallelize import layer_prefixes
 from vitscale.models.tensor_parallel import parallelize_vit
 from vitscale.train.optim import zero0_master_order
+from vitscale.train.safe_load import load_file
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +268,7 @@ def load(engine, run_dir: str | Path, resume: str, layout: dict | None = None) -
                            f"to start fresh or point checkpoint.resume at another checkpoint")
     rng = folder / f"rng_rank{dist.get_rank():05d}.pt"
     if rng.is_file():
-        _set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
+        _set_rng_state(load_file(rng))
     logger.info("resumed from %s at step %d", path, client["step"])
     return int(client["step"]), dict(client)
 
@@ -283,7 +285,7 @@ class LayoutChange(ValueError):
 def client_state(folder: Path) -> dict:
     """The client state DeepSpeed stored beside the model (in every ``*mp_rank_00_model_states.pt``)."""
     path = next(iter(sorted(folder.glob("*mp_rank_00_model_states.pt"))), None)
-    return _load(path) if path is not None else {}
+    return load_file(path) if path is not None else {}
 
 
 # -- reading a checkpoint of any layout -------------------------------------------------------------
@@ -337,23 +339,6 @@ def _meta_model(run: Experiment, tensor: int = 1) -> nn.Module:
     return model
 
 
-def _deepspeed_data_classes() -> list:
-    """The DeepSpeed classes its checkpoints pickle, each plain data (no code runs to rebuild
-    them): the loss scalers, the ZeRO stage enum, the fragment addresses of ``param_slice_mappings``."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def _load(path: Path, mmap: bool = False) -> dict:
-    """A DeepSpeed checkpoint file, ``weights_only=True`` (those classes allowed by name, nothing else);
-    ``mmap``: tensors stay in the file until read (optimizer states, of which only the weights are used)."""
-    with torch.serialization.safe_globals(_deepspeed_data_classes()):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-
-
 def _check_ranks(ranks, what: str, tensor: int, folder: Path) -> None:
     if sorted(ranks) != list(range(tensor)):
         raise ValueError(f"{folder}: found {what} for tensor ranks {sorted(ranks)}, but config.yaml says "
@@ -368,7 +353,7 @@ def _read_pipeline(folder: Path, run: Experiment, tensor: int) -> list[dict]:
             layers[int(m.group(2) or 0)][int(m.group(1))] = path
     prefixes = layer_prefixes(run.model)
     _check_ranks(layers, "pipeline layer files", tensor, folder)
-    return [pipeline_to_whole({i: _load(p) for i, p in layers[t].items()}, prefixes) for t in range(tensor)]
+    return [pipeline_to_whole({i: load_file(p) for i, p in layers[t].items()}, prefixes) for t in range(tensor)]
 
 
 def _read_module(folder: Path, tensor: int) -> list[dict]:
@@ -376,7 +361,7 @@ def _read_module(folder: Path, tensor: int) -> list[dict]:
     shards = []
     _check_ranks(files, "mp_rank_XX_model_states.pt files", tensor, folder)
     for path in (files[t] for t in range(tensor)):
-        module = _load(path).get("module")
+        module = load_file(path).get("module")
         if module is None:
             raise ValueError(f"{path} holds no module; a pipeline checkpoint keeps its weights in layer_* files")
         shards.append(dict(module))
@@ -388,7 +373,7 @@ def _read_zero3(folder: Path, tensor: int) -> list[dict]:
     for the parameters (``read_checkpoint`` puts the fp32 master in their place)."""
     ranks = {int(m.group(2)) for p in folder.iterdir() if (m := _ZERO3_FILE.fullmatch(p.name))}
     _check_ranks(ranks, "ZeRO-3 model-states files", tensor, folder)
-    return [dict(_load(folder / f"zero_pp_rank_0_mp_rank_{t:02d}_model_states.pt")["module"]) for t in range(tensor)]
+    return [dict(load_file(folder / f"zero_pp_rank_0_mp_rank_{t:02d}_model_states.pt")["module"]) for t in range(tensor)]
 
 
 def _walk(flat: torch.Tensor, shapes: dict, paddings: list[int] | None, where: str) -> dict[str, torch.Tensor]:
@@ -499,11 +484,11 @@ def _read_master(folder: Path, pipe: int, tensor: int, zero3: bool) -> list[dict
                                  "complete?")
             model_file = f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt" if zero3 else \
                 f"mp_rank_{mp:02d}_model_states.pt"
-            shapes = _load(folder / model_file).get("param_shapes")  # None where DeepSpeed records no order
-            states = [_load(ranks[d], mmap=True)["optimizer_state_dict"] for d in sorted(ranks)]
+            shapes = load_file(folder / model_file).get("param_shapes")  # None where DeepSpeed records no order
+            states = [load_file(ranks[d], mmap=True)["optimizer_state_dict"] for d in sorted(ranks)]
             masters.append(_master_from_optim_states(states, shapes, where))
         else:
-            master = _master_from_model_states(_load(folder / f"mp_rank_{mp:02d}_model_states.pt"), where)
+            master = _master_from_model_states(load_file(folder / f"mp_rank_{mp:02d}_model_states.pt"), where)
             if master is None:
                 logger.warning("%s: written before checkpoints recorded the order of the ZeRO-0 optimizer's fp32 "
                                "master weights; reading the module's %s weights instead", where, "low-precision")

@@ -1,6 +1,7 @@
 """This rank's model and its DeepSpeed engine: the model parallelised for the layout
 (``models.parallelize``), its starting weights (``model.init``), and ``deepspeed.initialize`` with
-our parameter groups, LR schedule and process grid (``train/optim.py``); what wraps the optimizer
+our parameter groups, LR schedule and process grid (``train/optim.py``), its checkpoint loads made
+weights-only (``train/safe_load.py``); what wraps the optimizer
 step: the skip of NaN / Inf steps where DeepSpeed has none (``train/faults.py``), our clipping where
 DeepSpeed's is wrong, the clamp of bounded parameters; and a log line of the dtypes DeepSpeed chose."""
 from __future__ import annotations
@@ -17,6 +18,7 @@ from vitscale.models.parallelize import layer_prefixes, parallelize
 from vitscale.train.faults import skip_nonfinite_steps
 from vitscale.train.initial_weights import load_initial_weights
 from vitscale.train.optim import clamp_in_step, clip_in_step, layer_decay_groups, lr_schedule, param_groups
+from vitscale.train.safe_load import safe_deepspeed_loads
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ def build_engine(exp: Experiment, dims, ds_config: dict, loss_fn: Callable | Non
     schedule = lr_schedule(t.steps, o.warmup_steps, o.schedule, o.warmup_init_ratio, o.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, mpu=mpu, lr_scheduler=schedule,
                                            model_parameters=groups)
+    safe_deepspeed_loads(engine)  # resume unpickles with weights_only=True, as every other load (safe_load.py)
     skip_nonfinite_steps(engine)  # first: our clipping (below) wraps the step that may skip
     if own_clipping(cfg):
         clip_in_step(engine, model, dims, o.grad_clip)

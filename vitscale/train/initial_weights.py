@@ -24,6 +24,7 @@ from vitscale.models.clip import from_open_clip_state_dict
 from vitscale.models.interop import shard_state_dict, whole_name
 from vitscale.train.checkpoint import find_checkpoint, load_run, read_checkpoint
 from vitscale.train.node_reads import Overlay, read_once_per_node, shape_of
+from vitscale.train.safe_load import load_file
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,9 @@ HEAD_KEYS = ("head.weight", "head.bias")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from ``.safetensors``, a torch file (loaded with ``weights_only=True``) or a
-    vitscale run / checkpoint folder (its latest checkpoint, any layout, merged).
+    """Tensors from ``.safetensors``, a torch file (``safe_load.load_file``: ``weights_only=True``, a file
+    that holds anything but tensors and plain data is refused) or a vitscale run / checkpoint folder
+    (its latest checkpoint, any layout, merged).
 
     Wrapped checkpoints (``{"state_dict": ...}``, ``{"model": ...}``, ``{"module": ...}``) are unwrapped.
     """
@@ -41,10 +43,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.is_dir():
         return _read_run(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file as load_safetensors
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        return load_safetensors(str(path))
+    state = load_file(path)
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

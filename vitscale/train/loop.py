@@ -1,8 +1,9 @@
 """The step loop: step, agree on faults and signals, log, checkpoint, evaluate.
 
 Faults (issues 9, 18): every step the ranks agree (one tiny all-reduce) on whether a stop
-signal arrived (SIGTERM: checkpoint after this step and stop; SIGUSR1: at the next log
-interval), whether the loss was NaN / Inf somewhere and whether the optimizer skipped the step.
+signal arrived (SIGTERM or SIGUSR1 on any rank: all of them checkpoint after this step and stop,
+and the log says how long after the signal the checkpoint was written), whether the loss was
+NaN / Inf somewhere and whether the optimizer skipped the step.
 A step with a NaN / Inf loss or gradient norm on any rank is skipped on every rank
 (``train/faults.py``; under fp16 by DeepSpeed's loss scaler); under bf16 / fp32
 ``train.max_bad_steps`` skipped steps in a row raise ``NumericFault``; a bad step is never
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 
 import torch
 
@@ -49,6 +51,7 @@ def train(run: Run) -> dict:
         skipped = not run.engine.was_step_applied()  # DeepSpeed's record (faults.py: ours too)
         signum, loss_bad, any_skipped, any_applied = run.stop_request.poll(
             dims.device, not torch.isfinite(loss).all().item(), skipped, not skipped)
+        step_ended = time.monotonic()
         check_skip_decision(step, loss_bad, any_skipped, any_applied)
         # fp16's loss scaler skips steps with finite losses while it finds its scale: not bad.
         bad = loss_bad or (any_skipped and t.precision != "fp16")
@@ -59,17 +62,21 @@ def train(run: Run) -> dict:
         if log_now:
             record = _log(run, step, loss, lr, any_skipped)
         done = step == t.steps
-        # SIGTERM: SLURM kills 30 s later, stop now; SIGUSR1 (--signal=USR1@120): at a log interval.
-        stop = signum == signal.SIGTERM or (signum != 0 and log_now)
-        saved = None
+        # A stop signal on any rank (SIGTERM: SLURM kills 30 s later; SIGUSR1, --signal=USR1@120: the time
+        # limit is 120 s away), every rank learnt it at this step's poll: checkpoint this step and stop.
+        stop = signum != 0
+        saved, written_s = None, 0.0
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (done and cfg.checkpoint.at_end) or stop:
             saved = _checkpoint(run, step, bad)  # after end_step: checkpoint time stays out of the throughput
+            written_s = time.monotonic() - step_ended
         if (cfg.eval.every and step % cfg.eval.every == 0) or (done and (cfg.eval.every or cfg.data.test)):
             _evaluate(run, step)
         if stop:
-            logger.warning("stopped at step %d on %s, %s; the next run with checkpoint.resume=auto continues from "
-                           "the latest complete checkpoint", step, signal.Signals(signum).name,
-                           "checkpoint saved" if saved else "but its checkpoint could not be written (see above)")
+            name, lead = signal.Signals(signum).name, run.stop_request.age_s
+            logger.warning("stopped at step %d on %s: %s (received %.1f s before the step ended); the next run with "
+                           "checkpoint.resume=auto continues from the latest complete checkpoint", step, name,
+                           f"checkpoint written {lead + written_s:.1f} s after {name}" if saved else
+                           "its checkpoint could not be written (see above)", lead)
             record = {**record, "stop_signal": signum}
             break
     run.close()
