@@ -84,6 +84,38 @@ def test_model_init_reads_once_per_node_and_loads_the_single_process_weights(tmp
     assert all(c["copies_left"] == [] for c in counts)  # the node copy is removed
 
 
+class Payload:
+    """Unpickled with weights_only=False, this opens (creates) ``path``: code run by a load."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _check_refusal(rank: int, world: int) -> None:
+    import vitscale.train.initial_weights as iw
+    from vitscale.train.safe_load import UnsafeCheckpoint
+
+    weights = os.environ["NODE_READS_WEIGHTS"]
+    dims = SimpleNamespace(local_rank=rank, node=0, device=torch.device("cpu"))  # one node: rank 0 reads
+    with pytest.raises(UnsafeCheckpoint) as refused:
+        iw.load_initial_weights(_tiny(), weights, dims=dims)
+    # every rank, the reader's peer too, ends with the refusal itself, naming the file
+    assert str(refused.value.path) == weights and "other than tensors and plain data" in str(refused.value)
+    dist.barrier()
+
+
+def test_a_refused_file_is_refused_on_every_rank_of_the_node(tmp_path, monkeypatch):
+    # model.init of a torch file whose unpickling would run code: the node's reader refuses it
+    # (safe_load) and its peer raises the same refusal (the launcher's exit code: a refused input).
+    torch.save({"module": Payload(tmp_path / "pwned")}, tmp_path / "evil.pt")
+    monkeypatch.setenv("NODE_READS_WEIGHTS", str(tmp_path / "evil.pt"))
+    run_in_gloo(_check_refusal, 2)
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_a_pipeline_stage_takes_only_its_layers_tensors_from_the_node_copy(tmp_path):
     # The lazy node copy hands a rank the tensors its piece asks for, nothing else: block 1 of a 2-block
     # ViT takes block 1's 12 tensors (its elements), not the embedding's, block 0's or the head's.

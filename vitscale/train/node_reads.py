@@ -17,6 +17,7 @@ Why a file and not a broadcast: a broadcast within the node hands every rank the
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import tempfile
@@ -144,6 +145,27 @@ def _save(state: Mapping[str, torch.Tensor], path: Path) -> None:
         save_file(tensors, str(tmp))
 
 
+def _describe(error: Exception) -> tuple[str, str, str, dict]:
+    """What another rank needs to raise the same error: class, message, plain attributes."""
+    attrs = {k: v for k, v in vars(error).items() if isinstance(v, (str, int, float, bool, Path))}
+    return type(error).__module__, type(error).__qualname__, str(error), attrs
+
+
+def _rebuilt(info: tuple[str, str, str, dict], what: str) -> Exception:
+    """The error another rank described (``_describe``), of the same class where it is ours or a
+    built-in one (built without calling its ``__init__``, whose arguments may differ), else RuntimeError."""
+    module, qualname, message, attrs = info
+    cls = None
+    if module == "builtins" or module.startswith("vitscale."):
+        cls = getattr(importlib.import_module(module), qualname, None)
+    if not (isinstance(cls, type) and issubclass(cls, Exception)):
+        cls = RuntimeError
+    error = cls.__new__(cls)
+    Exception.__init__(error, f"{message} ({what}: read by this node's first rank)")
+    vars(error).update(attrs)
+    return error
+
+
 @contextlib.contextmanager
 def read_once_per_node(read: Callable[[], Mapping[str, torch.Tensor]], dims, what: str) -> Iterator[Mapping]:
     """Collective over all ranks: ``read()`` on each node's first rank, its tensors then available
@@ -177,15 +199,18 @@ def read_once_per_node(read: Callable[[], Mapping[str, torch.Tensor]], dims, wha
             logger.info("%s: read once on this node, shared with its ranks through %s", what, folder / name)
         except Exception as exc:  # noqa: BLE001 -- re-raised below, after the other ranks know
             error = exc
-    # Every rank waits for its node's copy; a failed read on any node fails every rank, not a hang.
-    failure = torch.tensor([float(error is not None)], device=getattr(dims, "device", "cpu"))
-    dist.all_reduce(failure)
+    # Every rank waits for its node's copy; a failed read on any node fails every rank (not a hang),
+    # each with the error of its node's reader (or the first one): the same kind on every rank, so
+    # that a refused file (safe_load.UnsafeCheckpoint) ends every rank as a refused input.
+    infos: list = [None] * dist.get_world_size()
+    dist.all_gather_object(infos, (dims.node, _describe(error)) if error is not None else None)
     if error is not None:
         for folder in node_folders():
             (folder / name).unlink(missing_ok=True)
         raise error
-    if failure.item():
-        raise RuntimeError(f"{what}: reading the weights failed on another node's first rank (see its log)")
+    failed = [info for info in infos if info is not None]
+    if failed:
+        raise _rebuilt(next((d for node, d in failed if node == dims.node), failed[0][1]), what)
     path = next((f / name for f in node_folders() if (f / name).is_file()), None)
     if path is None:
         raise RuntimeError(f"{what}: this node's copy {name} is in none of {[str(f) for f in node_folders()]}: do "
