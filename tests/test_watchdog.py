@@ -109,15 +109,12 @@ def test_store_errors_are_retried_then_rank_0s_host_is_blamed():
     blocks for good): every call fails within BoundedStore's bound, the watchdog retries for
     heartbeat_s, then names rank 0's host."""
     port = free_port()
-    host = subprocess.Popen([sys.executable, "-c", f"""
-import time, torch.distributed as dist
-store = dist.TCPStore("127.0.0.1", {port}, is_master=True, wait_for_workers=False)
-time.sleep(300)"""], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    host = _store_host(port)
     try:
         client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60), wait_for_workers=False)
         client.set(LOST_KEY, "")
         client.set(WAITING_KEY, "0")
-        store = BoundedStore(client, 1.0)
+        store = BoundedStore(lambda: client, 1.0, client)
         watch = ProgressWatch(1, 2, HB, TIMEOUT, BEAT, where, now=0.0)
         beat(client, 0, 1, 1)
         assert watch.observe(0.0, store("multi_get", watch.keys())) is None
@@ -148,6 +145,40 @@ time.sleep(300)"""], start_new_session=True, stdout=subprocess.DEVNULL, stderr=s
     finally:
         os.killpg(host.pid, signal.SIGKILL)
         host.wait()
+
+
+def _store_host(port: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", f"""
+import time, torch.distributed as dist
+store = dist.TCPStore("127.0.0.1", {port}, is_master=True, wait_for_workers=False)
+time.sleep(300)"""], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_a_broken_store_connection_is_opened_again_at_the_next_call():
+    """A reset connection leaves a TCPStore client broken for good: BoundedStore drops it after
+    the failed call and connects again at the next one (a transient fault costs one beat)."""
+    port = free_port()
+    hosts = [_store_host(port)]
+    try:
+        def connect():
+            return dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=30),
+                                 wait_for_workers=False)
+
+        store = BoundedStore(connect, 30.0)
+        store("set", "k", "1")
+        assert store("multi_get", ["k"]) == [b"1"]
+        os.killpg(hosts[0].pid, signal.SIGKILL)
+        hosts[0].wait()
+        with pytest.raises(RuntimeError):  # the connection is gone: an error, within the bound
+            store("multi_get", ["k"])
+        hosts.append(_store_host(port))  # the store back (empty) on the same port
+        store("set", "k", "2")
+        assert store("multi_get", ["k"]) == [b"2"]
+    finally:
+        for host in hosts:
+            if host.poll() is None:
+                os.killpg(host.pid, signal.SIGKILL)
+            host.wait()
 
 
 def _group_timeouts_in_every_layout(rank, world):

@@ -148,16 +148,26 @@ class ProgressWatch:
 
 
 class BoundedStore:
-    """A key-value store whose every call returns or fails within ``bound_s``.
+    """A key-value store whose every call returns or fails within ``bound_s``, and that
+    reconnects after an error.
 
     A TCPStore client's own timeout bounds connecting and ``wait``, not an answer that never
     comes: when the store's host stops answering (a node off the network, a frozen process)
     ``get`` / ``multi_get`` block for good. So each call runs on a helper thread and is waited
     for at most ``bound_s``; while a call is still stuck, later ones fail at once (no pile of
-    stuck threads), and once it returns the store is used again (a transient stall)."""
+    stuck threads), and once it returns the store is used again (a transient stall). A call
+    that fails (a reset connection leaves a TCPStore client broken for good) drops the client:
+    the next call connects again (``connect``, inside the bound too).
 
-    def __init__(self, store, bound_s: float):
-        self.store, self.bound_s = store, bound_s
+    Args:
+        connect: () -> a store client.
+        bound_s: the longest a call may take.
+        client: a client already connected (default: ``connect()`` at the first call).
+    """
+
+    def __init__(self, connect: Callable[[], object], bound_s: float, client=None):
+        self.connect, self.bound_s = connect, bound_s
+        self._client = client
         self._pending: threading.Thread | None = None
 
     def __call__(self, method: str, *args):
@@ -167,8 +177,11 @@ class BoundedStore:
 
         def call() -> None:
             try:
-                result.append((True, getattr(self.store, method)(*args)))
+                if self._client is None:
+                    self._client = self.connect()
+                result.append((True, getattr(self._client, method)(*args)))
             except BaseException as e:  # handed to the caller
+                self._client = None
                 result.append((False, e))
 
         # a daemon thread, not a pool's: one stuck for good must not hold up the interpreter's exit
@@ -216,12 +229,13 @@ class Heartbeat:
         if self.heartbeat_s <= 0 or not dist.is_initialized() or dist.get_world_size() == 1:
             return self
         bound = max(2.0, self.interval_s)
-        client = _own_client(bound)
+        connect = _own_client(bound)
+        client = connect()
         client.set(beat_key(self.dims.rank), f"0 -1 {RUN}")
         if self.dims.rank == 0:
             client.set(LOST_KEY, "")
             client.set(WAITING_KEY, "0")
-        self._store = BoundedStore(client, bound)
+        self._store = BoundedStore(connect, bound, client)
         dist.barrier()  # every key exists before anyone reads them
         self._watch = ProgressWatch(self.dims.rank, self.dims.world_size, self.heartbeat_s, self.timeout_s,
                                     self.interval_s, self.where, time.monotonic())
@@ -299,10 +313,11 @@ class Heartbeat:
         os._exit(EXIT_LOST_RANK)
 
 
-def _own_client(timeout_s: float):
-    """A connection of this thread's own to the job's store, every call bounded by ``timeout_s``
-    (the process group's client waits as long as the group's timeout, and is not ours to
-    change); the group's store itself where it is not a TCPStore (a FileStore in tests)."""
+def _own_client(timeout_s: float) -> Callable[[], object]:
+    """How to open a connection of the watchdog's own to the job's store (the process group's
+    client waits as long as the group's timeout, and is not ours to change): a TCPStore client
+    whose connecting is bounded by ``timeout_s``; the group's store itself where it is not a
+    TCPStore (a FileStore in tests)."""
     import torch.distributed as dist
     from torch.distributed.distributed_c10d import _get_default_store
 
@@ -310,6 +325,7 @@ def _own_client(timeout_s: float):
     while isinstance(base, dist.PrefixStore):
         base = base.underlying_store
     if isinstance(base, dist.TCPStore):
-        return dist.TCPStore(base.host, base.port, is_master=False, timeout=timedelta(seconds=timeout_s),
-                             wait_for_workers=False)
-    return store
+        host, port = base.host, base.port
+        return lambda: dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s),
+                                     wait_for_workers=False)
+    return lambda: store
