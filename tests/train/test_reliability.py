@@ -462,6 +462,30 @@ def test_kill_9_of_a_rank_ends_the_job_naming_it_and_resume_continues(tmp_path):
     assert checkpoint.read_marker(stopped)["step"] > done + 1
 
 
+@pytest.mark.distributed
+def test_losing_rank_0s_host_ends_the_survivors_within_heartbeat_s_naming_it(tmp_path):
+    """Rank 0's process frozen (SIGSTOP: its connections stay open and nothing answers, as when
+    its node drops off the network; it hosts the job's store): rank 1, waiting in a collective
+    and in store calls, retries the store for heartbeat_s, then names rank 0's host and ends
+    with EXIT_LOST_RANK, well before the collective's timeout (60 s)."""
+    procs = _start_ranks(tmp_path, ["train.steps=100000", f"parallel.heartbeat_s={HEARTBEAT_S}",
+                                    "parallel.timeout_s=60"])
+    _wait_for_step(tmp_path, 2, procs)
+    os.kill(procs[0].pid, signal.SIGSTOP)
+    t0 = time.time()
+    code = _wait(procs[1:], timeout=BOUND_S + 30)[0]
+    took = time.time() - t0
+    os.killpg(procs[0].pid, signal.SIGKILL)  # only the process group this test started
+    procs[0].wait()
+    out = (tmp_path / "rank1.log").read_text()
+    print(f"rank 0 frozen: rank 1 ended {took:.1f} s later (bound {BOUND_S} s)")
+    assert code == EXIT_LOST_RANK, out[-3000:]
+    assert took <= BOUND_S, f"rank 1 ended {took:.1f} s after rank 0 froze (bound {BOUND_S} s)"
+    assert re.search(r"lost rank 0 \(node 0, host [^)]+\), which hosts the job's store: no answer for (\d+) s", out), \
+        out[-3000:]
+    assert "the job's store did not answer" in out  # retried before blaming
+
+
 HANG_TIMEOUT_S, HANG_HEARTBEAT_S, HANG_STEP = 20, 10, 3
 # timeout_s, then the watchdog's grace (two beats of heartbeat_s / 6) and the verdict's two
 # beats, plus slack for a loaded machine: far below gloo's 30 minutes, which a group without

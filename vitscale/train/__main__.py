@@ -92,15 +92,21 @@ def main(argv: list[str] | None = None) -> int:
 def _check_group_timeouts(timeout_s: float, is_main: bool) -> None:
     """Every process group of the job, ours and those DeepSpeed made (the grid's, ZeRO's), now
     built, waits ``parallel.timeout_s`` in a collective (``distributed.set_new_group_timeout``):
-    say so once, or name the groups that do not on every rank."""
-    timeouts = group_timeouts()
+    say so once, or name the groups that do not on every rank. A diagnostic: a backend whose
+    options cannot be read (tested on gloo only) is reported, never fatal."""
+    log = logging.getLogger("vitscale.train")
+    try:
+        timeouts = group_timeouts()
+    except Exception as e:
+        log.warning("could not read the process groups' timeouts (%s: %s)", type(e).__name__, e)
+        return
     other = {name: s for name, s in timeouts.items() if s != timeout_s}
     if other:
-        logging.getLogger("vitscale.train").warning(
+        log.warning(
             "process groups that do not wait parallel.timeout_s=%g s in a collective: %s", timeout_s,
             ", ".join(f"{name}: {s:g} s" for name, s in other.items()))
     elif is_main:
-        logging.getLogger("vitscale.train").info(
+        log.info(
             "all %d process groups of rank 0 wait at most parallel.timeout_s=%g s in a collective", len(timeouts),
             timeout_s)
 
