@@ -339,6 +339,7 @@ def init_distributed(pipe: int = 1, tensor: int = 1, timeout_s: float = 600.0,
     accel = get_accelerator()
     deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=default_port, verbose=False,
                                timeout=timedelta(seconds=timeout_s))
+    set_new_group_timeout(timedelta(seconds=timeout_s))  # before the grid: its groups, DeepSpeed's later ones
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))  # known only now under mpirun (MPI discovery)
     if accel.device_name() != "cpu":
@@ -372,10 +373,54 @@ def init_distributed(pipe: int = 1, tensor: int = 1, timeout_s: float = 600.0,
     return dims
 
 
+def set_new_group_timeout(timeout: timedelta) -> None:
+    """Make every process group created from now on (``new_group`` without a timeout) wait at
+    most ``timeout`` in a collective, as the world group does.
+
+    Why a patch, and why here: torch gives a group made by ``new_group(ranks)`` without a
+    ``timeout`` the backend's default (gloo 30 minutes, NCCL 10 minutes), not the world group's.
+    DeepSpeed makes all its groups that way and has no parameter for a timeout:
+    ``PipelineParallelGrid`` (data, tensor = "slice", pipe, model groups and the pipeline's p2p
+    groups), ``deepspeed.utils.groups`` and ZeRO's groups made inside ``deepspeed.initialize``,
+    every ``deepspeed.comm.new_group``. ``new_group`` reads its default from
+    ``distributed_c10d.default_pg_timeout`` (``default_pg_nccl_timeout`` for NCCL) each time it
+    is called, so setting both once, right after the world group starts, covers every group of
+    the job, ours and DeepSpeed's, including those made later; ``group_timeouts`` reads them
+    back (``train/__main__.py`` checks them once the engine is built). The one place vitscale
+    touches torch's internals for timeouts."""
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if isinstance(c10d.default_pg_nccl_timeout, timedelta):  # None where torch has no NCCL
+        c10d.default_pg_nccl_timeout = timeout
+
+
+def group_timeouts() -> dict[str, float]:
+    """The collective timeout, in seconds, of every process group this process belongs to, each
+    backend of a group once (gloo on the CPU, NCCL on the GPU): ``{"group 3 ranks [0, 1] gloo": 300.0}``."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    found = {}
+    for group in list(c10d._world.pg_map):
+        backends = {}
+        for part in str(dist.get_backend_config(group)).split(","):
+            device, _, name = part.partition(":")
+            backend = group._get_backend(torch.device(device))
+            backends.setdefault(id(backend), (name, backend))
+        for name, backend in backends.values():
+            options = getattr(backend, "options", None)
+            if options is not None:
+                key = f"group {group.group_name} ranks {dist.get_process_group_ranks(group)} {name}"
+                found[key] = options._timeout.total_seconds()
+    return found
+
+
 # Exit codes of ``vitscale-train`` (the launch scripts pass them on). 0: done, or stopped on
 # SIGUSR1 with a checkpoint written (SLURM's ``--signal=USR1@120``: the time limit is near);
 # 2: config error; 3: numeric fault (train.max_bad_steps bad steps in a row);
-# 75 (EX_TEMPFAIL, "try again"): a rank was lost, resubmit to resume;
+# 75 (EX_TEMPFAIL, "try again"): a rank was lost or stopped progressing (watchdog.py), resubmit to resume;
 # 143 (128 + SIGTERM): stopped on SIGTERM with a checkpoint written.
 EXIT_CONFIG, EXIT_NUMERIC, EXIT_LOST_RANK, EXIT_TERMINATED = 2, 3, 75, 143
 
@@ -427,116 +472,6 @@ class StopRequest:
     def agreed(self, device: torch.device) -> bool:
         """Collective: whether any rank received a stop signal."""
         return self.poll(device)[0] != 0
-
-
-class Heartbeat:
-    """Watchdog that ends the whole job when a rank dies, naming it, instead of letting the
-    survivors hang in a collective until the process-group timeout (NCCL's default of 10
-    minutes burns 170 GPU-hours on 1024 GPUs).
-
-    A thread on every rank bumps a counter ``vitscale/hb/{rank}`` in the process group's
-    own key-value store (the TCPStore that global rank 0 hosts; no extra port) every
-    ``interval_s``. Global rank 0 reads all counters (one ``multi_get``); a rank whose
-    counter has not moved for ``timeout_s`` of rank 0's clock (no clock comparison across
-    nodes) is lost: rank 0 logs its rank, node and host, posts that under ``vitscale/lost``
-    so every other rank logs it too, and ends with ``EXIT_LOST_RANK``. If rank 0 itself
-    dies, the store goes with it and every other rank ends within ``interval_s``. A rank
-    that is hung but alive keeps beating: the process-group timeout ends that case.
-
-    Use it as a context manager around the training; leaving it stops the thread before
-    the closing barrier, so that a rank that leaves first is never taken for lost.
-    """
-
-    def __init__(self, dims: ParallelDims, timeout_s: float, interval_s: float | None = None):
-        self.dims, self.timeout_s = dims, timeout_s
-        self.interval_s = interval_s if interval_s is not None else max(0.5, min(5.0, timeout_s / 6))
-        self._stop = None
-        self._thread = None
-
-    def __enter__(self) -> Heartbeat:
-        import threading
-
-        import torch.distributed as dist
-
-        if self.timeout_s <= 0 or not dist.is_initialized() or dist.get_world_size() == 1:
-            return self
-        from torch.distributed.distributed_c10d import _get_default_store  # the group's own store
-
-        self._store = _get_default_store()
-        self._store.set(f"vitscale/hb/{dist.get_rank()}", "0")
-        dist.barrier()  # every counter exists before rank 0 first reads them all
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="vitscale-heartbeat", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-
-    def settle(self, error: BaseException) -> None:
-        """After a failed collective: if it looks like a lost peer (a closed connection, a
-        timeout), wait until the watchdog has named it and ended the job (at most
-        ``timeout_s`` and two beats); return at once for any other error."""
-        import signal
-        import time
-
-        text = str(error).lower()
-        peer = any(w in text for w in ("connection", "peer", "timed out", "timeout", "nccl", "gloo", "socket"))
-        if self._thread is None or not peer:
-            return
-        logger.error("a collective failed (%s); waiting up to %g s for the heartbeat to tell which rank was lost",
-                     str(error).splitlines()[0][:300], self.timeout_s + 2 * self.interval_s)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # nothing left to save: a launcher's SIGTERM ends us at once
-        time.sleep(self.timeout_s + 2 * self.interval_s)
-
-    def where(self, rank: int) -> str:
-        node = self.dims.node_of_rank[rank]
-        return f"rank {rank} (node {node}, host {self.dims.node_hosts[node]})"
-
-    def _run(self) -> None:
-        import time
-
-        dims, store = self.dims, self._store
-        ranks = list(range(dims.world_size))
-        seen = {r: (b"", time.monotonic()) for r in ranks}  # last counter of each rank, when it changed
-        beat = 0
-        while not self._stop.wait(0 if beat == 0 else self.interval_s):
-            beat += 1
-            try:
-                store.set(f"vitscale/hb/{dims.rank}", str(beat))
-                if dims.rank != 0:
-                    if store.check(["vitscale/lost"]):
-                        self._end(store.get("vitscale/lost").decode(), post=False)
-                    continue
-                now = time.monotonic()
-                for r, value in zip(ranks, store.multi_get([f"vitscale/hb/{r}" for r in ranks])):
-                    if value != seen[r][0]:
-                        seen[r] = (value, now)
-                lost = [r for r in ranks if now - seen[r][1] > self.timeout_s]
-            except Exception as e:  # the store lives in rank 0: its process or node is gone
-                if self._stop.is_set():
-                    return
-                self._end(f"{self.where(0)}, which hosts the job's store, is unreachable ({e})", post=False)
-            if lost:
-                self._end(", ".join(self.where(r) for r in lost) + f" sent no heartbeat for {self.timeout_s:g} s",
-                          post=True)
-
-    def _end(self, what: str, post: bool) -> None:
-        import time
-
-        logger.error("lost %s; ending the job on %s (exit code %d). Resubmit with checkpoint.resume=auto to "
-                     "continue from the last complete checkpoint", what, self.where(self.dims.rank), EXIT_LOST_RANK)
-        if post:  # let the other ranks read who was lost before the store goes down with this process
-            try:
-                self._store.set("vitscale/lost", what)
-                time.sleep(2 * self.interval_s)
-            except Exception:
-                pass
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        os._exit(EXIT_LOST_RANK)
 
 
 def shutdown() -> None:

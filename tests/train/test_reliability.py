@@ -499,6 +499,75 @@ def test_usr1_on_one_rank_stops_every_rank_at_the_next_step_with_a_checkpoint(tm
 
 
 @pytest.mark.distributed
+def test_losing_rank_0s_host_ends_the_survivors_within_heartbeat_s_naming_it(tmp_path):
+    """Rank 0's process frozen (SIGSTOP: its connections stay open and nothing answers, as when
+    its node drops off the network; it hosts the job's store): rank 1, waiting in a collective
+    and in store calls, retries the store for heartbeat_s, then names rank 0's host and ends
+    with EXIT_LOST_RANK, well before the collective's timeout (60 s)."""
+    procs = _start_ranks(tmp_path, ["train.steps=100000", f"parallel.heartbeat_s={HEARTBEAT_S}",
+                                    "parallel.timeout_s=60"])
+    _wait_for_step(tmp_path, 2, procs)
+    os.kill(procs[0].pid, signal.SIGSTOP)
+    t0 = time.time()
+    code = _wait(procs[1:], timeout=BOUND_S + 30)[0]
+    took = time.time() - t0
+    os.killpg(procs[0].pid, signal.SIGKILL)  # only the process group this test started
+    procs[0].wait()
+    out = (tmp_path / "rank1.log").read_text()
+    print(f"rank 0 frozen: rank 1 ended {took:.1f} s later (bound {BOUND_S} s)")
+    assert code == EXIT_LOST_RANK, out[-3000:]
+    assert took <= BOUND_S, f"rank 1 ended {took:.1f} s after rank 0 froze (bound {BOUND_S} s)"
+    assert re.search(r"lost rank 0 \(node 0, host [^)]+\), which hosts the job's store: no answer for (\d+) s", out), \
+        out[-3000:]
+    assert "the job's store did not answer" in out  # retried before blaming
+
+
+HANG_TIMEOUT_S, HANG_HEARTBEAT_S, HANG_STEP = 20, 10, 3
+# timeout_s, then the watchdog's grace (two beats of heartbeat_s / 6) and the verdict's two
+# beats, plus slack for a loaded machine: far below gloo's 30 minutes, which a group without
+# parallel.timeout_s would wait (the test then fails here).
+HANG_BOUND_S = HANG_TIMEOUT_S + 25
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("place, layout, where", [
+    ("tensor", ["parallel.tensor=2"], "inside a tensor-parallel all-reduce"),
+    ("grad", [], "inside the data-parallel gradient all-reduce"),  # data 2, ZeRO-1 (the tiny config's)
+])
+def test_a_rank_that_stops_progressing_in_a_collective_ends_the_job_within_timeout_s_naming_it(
+        tmp_path, place, layout, where):
+    """VITSCALE_FAULT_HANG_*: rank 1 sleeps (alive, beating) inside a collective of step 3 that
+    rank 0 has entered. The group's timeout (parallel.timeout_s, not gloo's 30 minutes) ends rank
+    0's wait; the watchdog names rank 1 as the rank that stopped progressing, and both ranks end
+    with EXIT_LOST_RANK. The ranks run as separate processes: no launcher ends the job for us."""
+    procs = _start_ranks(tmp_path, layout + ["train.steps=100000", f"parallel.timeout_s={HANG_TIMEOUT_S}",
+                                             f"parallel.heartbeat_s={HANG_HEARTBEAT_S}"],
+                         env={"VITSCALE_FAULT_HANG_STEP": str(HANG_STEP), "VITSCALE_FAULT_HANG_RANK": "1",
+                              "VITSCALE_FAULT_HANG_AT": place})
+    _wait_for_step(tmp_path, HANG_STEP - 1, procs)
+    t0 = time.time()
+    try:
+        codes = _wait(procs, timeout=HANG_BOUND_S + 60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the job was still alive {time.time() - t0:.0f} s after step {HANG_STEP - 1} "
+                             f"(parallel.timeout_s={HANG_TIMEOUT_S}): {_logs(tmp_path)}") from None
+    took = time.time() - t0
+    out = _logs(tmp_path)
+    print(f"hang {where}: the job ended {took:.1f} s after step {HANG_STEP - 1} (parallel.timeout_s="
+          f"{HANG_TIMEOUT_S}, bound {HANG_BOUND_S} s)")
+    assert took <= HANG_BOUND_S, f"the job ended {took:.1f} s after the hang (bound {HANG_BOUND_S} s): {out}"
+    assert took >= HANG_TIMEOUT_S - 5, out  # ended by the collective's timeout, not by something sooner
+    assert codes == [EXIT_LOST_RANK] * 2, out
+    assert f"VITSCALE_FAULT_HANG: rank 1 stops making progress in step {HANG_STEP}, {where}" in out, out
+    rank0 = (tmp_path / "rank0.log").read_text()
+    assert re.search(rf"all \d+ process groups of rank 0 wait at most parallel.timeout_s={HANG_TIMEOUT_S} s", rank0)
+    assert "a collective failed in step 3" in rank0, rank0  # rank 0 was the one waiting
+    named = re.findall(r"rank 1 \(node 0, host [^)]+\) stopped progressing in step 3: no step for (\d+) s", out)
+    assert named and int(named[0]) > HANG_TIMEOUT_S, out
+    assert "stopped progressing" in (tmp_path / "rank1.log").read_text()  # the verdict reached rank 1 too
+
+
+@pytest.mark.distributed
 def test_nan_loss_stops_bf16_after_max_bad_steps_without_a_nan_checkpoint(tmp_path):
     procs = _start_ranks(tmp_path, ["train.steps=20", "train.precision=bf16", "checkpoint.every=1",
                                     "train.max_bad_steps=2"], env={"VITSCALE_FAULT_NAN_STEP": "3-9"})

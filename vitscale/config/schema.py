@@ -111,9 +111,10 @@ class ParallelConfig:
     # Network interface for rendezvous and collectives (ib0, or a prefix such as ib); None =
     # VITSCALE_IFNAME / NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME, else the launcher's choice.
     interface: str | None = None
-    # Fail fast (issue 9): a collective that waits longer than timeout_s ends the job (NCCL /
-    # gloo process-group timeout; NCCL's default is 10 minutes); a rank silent for
-    # heartbeat_s (dead process or node) ends it too, naming the rank. 0 turns the heartbeat off.
+    # Fail fast (issues 9, 19): a collective that waits longer than timeout_s fails, on every
+    # process group (ours and DeepSpeed's; backend defaults: gloo 30, NCCL 10 minutes), and the
+    # watchdog (watchdog.py) names the rank whose step stopped; a rank silent for heartbeat_s
+    # (dead process or node) ends the job too, naming the rank. 0 turns the watchdog off.
     timeout_s: float = 300.0
     heartbeat_s: float = 60.0
 

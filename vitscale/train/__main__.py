@@ -12,8 +12,9 @@ import signal
 import sys
 
 from vitscale.config import ConfigError
-from vitscale.distributed import (EXIT_CONFIG, EXIT_NUMERIC, EXIT_TERMINATED, Heartbeat, configure_cpu_threads,
+from vitscale.distributed import (EXIT_CONFIG, EXIT_NUMERIC, EXIT_TERMINATED, configure_cpu_threads, group_timeouts,
                                   init_distributed, shutdown)
+from vitscale.watchdog import Heartbeat
 
 USAGE = """usage: vitscale-train [CONFIG.yaml] [key.sub=value ...]
 
@@ -66,9 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(level)
     logging.getLogger("DeepSpeed").setLevel(max(level, logging.WARNING))
     configure_cpu_threads(dims)
-    with Heartbeat(dims, cfg.parallel.heartbeat_s) as heartbeat:
+    with Heartbeat(dims, cfg.parallel.heartbeat_s, cfg.parallel.timeout_s) as heartbeat:
         try:
-            last = train(start_run(plan, dims))
+            run = start_run(plan, dims)
+            heartbeat.watch_progress(lambda: run.engine.global_steps)
+            _check_group_timeouts(cfg.parallel.timeout_s, dims.is_main)
+            last = train(run)
         except NumericFault as e:  # raised on every rank at the same step
             last = {"fault": e}
         except UnsafeCheckpoint as e:  # a file to resume or start from that would run code: bad input, not a fault
@@ -87,6 +91,28 @@ def main(argv: list[str] | None = None) -> int:
                  cfg.run.dir)
     shutdown()
     _leave(EXIT_TERMINATED if last.get("stop_signal") == signal.SIGTERM else 0)
+
+
+def _check_group_timeouts(timeout_s: float, is_main: bool) -> None:
+    """Every process group of the job, ours and those DeepSpeed made (the grid's, ZeRO's), now
+    built, waits ``parallel.timeout_s`` in a collective (``distributed.set_new_group_timeout``):
+    say so once, or name the groups that do not on every rank. A diagnostic: a backend whose
+    options cannot be read (tested on gloo only) is reported, never fatal."""
+    log = logging.getLogger("vitscale.train")
+    try:
+        timeouts = group_timeouts()
+    except Exception as e:
+        log.warning("could not read the process groups' timeouts (%s: %s)", type(e).__name__, e)
+        return
+    other = {name: s for name, s in timeouts.items() if s != timeout_s}
+    if other:
+        log.warning(
+            "process groups that do not wait parallel.timeout_s=%g s in a collective: %s", timeout_s,
+            ", ".join(f"{name}: {s:g} s" for name, s in other.items()))
+    elif is_main:
+        log.info(
+            "all %d process groups of rank 0 wait at most parallel.timeout_s=%g s in a collective", len(timeouts),
+            timeout_s)
 
 
 def _leave(code: int) -> None:

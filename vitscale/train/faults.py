@@ -1,6 +1,6 @@
-"""Faults met in the step loop (issues 9, 18): NaN / Inf steps, stop signals while loader
-workers start, a loader worker dying during a checkpoint, and the ``VITSCALE_FAULT_NAN_STEP``
-test hook.
+"""Faults met in the step loop (issues 9, 18, 19): NaN / Inf steps, stop signals while loader
+workers start, a loader worker dying during a checkpoint, and the fault-injection test hooks
+``VITSCALE_FAULT_NAN_STEP`` and ``VITSCALE_FAULT_HANG_*`` (``hang_at``).
 
 A bad step is never applied, in any precision, ZeRO stage or layout: a NaN / Inf loss makes its
 own gradients NaN (``nonfinite_spreads``, in the objective), the data-parallel reduction carries
@@ -19,6 +19,7 @@ import atexit
 import contextlib
 import logging
 import signal
+import time
 
 import torch
 
@@ -170,3 +171,71 @@ def poisoned(prepare, now):
         return inputs, target
 
     return poisoned
+
+
+HANG_PLACES = ("step", "tensor", "grad")
+
+
+def hang_at(place: str, step: int, prepare, engine, dims, now):
+    """The hang hook (``VITSCALE_FAULT_HANG_STEP=N``, ``_RANK=R``, ``_AT=step|tensor|grad``): the
+    calling rank stops making progress in step N, sleeping in Python forever while its other
+    threads (the heartbeat) run, and never enters the collective the other ranks wait in:
+
+    - ``step``: at its first micro-batch of step N, before any collective of the step;
+    - ``tensor``: inside the first tensor-parallel all-reduce of step N (the forward's), which
+      its tensor peers have entered (needs ``parallel.tensor`` > 1);
+    - ``grad``: inside the data-parallel gradient reduction of step N (DeepSpeed's
+      ``allreduce_gradients`` at the accumulation boundary), which its data peers have entered
+      (needs a data-parallel degree > 1).
+
+    Args:
+        place: one of HANG_PLACES.
+        step: N, 1-based.
+        prepare: the batch -> inputs function the ``step`` hang wraps.
+        engine: the DeepSpeed engine (``grad`` wraps its gradient reduction).
+        dims: this rank's place (``tensor`` compares a collective's group with its tensor group).
+        now: () -> whether the step being taken is N.
+
+    Returns:
+        ``prepare``, wrapped for ``step``.
+    """
+    import torch.distributed as dist
+
+    def hang(what: str) -> None:
+        logger.warning("VITSCALE_FAULT_HANG: rank %d stops making progress in step %d, %s", dims.rank, step, what)
+        while True:
+            time.sleep(3600)
+
+    if place == "step":
+        def stalled(*batch):
+            if now():
+                hang("before its first collective")
+            return prepare(*batch)
+
+        return stalled
+    if place == "tensor":
+        if dims.tensor < 2:
+            raise ValueError("VITSCALE_FAULT_HANG_AT=tensor needs parallel.tensor > 1")
+        tensor_ranks = dist.get_process_group_ranks(dims.tensor_group())
+        all_reduce = dist.all_reduce
+
+        def tensor_all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+            if group is not None and now() and dist.get_process_group_ranks(group) == tensor_ranks:
+                hang("inside a tensor-parallel all-reduce its tensor peers have entered")
+            return all_reduce(tensor, op=op, group=group, async_op=async_op)
+
+        dist.all_reduce = tensor_all_reduce  # models/tensor_parallel.py calls dist.all_reduce
+        return prepare
+    if place == "grad":
+        if dims.data < 2:
+            raise ValueError("VITSCALE_FAULT_HANG_AT=grad needs a data-parallel degree > 1")
+        reduce = engine.allreduce_gradients
+
+        def allreduce_gradients(*args, **kwargs):
+            if now() and engine.is_gradient_accumulation_boundary():
+                hang("inside the data-parallel gradient all-reduce its data peers have entered")
+            return reduce(*args, **kwargs)
+
+        engine.allreduce_gradients = allreduce_gradients  # DeepSpeed's backward calls self.allreduce_gradients()
+        return prepare
+    raise ValueError(f"VITSCALE_FAULT_HANG_AT={place}: one of {', '.join(HANG_PLACES)}")

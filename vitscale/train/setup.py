@@ -37,7 +37,7 @@ from vitscale.train import checkpoint
 from vitscale.train.batches import make_prepare, noise_keys
 from vitscale.train.ema import build_ema, restore_ema
 from vitscale.train.engine import build_engine, compute_dtype
-from vitscale.train.faults import poisoned, stop_signals_blocked
+from vitscale.train.faults import hang_at, poisoned, stop_signals_blocked
 from vitscale.train.objective import Objective, build_objective
 from vitscale.train.reshard import check_resume, load_resharded
 from vitscale.train.step import PipelineSteps, PlainSteps, StepEngine
@@ -172,6 +172,10 @@ def start_run(plan: Plan, dims: ParallelDims) -> Run:
     if nan_steps := os.environ.get("VITSCALE_FAULT_NAN_STEP"):  # the fault-injection hook (faults.py)
         first, _, last = nan_steps.partition("-")
         prepare = poisoned(prepare, lambda: int(first) <= engine.global_steps + 1 <= int(last or first))
+    hang_step = int(os.environ.get("VITSCALE_FAULT_HANG_STEP") or 0)
+    if hang_step and int(os.environ.get("VITSCALE_FAULT_HANG_RANK") or 0) == dims.rank:  # the hang hook (faults.py)
+        prepare = hang_at(os.environ.get("VITSCALE_FAULT_HANG_AT") or "step", hang_step, prepare, engine, dims,
+                          lambda: engine.global_steps + 1 == hang_step)
 
     micro_batches = itertools.count()  # fetched so far: exactly accum per optimizer step
 
