@@ -44,5 +44,6 @@ setup(
                                      "vitscale-eval=vitscale.tools.eval:main",
                                      "vitscale-scaling=vitscale.tools.scaling:main",
                                      "vitscale-sweep=vitscale.tools.sweep:main",
-                                     "vitscale-recipe=vitscale.tools.recipe:main"]},
+                                     "vitscale-recipe=vitscale.tools.recipe:main",
+                                     "vitscale-plot=vitscale.tools.plot:main"]},
 )

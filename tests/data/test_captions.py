@@ -140,3 +140,15 @@ def test_clip_tiny_takes_a_batch_forward_and_backward():
     image_features, text_features, logit_scale = model(normalize(images, [0.5] * 3, [0.5] * 3), tokens)
     assert image_features.shape == text_features.shape == (8, 32)
     (image_features @ text_features.T * logit_scale).logsumexp(-1).mean().backward()
+
+
+def test_decode_is_the_tokenizers_inverse():
+    """What the batch preview writes under a CLIP's images: the caption back from its tokens."""
+    captions = ["a calm dark blue gratings pattern of kind three seven", "a bold red fractal pattern of kind one"]
+    words = CaptionTokenizer(64, 12)  # the word tokenizer: 10 words fit between start and end of text
+    tokens = words(captions)
+    assert [words.decode(row) for row in tokens] == ["a calm dark blue gratings pattern of kind three seven",
+                                                     "a bold red fractal pattern of kind one"]
+    assert words.decode(CaptionTokenizer(64, 8)(captions[:1])[0]) == "a calm dark blue gratings pattern"
+    bpe = CaptionTokenizer(OPENAI_VOCAB_SIZE, 77)  # open_clip's BPE
+    assert [bpe.decode(row) for row in bpe(captions)] == captions

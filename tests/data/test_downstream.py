@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from vitscale.config import load_config
-from vitscale.data.downstream import Digits, build_downstream_loader, heldout_batches
+from vitscale.data.downstream import Digits, build_downstream_loader, class_names_of, heldout_batches
 from tests.conftest import TINY
 
 
@@ -60,3 +60,22 @@ def test_image_folder_and_labelled_shards(tmp_path):
         # the test split: every sample exactly once over the ranks
         seen = [labels for rank in range(2) for _, labels in heldout_batches(source, 32, 5, rank, 2)]
         assert sum(len(x) for x in seen) == (12 if "train" in source else 10)
+
+
+def test_class_names_where_the_data_has_them(tmp_path):
+    """The batch preview's class names: an image folder's sub-folders in ImageFolder's order, shards'
+    classnames.txt; digits and shards without one have none."""
+    from torchvision.datasets import ImageFolder
+
+    for name in ("zebra", "cat", "dog"):
+        (tmp_path / "folder" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "folder" / name / "0.png")
+    assert class_names_of(str(tmp_path / "folder")) == ImageFolder(str(tmp_path / "folder")).classes == \
+        ["cat", "dog", "zebra"]
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "train-000000.tar").write_bytes(b"")
+    assert class_names_of(str(tmp_path / "shards")) is None
+    (tmp_path / "shards" / "classnames.txt").write_text("cat\ndog\n")
+    assert class_names_of(str(tmp_path / "shards")) == ["cat", "dog"]
+    assert class_names_of(str(tmp_path / "shards" / "train-{000000..000000}.tar")) == ["cat", "dog"]
+    assert class_names_of("digits") is None

@@ -167,6 +167,7 @@ class LogConfig:
     peak_tflops: float | None = None  # per-device peak for MFU; None = from the known-device table
     straggler_fraction: float = 0.8  # warn about a node whose pace is below this fraction of the median node's; 0 = never
     level: Literal["debug", "info", "warning"] = "info"
+    preview: bool = True  # rank 0 writes run.dir/preview.png: the first micro-batch as the model sees it
 
 
 @dataclass

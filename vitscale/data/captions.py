@@ -143,6 +143,17 @@ class CaptionTokenizer:
         unk = self._ids["<unk>"]
         return [self._ids.get(word, unk) for word in text.lower().split()]
 
+    def decode(self, ids) -> str:
+        """One caption's token ids (a row of ``__call__``'s output) -> its text: the tokens between
+        start and end of text (padding dropped); an id outside the word vocabulary reads ``<?>``."""
+        ids = [int(i) for i in ids]
+        if self.eot_id in ids:
+            ids = ids[:ids.index(self.eot_id)]
+        ids = [i for i in ids if i not in (0, self.sot_id)]
+        if self.openai:
+            return self._bpe_tokenizer().decode(ids).strip()
+        return " ".join(CAPTION_WORDS[i - 1] if 0 < i <= len(CAPTION_WORDS) else "<?>" for i in ids)
+
     def __call__(self, texts: str | list[str]) -> torch.Tensor:
         """Token ids (N, context_length) int64 of ``texts`` (a string counts as a list of one)."""
         texts = [texts] if isinstance(texts, str) else list(texts)

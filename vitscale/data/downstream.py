@@ -186,6 +186,19 @@ def num_classes_of(source: str) -> int | None:
     return None
 
 
+def class_names_of(source: str) -> list[str] | None:
+    """Class names of a downstream source where it has them: an image folder's class sub-folders
+    (in ``ImageFolder``'s label order), shards' ``classnames.txt`` (one per line) beside them;
+    None otherwise (digits: the label is the name)."""
+    if source == DIGITS:
+        return None
+    if is_image_folder(source):
+        return sorted(c.name for c in Path(source).iterdir() if c.is_dir())
+    folder = Path(source) if Path(source).is_dir() else Path(source).parent
+    names = folder / "classnames.txt"
+    return [line.strip() for line in names.read_text().splitlines() if line.strip()] if names.is_file() else None
+
+
 def build_downstream_loader(data_cfg: Any, seed: int, micro_batch: int, global_batch: int, data_rank: int,
                             data_world: int, start_step: int = 0, pin_memory: bool = False) -> DataLoader:
     """An endless loader of (uint8 images (B, 3, H, W), int64 labels (B,)) training micro-batches

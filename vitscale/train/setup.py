@@ -9,8 +9,8 @@ benchmarks alike.
 - ``start_run`` runs on every rank once the process group exists: the run folder
   (``config.yaml``, ``ds_config.json``), the objective and the DeepSpeed engine, the resume (or
   reshard) with the data position and the EMA, this rank's data source and the device-side batch
-  preparation, the throughput meter, the metrics writer and the progress bar: a ``Run``, which
-  ``loop.train`` steps through.
+  preparation (on rank 0 with the batch preview, ``preview.py``), the throughput meter, the
+  metrics writer and the progress bar: a ``Run``, which ``loop.train`` steps through.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from vitscale.train.ema import build_ema, restore_ema
 from vitscale.train.engine import build_engine, compute_dtype
 from vitscale.train.faults import hang_at, poisoned, stop_signals_blocked
 from vitscale.train.objective import Objective, build_objective
+from vitscale.train.preview import previewed
 from vitscale.train.reshard import check_resume, load_resharded
 from vitscale.train.step import PipelineSteps, PlainSteps, StepEngine
 from vitscale.train.throughput import MetricsWriter, ThroughputMeter, device_peak_tflops
@@ -169,6 +170,8 @@ def start_run(plan: Plan, dims: ParallelDims) -> Run:
 
     dtype = compute_dtype(t.precision)
     prepare = make_prepare(exp, dims.device, dtype)
+    if dims.is_main and cfg.log.preview and steps.reads_data:  # rank 0 (a pipeline's first stage) holds images
+        prepare = previewed(prepare, run_dir / "preview.png", exp)
     if nan_steps := os.environ.get("VITSCALE_FAULT_NAN_STEP"):  # the fault-injection hook (faults.py)
         first, _, last = nan_steps.partition("-")
         prepare = poisoned(prepare, lambda: int(first) <= engine.global_steps + 1 <= int(last or first))

@@ -275,6 +275,15 @@ class ThroughputMeter:
         return {"step_time_s_p50": pick(0.5), "step_time_s_p90": pick(0.9), "step_time_s_max": times[-1]}
 
 
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Every record of ``run_dir/metrics.jsonl`` in file order (a resumed run's repeated steps
+    included); FileNotFoundError naming the folder if it has none."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl; give a run folder written by vitscale-train (run.dir)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class MetricsWriter:
     """Appends JSON records, one per line, flushed at once (a crash loses nothing written)."""
 
