@@ -151,6 +151,51 @@ def test_clip_preview_has_the_captions(tmp_path):
     assert (tokenizer(texts) == tokens).all()  # decoding is the inverse of the tokenizer
 
 
+def _synthetic_shards(out: Path) -> Path:
+    from functools import partial
+
+    from vitscale.data import shards as sh
+    from vitscale.data.synthetic import create_generator
+
+    spec = sh.DatasetSpec(generator="gratings", classes=10, instances=4, seed=3, image_size=32, shard_size=20)
+    sh.prepare_out_dir(spec, out)
+    sh.write_shards(partial(create_generator, spec.generator, spec.classes, spec.image_size, spec.seed), spec, out,
+                    sh.claim_shards(spec, out), 1)
+    sh.finish_dataset(spec, out)
+    return out
+
+
+@pytest.mark.parametrize("source", ["laion", "shards"])
+def test_shard_sources(source, tmp_path):
+    """Real runs on img2dataset image-text shards (canvases cut, resized and flipped on the device) and
+    on vitscale-synth shards: the preview shows what the model received, with captions or classes."""
+    from vitscale.data.laion_sample import write_laion_sample
+
+    run_overrides = ["train.micro_batch=8", "train.global_batch=8", "train.steps=2", "log.every=1",
+                     "log.progress=false", "data.num_workers=0", "checkpoint.at_end=false", "eval.every=0"]
+    if source == "laion":
+        write_laion_sample(tmp_path / "data", classes=4, instances=16, val_instances=2, size=64, shard_size=32)
+        config = str(ROOT / "configs" / "clip_tiny_laion.yaml")
+        overrides = run_overrides + [f"data.shards={tmp_path}/data/{{00000..00001}}.tar", "data.hflip=0.5",
+                                     "eval.zeroshot=null", "eval.retrieval=null"]
+    else:
+        config, overrides = TINY, run_overrides + [f"data.source={_synthetic_shards(tmp_path / 'data')}",
+                                                   "data.image_size=32", "model.depth=2"]
+    train_in_one_process(tmp_path, config, overrides,
+                         {"run": {"overrides": [], "call": "tests.train.test_preview:capture_first_input"}})
+    received = torch.load(tmp_path / "run" / "first_input.pt")
+    exp = load_experiment(config, overrides)
+    assert_tiles_show(tmp_path / "run" / "preview.png", received[0], exp.cfg.data.mean, exp.cfg.data.std)
+    _, _, texts = _sheet(tmp_path / "run" / "preview.png")
+    if source == "laion":
+        text = exp.model.text
+        tokenizer = CaptionTokenizer(text.vocab_size, text.context_length)
+        assert texts == [tokenizer.decode(row) for row in received[1]]
+        assert all(" gratings pattern of kind " in t for t in texts), texts
+    else:
+        assert texts == [str(int(c)) for c in torch.load(tmp_path / "run" / "first_target.pt")]
+
+
 def test_canvases_cut_and_flipped_on_the_device(tmp_path):
     """Image-text shards (laion): canvases travel whole with their crop boxes; the preview shows the crop."""
     exp = load_experiment(CLIP_TINY, [])
