@@ -14,6 +14,8 @@ from PIL import Image
 from tests.conftest import TINY, read_metrics
 from tests.train.test_preview import train_in_one_process
 from vitscale.config import dump_config, load_config
+from vitscale.data.laion import COUNTERS
+from vitscale.data.sources import ImageText
 from vitscale.experiment import load_experiment
 from vitscale.tools import plot as plot_tool
 from vitscale.train.throughput import ThroughputMeter
@@ -124,6 +126,9 @@ def _meter_run(path: Path, hosts_of_rank: list[int], hosts: list[str], slow_node
         records.append({"kind": "train", "step": step, "samples": batch * step, "loss": 3.0 - step / 20, "lr": 1e-3,
                         "grad_norm": 1.5, "skipped": False})
         records += meter.build_records(step, table)
+        counts = {k: 0 for k in COUNTERS} | {"read": 100 * step, "kept": 90 * step, "filtered": 6 * step,
+                                               "decode_error": 4 * step}
+        records.append({"kind": "data", "step": step, **ImageText.summarize(counts)[0]})  # as data_records writes it
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
@@ -134,7 +139,7 @@ def test_sweep_folder(tmp_path):
     (sweep / "scaling.md").write_text("what vitscale-sweep writes beside its runs\n")
     assert plot_tool.main([str(sweep)]) == 0  # default --out: SWEEP_DIR/plots
     out = sweep / "plots"
-    assert {p.name for p in out.glob("*.png")} == (RUN_PNGS - {"eval.png"}) | {"sweep.png"}
+    assert {p.name for p in out.glob("*.png")} == (RUN_PNGS - {"eval.png"}) | {"sweep.png", "data.png"}
     assert_png(out / "sweep.png", min_size=(1000, 300))
     runs, sweeps = plot_tool.find_runs([str(sweep)])
     assert [r.label for r in runs] == ["sweep/n1", "sweep/n2"] and len(sweeps) == 1  # configs differ in run.dir only
@@ -149,6 +154,11 @@ def test_sweep_folder(tmp_path):
     assert len(marks) == 1 and list(marks[0].get_xdata()) == [10, 20, 30]
     slow = [r for r in read_metrics(sweep / "n2") if r.get("scope") == "node" and r["hostname"] == "jwb0002"]
     assert list(marks[0].get_ydata()) == [r["fwd_samples_per_s"] for r in slow]
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    plot_tool.draw_data(ax, runs[:1], "step")
+    shares = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert shares == {"kept": [90.0] * 3, "filtered": [6.0] * 3, "duplicate": [0.0] * 3, "bad": [4.0] * 3}
     plt.close(fig)
     fig, ax = plt.subplots()
     plot_tool.draw_nodes(ax, runs[:1], "step")

@@ -11,6 +11,7 @@ Reads each run folder's ``metrics.jsonl`` (and its ``config.yaml``) and writes, 
   run's global records named stragglers are marked with red crosses,
 - ``mfu.png``: TFLOP/s per device and MFU (n/a without a known peak, e.g. on CPU),
 - ``data_wait.png``: the fraction of step time spent waiting for data, global and per node,
+- ``data.png`` (image-text shards): the samples read that were kept, filtered, duplicate or bad,
 - ``overview.png``: loss, LR, grad norm, samples/s, MFU and data wait on one sheet.
 
 Runs are overlaid, each labelled by the config keys whose values differ between the runs
@@ -343,6 +344,23 @@ def draw_nodes(ax, runs, axis, value: str = "samples_per_s", threshold: bool = F
     _finish(ax, axis, title, ylabel, drawn, "no node records")
 
 
+DATA_SHARES = {"kept": "-", "filtered": "--", "duplicate": "-.", "bad": ":"}  # counter -> line style
+
+
+def draw_data(ax, runs, axis):
+    """A counting source's ``data`` records (image-text shards): kept, filtered, duplicate and bad
+    samples as a share of those read, cumulative."""
+    colors, drawn = _colors(runs), False
+    for run in runs:
+        rows = [r for r in run.of("data") if r.get("read")]
+        for counter, style in DATA_SHARES.items():
+            if rows and counter in rows[0]:
+                ax.plot([run.x(r, axis) for r in rows], [100 * r[counter] / r["read"] for r in rows], ls=style,
+                        color=colors[id(run)], label=f"{run.label}: {counter}" if len(runs) > 1 else counter)
+                drawn = True
+    _finish(ax, axis, "samples read: kept, filtered, duplicate, bad", "% of samples read", drawn, "no data records")
+
+
 def draw_mfu_or_tflops(ax, runs, axis):
     """MFU where the runs know their peak; else the TFLOP/s per device (CPU runs)."""
     if any(r.get("mfu") is not None for run in runs for r in run.of("throughput", "global")):
@@ -394,6 +412,10 @@ def plot_runs(runs: list[RunData], out: Path, axis: str = "step") -> list[Path]:
         for ax in list(axes.flat)[len(metrics):]:
             ax.axis("off")
         written.append(_save(fig, out / "eval.png", "evaluation"))
+    if any(run.of("data") for run in runs):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        draw_data(ax, runs, axis)
+        written.append(_save(fig, out / "data.png"))
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
     draw_samples_per_s(axes[0], runs, axis)
     draw_nodes(axes[1], runs, axis)
