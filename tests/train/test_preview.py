@@ -22,7 +22,7 @@ from vitscale.data.sources import Batch
 from vitscale.data.transforms import crop_resize
 from vitscale.experiment import load_experiment
 from vitscale.train.batches import make_prepare
-from vitscale.train.preview import denormalize, label_text, write_preview
+from vitscale.train.preview import MAX_TILES, denormalize, label_text, write_preview
 
 CLIP_TINY = str(ROOT / "configs" / "clip_tiny.yaml")
 FAST = ["data.image_size=32", "model.depth=2", "train.micro_batch=8", "train.global_batch=16", "train.steps=4",
@@ -80,7 +80,7 @@ def assert_tiles_show(path: Path, images: torch.Tensor, mean, std) -> None:
     sheet, boxes, _ = _sheet(path)
     m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)  # normalize's inverse, here
     want = ((images.float() * s + m) * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    assert len(boxes) == min(len(want), 64)
+    assert len(boxes) == min(len(want), MAX_TILES)
     for (x, y, w, h), pixels in zip(boxes, want):
         scale = w // pixels.shape[1]
         assert scale >= 1 and h == pixels.shape[0] * scale
@@ -245,3 +245,11 @@ def test_label_text():
     assert label_text(torch.tensor([0.0, 0.7, 0.0, 0.3])) == "1 (0.70) + 3 (0.30)"
     assert label_text(torch.tensor([0.0, 1.0, 0.0])) == "1 (1.00)"
     assert label_text(torch.tensor([0.01, 0.91, 0.01] + [0.01] * 7)) == "1 (0.91)"  # label smoothing's floor left out
+
+
+def test_a_large_micro_batch_shows_its_first_images(tmp_path):
+    images = torch.randn(40, 3, 16, 16)
+    write_preview(tmp_path / "preview.png", (images,), torch.arange(40) % 10, [0.5] * 3, [0.5] * 3)
+    sheet, boxes, texts = _sheet(tmp_path / "preview.png")
+    assert len(boxes) == MAX_TILES == 32 and texts == [str(i % 10) for i in range(32)]
+    assert_tiles_show(tmp_path / "preview.png", images, [0.5] * 3, [0.5] * 3)
