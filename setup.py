@@ -30,12 +30,14 @@ setup(
         "pyyaml",
         "safetensors",
         "tqdm",
+        "tensorboard",  # log.tensorboard (train/monitors.py)
         "matplotlib",  # vitscale-scaling's plot
         "scikit-learn",  # the built-in digits fine-tuning set, the linear probe's logistic regression
     ],
     extras_require={
         "test": ["pytest>=7"],
         "mpi": ["mpi4py>=3.1", "mpich"],
+        "wandb": ["wandb"],  # log.wandb (train/monitors.py)
         "dev": ["pytest>=7", "mpi4py>=3.1", "mpich"],
     },
     entry_points={"console_scripts": ["vitscale-train=vitscale.train.__main__:main",

@@ -160,6 +160,17 @@ class TrainConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases (``pip install 'vitscale[wandb]'``): on when ``project`` is set."""
+
+    project: str | None = None  # the W&B project; None = no W&B
+    mode: Literal["offline", "online"] | None = None  # None = wandb's own choice (WANDB_MODE, else online)
+    entity: str | None = None  # team or user (DeepSpeed's wandb.team); None = your default entity
+    group: str | None = None  # groups runs, e.g. a sweep's
+    name: str | None = None  # the run's name; None = the run folder's name
+
+
+@dataclass
 class LogConfig:
     every: int = 10  # steps between train / throughput records
     progress: bool = True  # live progress bar on global rank 0
@@ -167,6 +178,11 @@ class LogConfig:
     peak_tflops: float | None = None  # per-device peak for MFU; None = from the known-device table
     straggler_fraction: float = 0.8  # warn about a node whose pace is below this fraction of the median node's; 0 = never
     level: Literal["debug", "info", "warning"] = "info"
+    # Monitors (train/monitors.py): every number of every metrics.jsonl record as a scalar, written
+    # by the same writer; a resumed run replaces the steps after its checkpoint.
+    tensorboard: bool = False  # TensorBoard event files in run.dir/tensorboard/
+    csv: bool = False  # one CSV per scalar (step,value) in run.dir/csv/ (DeepSpeed's csv_monitor)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
