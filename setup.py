@@ -35,7 +35,7 @@ setup(
         "scikit-learn",  # the built-in digits fine-tuning set, the linear probe's logistic regression
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "wandb"],  # wandb: the tests run log.wandb offline
         "mpi": ["mpi4py>=3.1", "mpich"],
         "wandb": ["wandb"],  # log.wandb (train/monitors.py)
         "dev": ["pytest>=7", "mpi4py>=3.1", "mpich"],

@@ -232,7 +232,6 @@ def wandb_history(run_file: Path) -> list[dict]:
 def test_wandb_offline_writes_into_the_run_folder(tmp_path, monkeypatch):
     """log.wandb (the optional extra, wandb installed): an offline W&B run in run.dir/wandb/ holding the
     records' scalars at their steps; a second start continues the same W&B run."""
-    pytest.importorskip("wandb", reason="log.wandb needs the optional extra: pip install 'vitscale[wandb]'")
     monkeypatch.setenv("WANDB_SILENT", "true")
     records = [{"kind": "train", "step": s, "loss": 2.0 / s, "lr": 1e-3 * s, "grad_norm": 0.5, "skipped": False}
                for s in (1, 2, 3)]
