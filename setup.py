@@ -20,8 +20,8 @@ setup(
         "torch>=2.4,<2.16",  # admits 2.14.1; users bring their own CUDA builds
         "torchvision>=0.19,<0.31",  # admits 0.29.1
         "deepspeed>=0.16",
-        "timm>=1.0",
-        "open_clip_torch>=2.24",
+        "timm>=1.0.16",  # local-dir: folders (vitscale-export --to timm --out DIR)
+        "open_clip_torch>=2.32",  # local-dir: folders (vitscale-export --to open_clip --out DIR)
         "webdataset>=0.2.86",
         "simplejpeg>=1.7",  # image-text loader's JPEG decoder (benchmarks/loader_speed.py)
         "pyarrow",  # img2dataset's per-shard .parquet (vitscale-synth laion-sample)
@@ -30,12 +30,14 @@ setup(
         "pyyaml",
         "safetensors",
         "tqdm",
+        "tensorboard",  # log.tensorboard (train/monitors.py)
         "matplotlib",  # vitscale-scaling's plot
         "scikit-learn",  # the built-in digits fine-tuning set, the linear probe's logistic regression
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "wandb"],  # wandb: the tests run log.wandb offline
         "mpi": ["mpi4py>=3.1", "mpich"],
+        "wandb": ["wandb"],  # log.wandb (train/monitors.py)
         "dev": ["pytest>=7", "mpi4py>=3.1", "mpich"],
     },
     entry_points={"console_scripts": ["vitscale-train=vitscale.train.__main__:main",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Iterator
@@ -41,6 +42,33 @@ def replacing(path: str | Path, fsync: bool = False) -> Iterator[Path]:
         raise
     if fsync:
         fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def replacing_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder to write ``path``'s new content into; on success it takes
+    ``path``'s place by renames (an existing ``path`` is moved aside first, then removed), so a
+    reader never sees a half-written folder; on an exception it is removed and ``path`` stays.
+
+    Args:
+        path: the folder to (re)write; its parent must exist; it must not be a file.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file; give a folder (or a name that does not exist)")
+    tmp = temporary_name(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = path.with_name(f"{tmp.name}.old")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def fsync_dir(path: str | Path) -> None:

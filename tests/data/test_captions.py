@@ -142,6 +142,31 @@ def test_clip_tiny_takes_a_batch_forward_and_backward():
     (image_features @ text_features.T * logit_scale).logsumexp(-1).mean().backward()
 
 
+@pytest.mark.parametrize("vocab_size, context_length", [(OPENAI_VOCAB_SIZE, 77), (1000, 16)])
+def test_open_clips_tokenizer_from_the_exported_config_gives_our_tokens(tmp_path, vocab_size, context_length):
+    # What vitscale-export --to open_clip writes into text_cfg, read back by open_clip.get_tokenizer:
+    # BPE towers get open_clip's own tokens; word towers the same tokens renumbered (rows[theirs] == ours).
+    import json
+
+    import open_clip
+
+    ours = CaptionTokenizer(vocab_size, context_length)
+    text_cfg, rows = ours.open_clip_tokens()
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"text_cfg": text_cfg}}))
+    theirs = open_clip.get_tokenizer(f"local-dir:{tmp_path}")
+    gen = create_generator("gratings", 20, 16, 0)
+    captions = [SyntheticCaptions(gen, "gratings", 3, ours).caption(i) for i in range(0, 60, 7)]
+    captions += ["a atom", "Atom  a", " ".join(CAPTION_WORDS[1:]), "<unk> dead leaves"]
+    want, got = ours(captions), theirs(captions)
+    assert got.shape == want.shape == (len(captions), context_length)
+    if rows is None:
+        assert torch.equal(got, want)
+    else:
+        assert len(rows) == text_cfg["vocab_size"] and got.max() < len(rows)
+        assert torch.equal(torch.tensor(rows)[got], want)
+        assert (got == text_cfg["eos_id"]).sum(-1).tolist() == [1] * len(captions)  # where the tower pools
+
+
 def test_decode_is_the_tokenizers_inverse():
     """What the batch preview writes under a CLIP's images: the caption back from its tokens."""
     captions = ["a calm dark blue gratings pattern of kind three seven", "a bold red fractal pattern of kind one"]

@@ -19,6 +19,8 @@ from vitscale.data.laion import (LaionLoader, LaionStream, Position, SampleFilte
 from vitscale.data.laion_sample import write_laion_sample
 from vitscale.data.transforms import crop_resize
 
+from tests.tarfiles import write_tar
+
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = CaptionTokenizer(vocab_size=100, context_length=16)
 
@@ -46,17 +48,6 @@ def _jpeg(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    path.write_bytes(buf.getvalue())
-    return buf.getvalue()
-
-
 def _sample(key: str, image: bytes | None = None, caption: str | None = "a caption of three words"):
     out = [(f"{key}.json", json.dumps({"key": key, "url": f"http://x/{key}", "similarity": 0.3}).encode())]
     if image is not None:
@@ -72,9 +63,9 @@ def bad_set(tmp_path) -> tuple[Path, set[str]]:
     in its third sample (2 good before the cut). Sizes as img2dataset's _stats.json claims."""
     members = (_sample("0000", _jpeg(0)) + _sample("0001", b"\xff\xd8\xff\xe0 not a jpeg") + _sample("0002", _jpeg(2))
                + _sample("0003", _jpeg(3), caption=None) + _sample("0004", _jpeg(4)))
-    _tar(tmp_path / "00000.tar", members)
-    _tar(tmp_path / "00001.tar", [])
-    whole = _tar(tmp_path / "00002.tar", _sample("2000", _jpeg(5)) + _sample("2001", _jpeg(6)) + _sample("2002", _jpeg(7))
+    write_tar(tmp_path / "00000.tar", members)
+    write_tar(tmp_path / "00001.tar", [])
+    whole = write_tar(tmp_path / "00002.tar", _sample("2000", _jpeg(5)) + _sample("2001", _jpeg(6)) + _sample("2002", _jpeg(7))
                  + _sample("2003", _jpeg(8)))
     cut = whole.index(b"2002.jpg") + 512 + 300  # inside the third sample's image
     (tmp_path / "00002.tar").write_bytes(whole[:cut])
@@ -314,8 +305,8 @@ def test_our_tar_reader_groups_samples_as_webdataset_does(tmp_path, fmt):
 
 
 def test_a_shard_with_a_dotdot_member_is_refused_and_counted(tmp_path):
-    _tar(tmp_path / "00000.tar", _sample("0000", _jpeg(0)) + [("../evil.txt", b"x")] + _sample("0001", _jpeg(1)))
-    _tar(tmp_path / "00001.tar", _sample("1000", _jpeg(2)))
+    write_tar(tmp_path / "00000.tar", _sample("0000", _jpeg(0)) + [("../evil.txt", b"x")] + _sample("0001", _jpeg(1)))
+    write_tar(tmp_path / "00001.tar", _sample("1000", _jpeg(2)))
     stream = LaionStream(resolve_sources(str(tmp_path / "{00000..00001}.tar"), sizes=False), TOKENIZER, 1, 0, 1, 48,
                          resampled=True, epoch_samples=2, shuffle_buffer=0)
     loader = LaionLoader(stream, 0)

@@ -214,3 +214,76 @@ def test_jpeg_dataset_reads_back_through_the_shard_loader(tmp_path):
     x, y = next(iter(build_shard_loader(tmp_path, 32, seed=0, micro_batch=4, global_batch=4, data_rank=0,
                                         data_world=1, num_workers=0, augment=False)))
     assert x.shape == (4, 3, 32, 32) and ((y >= 0) & (y < 6)).all()
+
+
+SLOW = textwrap.dedent("""
+    import sys, time
+    from vitscale.data.synthetic import create_generator, register_generator
+    from vitscale.tools.synth import main
+
+    @register_generator("slow_gratings")
+    class Slow:
+        # gratings at 20 images/s: the ranks' writing overlaps in time
+        def __init__(self, num_classes, image_size, seed):
+            self.inner = create_generator("gratings", num_classes, image_size, seed)
+            self.num_classes, self.image_size, self.seed = num_classes, image_size, seed
+
+        def params(self, label, instance):
+            return self.inner.params(label, instance)
+
+        def render(self, label, instance):
+            time.sleep(0.05)
+            return self.inner.render(label, instance)
+
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def _bar_counts(stderr: str) -> list[tuple[int, int]]:
+    """(done, total) of every state of the bar tqdm drew (carriage returns between them)."""
+    import re
+
+    return [(int(m.group(1)), int(m.group(2))) for part in re.split(r"[\r\n]", stderr)
+            if "img" in part and (m := re.search(r"\| *(\d+)/(\d+) \[", part))]
+
+
+def test_rank_0_bar_counts_every_ranks_images_and_stdout_stays_empty(reference, tmp_path):
+    # Rank 0 starts first and lists the folder; rank 1 starts once rank 0 has said its total, so
+    # rank 0's bar must count rank 1's 14 images as they appear, ending at all 30.
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(script), "slow_gratings", *ARGS[1:-1], "--out", str(out), "--progress"]
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    stdout = tmp_path / "rank0.out"
+    with open(stdout, "w") as f:
+        rank0 = subprocess.Popen(cmd, env={**env, "RANK": "0", "WORLD_SIZE": "2"}, stdout=f, stderr=subprocess.PIPE,
+                                 text=True)
+    head = []
+    while not head or "all ranks" not in head[-1]:
+        line = rank0.stderr.readline()
+        assert line, "".join(head)
+        head.append(line)
+    assert "all ranks: 5 shards, 30 images to write" in head[-1]
+    rank1 = subprocess.run(cmd, env={**env, "RANK": "1", "WORLD_SIZE": "2"}, capture_output=True, text=True,
+                           timeout=120)
+    stderr0 = "".join(head) + rank0.stderr.read()  # to its end: rank 0 exits
+    rank0.wait(timeout=120)
+    stdout0 = stdout.read_text()
+    assert rank0.returncode == 0 and rank1.returncode == 0, stderr0 + rank1.stderr
+    assert stdout0 == "" and rank1.stdout == ""  # bars and logs on stderr only
+    counts = _bar_counts(stderr0)
+    assert counts and {total for _, total in counts} == {30}, counts  # the total counts both ranks' shards
+    assert counts[-1] == (30, 30), counts
+    assert not _bar_counts(rank1.stderr)  # only rank 0 draws
+    assert "dataset complete" in stderr0 + rank1.stderr
+    assert _shards(out) == _shards(reference)
+
+
+def test_rank_0_stops_waiting_for_shards_that_do_not_come(tmp_path):
+    spec = sh.DatasetSpec("gratings", 6, 5, 2, 32, "png", 7, {}, None)
+    tracker = synth.AllRanksProgress(spec, tmp_path, [0, 2, 4])
+    assert (tracker.pending, tracker.total) == ([0, 1, 2, 3, 4], 30)
+    (tmp_path / spec.shard_name(3)).write_bytes(b"")  # rank 1 finished one shard, then died
+    tracker.wait_for_others(stall_s=0.5)
+    assert tracker.counted == {3}

@@ -2,7 +2,6 @@
 gives the samples reading the whole shard gives from there, for every tar flavour we read; the
 index is JSON, cached beside the shard, rebuilt when the shard changes; a truncated or refused
 shard fails at the same sample."""
-import io
 import json
 import os
 import tarfile
@@ -12,16 +11,7 @@ import pytest
 from vitscale.data import tar_index
 from vitscale.data.tars import read_tar_samples
 
-
-def _write(path, members, fmt=tarfile.GNU_FORMAT):
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    path.write_bytes(buf.getvalue())
-    return buf.getvalue()
+from tests.tarfiles import count_tar_members, write_tar
 
 
 def _members(n):
@@ -41,7 +31,7 @@ def test_every_start_gives_the_tail_of_the_whole_read(tmp_path, fmt):
     if fmt == tarfile.USTAR_FORMAT:  # ustar splits names into prefix / name: keep them under 100 per part
         members = [(n.replace("long" * 40, "l" * 80), d) for n, d in members]
     shard = tmp_path / "s.tar"
-    _write(shard, members, fmt)
+    write_tar(shard, members, fmt)
     whole = list(read_tar_samples(str(shard)))
     assert len(whole) == 23 and [s["__index__"] for s in whole] == list(range(23))
     for start in range(26):
@@ -50,7 +40,7 @@ def test_every_start_gives_the_tail_of_the_whole_read(tmp_path, fmt):
 
 def test_the_index_is_json_beside_the_shard_and_rebuilt_when_the_shard_changes(tmp_path):
     shard = tmp_path / "s.tar"
-    _write(shard, _members(5))
+    write_tar(shard, _members(5))
     assert [s["__key__"] for s in read_tar_samples(str(shard), 3)] == ["dir/" + "long" * 40 + "0003", "s0004"]
     cached = tmp_path / "s.tar.idx.json"
     index = json.loads(cached.read_text())  # JSON: reading it runs no code
@@ -59,7 +49,7 @@ def test_the_index_is_json_beside_the_shard_and_rebuilt_when_the_shard_changes(t
     # Each offset is where a sample's first header (here a GNU long-name header) starts: a 512-byte block.
     raw = shard.read_bytes()
     assert all(o % 512 == 0 for o in index["offsets"]) and raw[index["offsets"][3] + 156:index["offsets"][3] + 157] == b"L"
-    _write(shard, _members(8))  # rewritten: another size, another mtime
+    write_tar(shard, _members(8))  # rewritten: another size, another mtime
     os.utime(shard, ns=(1, 1))
     tar_index._memory.clear()  # as a new process sees it
     assert [s["__index__"] for s in read_tar_samples(str(shard), 6)] == [6, 7]
@@ -68,7 +58,7 @@ def test_the_index_is_json_beside_the_shard_and_rebuilt_when_the_shard_changes(t
 
 def test_a_truncated_or_refused_shard_fails_at_the_same_sample(tmp_path):
     shard = tmp_path / "cut.tar"
-    whole = _write(shard, _members(6))
+    whole = write_tar(shard, _members(6))
     cut = whole.index(b"s0004.jpg") + 512 + 50  # inside sample 4's image
     shard.write_bytes(whole[:cut])
 
@@ -84,7 +74,7 @@ def test_a_truncated_or_refused_shard_fails_at_the_same_sample(tmp_path):
     for start in (1, 2, 3, 4, 5, 9):
         assert read(start) == list(range(start, 3)), start
     bad = tmp_path / "dotdot.tar"
-    _write(bad, [("a.txt", b"x"), ("a.jpg", b"y"), ("b.txt", b"w"), ("../evil.txt", b"z"), ("c.txt", b"v")])
+    write_tar(bad, [("a.txt", b"x"), ("a.jpg", b"y"), ("b.txt", b"w"), ("../evil.txt", b"z"), ("c.txt", b"v")])
     for start in (0, 1, 2, 3):
         with pytest.raises(ValueError, match="'..' path"):
             list(read_tar_samples(str(bad), start))
@@ -96,14 +86,14 @@ def _shards(tmp_path):
     urls = []
     for i, n in enumerate((7, 5)):
         urls.append(str(tmp_path / f"{i}.tar"))
-        _write(tmp_path / f"{i}.tar", [(f"k{i}_{j:03d}.{ext}", f"{i}-{j}-{ext}".encode() * (j + 1))
+        write_tar(tmp_path / f"{i}.tar", [(f"k{i}_{j:03d}.{ext}", f"{i}-{j}-{ext}".encode() * (j + 1))
                                        for j in range(n) for ext in ("jpg", "txt")])
-    whole = _write(tmp_path / "cut.tar", _members(6))
+    whole = write_tar(tmp_path / "cut.tar", _members(6))
     (tmp_path / "cut.tar").write_bytes(whole[:whole.index(b"s0004.jpg") + 512 + 50])
     urls.append(str(tmp_path / "cut.tar"))
-    _write(tmp_path / "bad.tar", [("a.txt", b"x"), ("b.txt", b"y"), ("../evil.txt", b"z"), ("c.txt", b"w")])
+    write_tar(tmp_path / "bad.tar", [("a.txt", b"x"), ("b.txt", b"y"), ("../evil.txt", b"z"), ("c.txt", b"w")])
     urls.append(str(tmp_path / "bad.tar"))
-    _write(tmp_path / "3.tar", [(f"k3_{j:03d}.{ext}", b"%d" % j * 50) for j in range(9) for ext in ("jpg", "txt")])
+    write_tar(tmp_path / "3.tar", [(f"k3_{j:03d}.{ext}", b"%d" % j * 50) for j in range(9) for ext in ("jpg", "txt")])
     urls.append(str(tmp_path / "3.tar"))
     return urls
 
@@ -132,18 +122,11 @@ def test_each_rank_reads_only_its_share_and_the_shares_make_the_whole(tmp_path, 
         with pytest.raises(ValueError):
             list(read_tar_samples(url))
     damaged = len(damaged)
+    monkeypatch.setattr(tars, "tar_members", members)
     for world in (1, 2, 3):
         union, errors = [], []
         for rank in range(world):
-            parsed = {"members": 0, "bytes": 0}
-
-            def counted(stream):
-                for name, data in members(stream):
-                    parsed["members"] += 1
-                    parsed["bytes"] += len(data)
-                    yield name, data
-
-            monkeypatch.setattr(tars, "tar_members", counted)
+            parsed = count_tar_members(monkeypatch)
             got = [(s["__url__"], s["__index__"], s["__key__"], s.get("jpg"))
                    for s in shard_share(urls, rank, world, limit, lambda url, exc: errors.append(url))]
             monkeypatch.setattr(tars, "tar_members", members)

@@ -89,10 +89,13 @@ def test_sweep_plan_and_sbatch_lines(tmp_path):
 def test_sweep_runs_locally_and_tabulates(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vitscale.tools.sweep", TINY, "train.steps=4", "log.every=2",
                            "model.depth=2", "train.micro_batch=4", "train.global_batch=8", "data.num_workers=0",
-                           "--procs", "1", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                           "--procs", "1", "--out", str(tmp_path), "--progress"], cwd=ROOT, capture_output=True,
+                          text=True,
                           timeout=600, env={**__import__("os").environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     glob = [r for r in read_metrics(tmp_path / "p1") if r["kind"] == "throughput" and r["scope"] == "global"]
     assert glob[-1]["devices"] == 1 and glob[-1]["step"] == 4
     assert f"| 1 | 1 | 8 | {glob[-1]['samples_per_s']:.1f} |" in proc.stdout
+    # its progress bar (--progress: stderr is not a terminal here) counts the steps, on stderr only
+    assert "| 4/4 [" in proc.stderr and "sweep" in proc.stderr and "4/4" not in proc.stdout
     assert (tmp_path / "scaling.png").stat().st_size > 0

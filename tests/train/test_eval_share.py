@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import vitscale.data.tars as tars
 from vitscale.data.downstream import heldout_batches
 from vitscale.data.laion_sample import write_laion_sample
 from vitscale.train.evaluate import eval_samples
+
+from tests.tarfiles import count_tar_members
 
 
 @pytest.fixture(scope="module")
@@ -22,20 +23,6 @@ def val_set(tmp_path_factory):
     return out / "val"
 
 
-def _counting(monkeypatch):
-    parsed = {"members": 0, "bytes": 0}
-    members = tars.tar_members
-
-    def counted(stream):
-        for name, data in members(stream):
-            parsed["members"] += 1
-            parsed["bytes"] += len(data)
-            yield name, data
-
-    monkeypatch.setattr(tars, "tar_members", counted)
-    return parsed
-
-
 def _fingerprint(item):
     image, box, label, caption = item
     return (image.tobytes(), box, label, caption)
@@ -43,12 +30,12 @@ def _fingerprint(item):
 
 @pytest.mark.parametrize("max_samples", [0, 25])
 def test_eval_ranks_read_only_their_share(val_set, monkeypatch, max_samples):
-    whole_parsed = _counting(monkeypatch)
+    whole_parsed = count_tar_members(monkeypatch)
     whole = [_fingerprint(x) for x in eval_samples(str(val_set), 36, 0, 1, max_samples)]
     assert len(whole) == (max_samples or 60) and whole_parsed["members"] == 3 * len(whole)  # jpg, txt, json
     union = []
     for rank in range(3):
-        parsed = _counting(monkeypatch)
+        parsed = count_tar_members(monkeypatch)
         mine = [_fingerprint(x) for x in eval_samples(str(val_set), 36, rank, 3, max_samples)]
         assert mine == whole[rank::3]
         # only this rank's samples are parsed: 3 members each, and a third of the bytes
@@ -71,7 +58,7 @@ def test_classifier_test_shards_read_only_their_share(tmp_path, monkeypatch):
     source = str(tmp_path / "00000.tar")
     labels = {}
     for rank in range(2):
-        parsed = _counting(monkeypatch)
+        parsed = count_tar_members(monkeypatch)
         labels[rank] = [int(x) for _, batch in heldout_batches(source, 32, 4, rank, 2) for x in batch]
         assert parsed["members"] == 2 * len(labels[rank])  # png + cls of its own samples only
     assert labels == {0: [i % 3 for i in range(0, 11, 2)], 1: [i % 3 for i in range(1, 11, 2)]}

@@ -70,7 +70,8 @@ def test_srun_style_environment_trains_as_two_nodes(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_STEP_ID="0", SLURM_NNODES="2",
                SLURM_JOB_ID="1234", SLURM_STEP_NODELIST="localhost", MASTER_PORT=str(free_port()))
-    cmd = [sys.executable, "-m", "vitscale.train", TINY, f"run.dir={tmp_path}", "log.progress=false", *SHORT]
+    cmd = [sys.executable, "-m", "vitscale.train", TINY, f"run.dir={tmp_path}", "log.progress=false",
+           "log.tensorboard=true", *SHORT]
     procs = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "SLURM_PROCID": str(r), "SLURM_NODEID": str(r),
                                                   "SLURM_LOCALID": "0", "VITSCALE_HOSTNAME": f"jwb000{r + 1}"},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
@@ -86,6 +87,12 @@ def test_srun_style_environment_trains_as_two_nodes(tmp_path):
         [(0, "jwb0001", 1, 3 * 4), (1, "jwb0002", 1, 3 * 4)]
     assert {glob[-1]["slowest_host"], glob[-1]["fastest_host"]} <= {"jwb0001", "jwb0002"}
     assert glob[-1]["node_spread"] >= 0 and all(r["fwd_samples_per_s"] > 0 for r in node)
+    # log.tensorboard: both nodes' figures as scalars tagged by host, equal to the records
+    from tests.train.test_monitors import assert_each_step_once, expected_scalars, tensorboard_scalars
+
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    assert {f"throughput/node/{h}/samples_per_s" for h in ("jwb0001", "jwb0002")} <= scalars.keys()
+    assert_each_step_once(scalars, expected_scalars(read_metrics(tmp_path)))
 
 
 @pytest.mark.distributed

@@ -163,3 +163,37 @@ def _bf16_as_large_stacks_do(ds: dict, cfg: Config, preset: str) -> None:
     bf16["check_grad_overflow"] = True
     ds["data_types"] = {"grad_accum_dtype": "fp32"}
     ds["communication_data_type"] = cfg.train.grad_comm_dtype
+
+
+def compose_monitor_config(cfg: Config) -> dict:
+    """DeepSpeed's monitor sections (``tensorboard``, ``csv_monitor``, ``wandb``; ``deepspeed.monitor.config``)
+    for ``log.*``, writing into the run folder: ``run.dir/tensorboard/``, ``run.dir/csv/``.
+
+    They are not put into the dict ``deepspeed.initialize`` gets: the engine would then open its own
+    monitor and write ``Train/Samples/*`` every step with the sample count as the step, a second axis
+    in the same TensorBoard run (which breaks the purge of a resumed run's steps) and in W&B (which
+    drops steps that go back). ``train/monitors.py`` opens DeepSpeed's monitor classes with these
+    sections and writes every record of ``metrics.jsonl`` through them (each a ``(tag, value, step)``
+    event list, DeepSpeed's interface). Raises ConfigError when a monitor's package is missing.
+    """
+    from importlib.util import find_spec
+
+    log, folder = cfg.log, cfg.run.dir
+    sections: dict = {}
+    if log.tensorboard:
+        if find_spec("tensorboard") is None:
+            raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install tensorboard")
+        sections["tensorboard"] = {"enabled": True, "output_path": folder, "job_name": "tensorboard"}
+    if log.csv:
+        sections["csv_monitor"] = {"enabled": True, "output_path": folder, "job_name": "csv"}
+    w = log.wandb
+    if w.project is not None:
+        if find_spec("wandb") is None:
+            raise ConfigError(f"log.wandb.project={w.project} needs the wandb package: pip install 'vitscale[wandb]' "
+                              "(or pip install wandb), or leave log.wandb out")
+        sections["wandb"] = {"enabled": True, "project": w.project, "team": w.entity, "group": w.group}
+    if sections:
+        from deepspeed.monitor.config import get_monitor_config
+
+        get_monitor_config(sections)  # DeepSpeed's own check of the sections
+    return sections

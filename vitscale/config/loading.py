@@ -77,10 +77,11 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
 
 def _merge(obj: Any, values: dict, prefix: str = "") -> None:
     """Write a nested dict of values into the dataclass ``obj``, checking keys and types."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {values!r}")
     cls = type(obj)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(values, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping of its keys "
+                          f"({', '.join(names)}), got {values!r}")
     for name, value in values.items():
         key = f"{prefix}{name}"
         if name not in names:

@@ -160,6 +160,17 @@ class TrainConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases (``pip install 'vitscale[wandb]'``): on when ``project`` is set."""
+
+    project: str | None = None  # the W&B project; None = no W&B
+    mode: Literal["offline", "online"] | None = None  # None = wandb's own choice (WANDB_MODE, else online)
+    entity: str | None = None  # team or user (DeepSpeed's wandb.team); None = your default entity
+    group: str | None = None  # groups runs, e.g. a sweep's
+    name: str | None = None  # the run's name; None = the run folder's name
+
+
+@dataclass
 class LogConfig:
     every: int = 10  # steps between train / throughput records
     progress: bool = True  # live progress bar on global rank 0
@@ -168,6 +179,11 @@ class LogConfig:
     straggler_fraction: float = 0.8  # warn about a node whose pace is below this fraction of the median node's; 0 = never
     level: Literal["debug", "info", "warning"] = "info"
     preview: bool = True  # rank 0 writes run.dir/preview.png: the first micro-batch as the model sees it
+    # Monitors (train/monitors.py): every number of every metrics.jsonl record as a scalar, written
+    # by the same writer; a resumed run replaces the steps after its checkpoint.
+    tensorboard: bool = False  # TensorBoard event files in run.dir/tensorboard/
+    csv: bool = False  # one CSV per scalar (step,value) in run.dir/csv/ (DeepSpeed's csv_monitor)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass

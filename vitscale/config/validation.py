@@ -48,6 +48,7 @@ def check_config(cfg: Config) -> None:
         _fail(f"optim.betas={o.betas} needs two values, e.g. [0.9, 0.999]")
     _check_data(cfg)
     _check_eval(cfg)
+    _check_monitors(cfg)
     _check_finetune(cfg)
     if p.offload == "all" and p.zero != 3:
         _fail(f"parallel.offload=all offloads parameters, which only ZeRO-3 does; set parallel.zero=3 "
@@ -120,6 +121,18 @@ def _check_finetune(cfg: Config) -> None:
     if t.ema and (p.pipe > 1 or p.tensor > 1 or p.zero == 3):
         _fail(f"train.ema keeps a whole copy of the weights on each rank: it needs parallel.pipe=1, "
              f"parallel.tensor=1 and parallel.zero<3 (now {p.pipe}, {p.tensor}, {p.zero}); set train.ema=0")
+
+
+def _check_monitors(cfg: Config) -> None:
+    """``log.wandb``'s keys need the project to log into (``log.tensorboard`` / ``log.csv`` need nothing more)."""
+    w = cfg.log.wandb
+    stated = [f"log.wandb.{k}={v}" for k, v in (("mode", w.mode), ("entity", w.entity), ("group", w.group),
+                                               ("name", w.name)) if v is not None]
+    if w.project is None and stated:
+        _fail(f"{', '.join(stated)} without log.wandb.project: W&B needs the project to log into, e.g. "
+              "log.wandb.project=vitscale (or leave log.wandb out)")
+    if w.project is not None and not w.project.strip():
+        _fail("log.wandb.project is empty; name the W&B project, e.g. log.wandb.project=vitscale")
 
 
 def _check_eval(cfg: Config) -> None:

@@ -154,6 +154,33 @@ class CaptionTokenizer:
             return self._bpe_tokenizer().decode(ids).strip()
         return " ".join(CAPTION_WORDS[i - 1] if 0 < i <= len(CAPTION_WORDS) else "<?>" for i in ids)
 
+    def open_clip_tokens(self) -> tuple[dict, list[int] | None]:
+        """How ``open_clip.get_tokenizer`` reproduces this tokenizer from an exported model config:
+        (entries for the config's ``text_cfg``, rows) where row ``i`` of the exported token
+        embedding is row ``rows[i]`` of ours (None: ours as they are).
+
+        OpenAI's BPE (``vocab_size == 49408``) is open_clip's own ``SimpleTokenizer``: only the
+        context length. The word tokenizer has no open_clip form with our ids, so the export
+        renumbers: open_clip's ``SimpleTokenizer`` with every caption word an additional special
+        token (longest first, so a word is never cut at a shorter one) gives word ``j`` of that
+        list id ``49408 + j``, start / end of text 49406 / 49407; the exported embedding holds our
+        row of each; the text tower pools at the end-of-text id (``pool_type='eos'``), since
+        EOT is no longer the largest id. Captions of words in ``CAPTION_WORDS`` give the same
+        features; a word outside it is one ``<unk>`` here and BPE pieces there (each ``<unk>``'s row).
+        """
+        if self.openai:
+            return {"context_length": self.context_length}, None
+        words = sorted(CAPTION_WORDS, key=len, reverse=True)  # stable: ties keep CAPTION_WORDS' order
+        unk = self._ids["<unk>"]
+        rows = [unk] * (OPENAI_VOCAB_SIZE + len(words))
+        rows[0] = 0  # padding
+        rows[OPENAI_VOCAB_SIZE - 2], rows[OPENAI_VOCAB_SIZE - 1] = self.sot_id, self.eot_id
+        for j, word in enumerate(words):
+            rows[OPENAI_VOCAB_SIZE + j] = self._ids[word]
+        text_cfg = {"context_length": self.context_length, "vocab_size": len(rows), "pool_type": "eos",
+                    "eos_id": OPENAI_VOCAB_SIZE - 1, "tokenizer_kwargs": {"additional_special_tokens": words}}
+        return text_cfg, rows
+
     def __call__(self, texts: str | list[str]) -> torch.Tensor:
         """Token ids (N, context_length) int64 of ``texts`` (a string counts as a list of one)."""
         texts = [texts] if isinstance(texts, str) else list(texts)

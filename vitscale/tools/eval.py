@@ -8,7 +8,10 @@ linear probe on the frozen features of a ViT (or a CLIP's image tower).
 
 Checkpoints of every layout (ZeRO 0-3, tensor and pipeline shards) are merged into one
 model first (``vitscale.train.checkpoint.read_checkpoint``); the evaluation runs in this one
-process, on the GPU when there is one. Prints one JSON object (and writes it to --out).
+process, on the GPU when there is one. Prints one JSON object (and writes it to --out); the
+progress bars (images, and a zero-shot classifier's prompts) go to stderr, where it is a
+terminal or with ``--progress``, with a total where the data says its size (an image folder,
+shards with ``sizes.json`` / ``_stats.json``, ``--max-samples``).
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from vitscale.progress import add_progress_flags, progress_bar
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,7 +42,40 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, default=0, help="evaluate the first N samples only (0 = all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="also write the result JSON here")
+    add_progress_flags(p)
     return p
+
+
+def _sample_count(data: str, max_samples: int = 0) -> int | None:
+    """Samples in ``data`` where known without reading it: an image folder's files, shards' sizes."""
+    from vitscale.data.laion import IMAGE_EXTS, resolve_sources
+
+    path = Path(data)
+    try:
+        if path.is_dir() and not any(path.glob("*.tar")):
+            n = sum(1 for f in path.glob("*/*") if f.suffix.lower().lstrip(".") in IMAGE_EXTS)
+        else:
+            sources = resolve_sources(sorted(str(p) for p in path.glob("*.tar")) if path.is_dir() else data)
+            sizes = [s.num_samples for s in sources]
+            n = sum(sizes) if sizes and None not in sizes else None
+    except Exception:  # noqa: BLE001 -- only the bar's total: the evaluation reports unreadable data itself
+        n = None
+    if n is None:
+        return max_samples or None
+    return min(n, max_samples) if max_samples else n
+
+
+def _counted(fn, bar, before=None):
+    """``fn(x, ...)`` that adds ``len(x)`` to ``bar`` (and first calls ``before()`` once)."""
+    def wrapped(x, *args, **kwargs):
+        nonlocal before
+        if before is not None:
+            before, first = None, before
+            first()
+        out = fn(x, *args, **kwargs)
+        bar.update(len(x))
+        return out
+    return wrapped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,11 +106,22 @@ def _clip_task(args, model, run) -> dict:
     model.to(args.device)
     d = run.cfg.data
     common = dict(device=args.device, batch_size=args.batch_size, canvas=d.canvas, max_samples=args.max_samples)
-    if args.task == "zeroshot":
-        return zero_shot(model, tokenizer, args.data, d.image_size, d.mean, d.std,
-                         load_classnames(args.classnames, args.data), load_templates(args.templates, args.data),
-                         **common)
-    return retrieval(model, tokenizer, args.data, d.image_size, d.mean, d.std, **common)
+    with progress_bar(_sample_count(args.data, args.max_samples), f"eval: {args.task}", "img", args.progress) as bar:
+        if args.task == "zeroshot":
+            classnames = load_classnames(args.classnames, args.data)
+            templates = load_templates(args.templates, args.data)
+            with progress_bar(len(classnames) * len(templates), "eval: class prompts", "text", args.progress,
+                              leave=False) as prompts:
+                def images_start() -> None:  # the prompts are done: the images' clock starts now
+                    prompts.close()
+                    bar.reset(total=bar.total)
+
+                model.encode_text = _counted(model.encode_text, prompts)
+                model.encode_image = _counted(model.encode_image, bar, before=images_start)
+                return zero_shot(model, tokenizer, args.data, d.image_size, d.mean, d.std, classnames, templates,
+                                 **common)
+        model.encode_image = _counted(model.encode_image, bar)
+        return retrieval(model, tokenizer, args.data, d.image_size, d.mean, d.std, **common)
 
 
 def _report(result: dict, out: Path | None) -> None:
@@ -93,8 +142,9 @@ def _linear_probe(args, model, run) -> dict:
     embed = (model.encode_image if run.model.kind == "clip"
              else (lambda x: model.forward_head(model.forward_features(x), True)))
     d = run.cfg.data
-    return linear_probe(embed, args.data, args.test_data or args.data, d.image_size, d.mean, d.std,
-                        device=args.device, batch_size=args.batch_size, max_samples=args.max_samples)
+    with progress_bar(None, "eval: features (train, then test)", "img", args.progress) as bar:
+        return linear_probe(_counted(embed, bar), args.data, args.test_data or args.data, d.image_size, d.mean,
+                            d.std, device=args.device, batch_size=args.batch_size, max_samples=args.max_samples)
 
 
 if __name__ == "__main__":

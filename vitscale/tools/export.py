@@ -1,10 +1,15 @@
-"""``vitscale-export RUN_DIR [--step N|latest] --to timm|open_clip|vitscale --out FILE``
+"""``vitscale-export RUN_DIR [--step N|latest] --to timm|open_clip|vitscale --out FILE|DIR``
 
 Writes a run's checkpoint, whatever its layout (ZeRO 0-3, tensor and pipeline
-parallel), as one whole-model state dict:
+parallel), as one whole-model state dict, or as a folder the library opens in one call:
 
+    vitscale-export runs/vit_tiny --to timm --out vit_tiny       # timm.create_model("local-dir:vit_tiny", ...)
+    vitscale-export runs/clip_tiny --to open_clip --out clip_tiny  # open_clip...("local-dir:clip_tiny")
     vitscale-export runs/vit_tiny --to timm --out vit_tiny.safetensors
     vitscale-export runs/b16 --step 20000 --to vitscale --out b16_step20000.pt   # for model.init
+
+``--out`` is a folder when it exists as one or has no suffix (``vitscale.train.export``: the
+folder layouts), else a ``.safetensors`` / ``.pt`` file.
 
 ``timm``: load with ``timm.create_model(<name>, pretrained=False, ...)`` or
 ``timm.models.vision_transformer.VisionTransformer(**kwargs)`` (a .safetensors file's
@@ -22,6 +27,7 @@ import logging
 import sys
 
 from vitscale.models.interop import FORMATS
+from vitscale.progress import add_progress_flags
 
 logger = logging.getLogger("vitscale.export")
 
@@ -42,7 +48,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=_step, default="latest", help="checkpoint step number, or 'latest' (default)")
     p.add_argument("--to", required=True, choices=FORMATS,
                    help="timm (ViT), open_clip (CLIP), or vitscale (our names, for model.init)")
-    p.add_argument("--out", required=True, help="the file to write: .safetensors or .pt")
+    p.add_argument("--out", required=True, help="a .safetensors or .pt file, or a folder (exists, or a name without a "
+                   "suffix) in timm's / open_clip's local-dir layout (--to timm / open_clip)")
+    add_progress_flags(p)
     return p
 
 
@@ -52,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from vitscale.train.export import export_run  # after parsing: --help stays instant
 
     try:
-        result = export_run(args.run_dir, args.out, to=args.to, step=args.step)
+        result = export_run(args.run_dir, args.out, to=args.to, step=args.step, show_progress=args.progress)
     except (FileNotFoundError, ValueError, KeyError) as e:
         logger.error("vitscale-export: %s", e)
         return 2

@@ -11,6 +11,9 @@ count (``launch/slurm/juwels_booster.sbatch`` unless ``--sbatch-script``) and th
 
 Checkpoints stay off (``checkpoint.at_end=false``, ``checkpoint.resume=never``) so that
 no run resumes from another and saving does not count.
+
+A progress bar (stderr; where it is a terminal, or ``--progress``) counts the optimizer steps
+of all runs, read from each run's ``metrics.jsonl`` as it grows (its new bytes, once a second).
 """
 from __future__ import annotations
 
@@ -18,11 +21,14 @@ import argparse
 import logging
 import os
 import shlex
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from vitscale.config import ConfigError, load_config, validate_layout
+from vitscale.progress import add_progress_flags, progress_bar
 from vitscale.tools.scaling import main as scaling_main
 
 logger = logging.getLogger(__name__)
@@ -78,27 +84,66 @@ def sbatch_lines(config: str, runs: dict[int, list[str]], out: Path, mode: str, 
     return lines
 
 
-def run_local(config: str, runs: dict[int, list[str]], out: Path) -> list[Path]:
+class _Steps:
+    """The last logged training step of a run, from its ``metrics.jsonl``'s new lines only."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.step, self._rest = path, 0, 0, b""
+
+    def read(self) -> int:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return self.step
+        self.offset += len(data)
+        *lines, self._rest = (self._rest + data).split(b"\n")
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("kind") == "train":
+                self.step = max(self.step, int(record.get("step", 0)))
+        return self.step
+
+
+def run_local(config: str, runs: dict[int, list[str]], out: Path, show_progress: bool | None = None) -> list[Path]:
     """Train each run with the deepspeed launcher; raise RuntimeError with the log's tail on failure."""
     from vitscale.distributed import free_port
 
     deepspeed = Path(sys.executable).parent / "deepspeed"
+    steps = {count: load_config(config, extra).train.steps for count, extra in runs.items()}
     done = []
-    for count, extra in runs.items():
-        run_dir = out / f"p{count}"
-        if (run_dir / "metrics.jsonl").exists():
-            raise RuntimeError(f"{run_dir} already holds a run; remove it or pass another --out")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [str(deepspeed), "--num_gpus", str(count), "--master_port", str(free_port()), "--module",
-               "vitscale.train", config, *extra, f"run.dir={run_dir}"]
-        logger.info("sweep: %d process(es): %s", count, shlex.join(cmd))
-        log = run_dir / "train.log"
-        with open(log, "w") as f:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ}).returncode
-        if rc != 0:
-            tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-            raise RuntimeError(f"the {count}-process run failed (exit {rc}); {log} ends:\n{tail}")
-        done.append(run_dir)
+    with progress_bar(sum(steps.values()), "sweep", "step", show_progress) as bar:
+        for count, extra in runs.items():
+            run_dir = out / f"p{count}"
+            if (run_dir / "metrics.jsonl").exists():
+                raise RuntimeError(f"{run_dir} already holds a run; remove it or pass another --out")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cmd = [str(deepspeed), "--num_gpus", str(count), "--master_port", str(free_port()), "--module",
+                   "vitscale.train", config, *extra, f"run.dir={run_dir}"]
+            logger.info("sweep: %d process(es): %s", count, shlex.join(cmd))
+            bar.set_postfix_str(f"{count} process(es)")
+            log, seen, logged = run_dir / "train.log", 0, _Steps(run_dir / "metrics.jsonl")
+            with open(log, "w") as f:
+                proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ})
+                try:
+                    while (rc := proc.poll()) is None:
+                        time.sleep(1.0)
+                        now = min(logged.read(), steps[count])
+                        bar.update(now - seen)
+                        seen = now
+                except BaseException:  # Ctrl-C: the launcher goes too, as subprocess.run does
+                    proc.kill()
+                    proc.wait()
+                    raise
+            if rc != 0:
+                tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+                raise RuntimeError(f"the {count}-process run failed (exit {rc}); {log} ends:\n{tail}")
+            bar.update(steps[count] - seen)
+            done.append(run_dir)
     return done
 
 
@@ -114,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="print sbatch lines for these node counts instead of running")
     ap.add_argument("--sbatch-script", default="launch/slurm/juwels_booster.sbatch")
     ap.add_argument("--gpus-per-node", type=int, default=4, help="with --emit-sbatch, for the layout checks")
+    add_progress_flags(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
@@ -124,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                         args.sbatch_script)))
             return 0
         runs = plan(args.config, args.overrides, args.procs, args.mode)
-        run_dirs = run_local(args.config, runs, out)
+        run_dirs = run_local(args.config, runs, out, args.progress)
     except (ConfigError, RuntimeError) as e:
         logger.error("vitscale-sweep: %s", e)
         return 2

@@ -13,6 +13,12 @@ environment, so ``mpirun -np 64 vitscale-synth ...``, ``srun`` and ``torchrun`` 
 mpi4py) writes the shards ``s`` with ``s % R == r``, each with ``--workers`` processes that
 render whole shards. Rerunning the same command resumes: complete shards are kept, a
 shard cut off mid-way is rewritten. The layout is described in ``vitscale.data.shards``.
+
+Rank 0's progress bar (stderr; where it is a terminal, or ``--progress``) counts every rank's
+images: its own as they are rendered, the other ranks' shards as they appear complete in the
+folder (one listing of it at most every ``POLL_S``: no messages between ranks). Once its own
+shards are written it waits for the others' while they keep appearing, so the bar ends at the
+total; only the bar waits (``--no-progress``, or no terminal: rank 0 ends with its own shards).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import functools
 import inspect
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,10 +39,13 @@ from PIL import Image
 from vitscale.data import shards as sh
 from vitscale.distributed import rank_from_env, world_size_from_env
 from vitscale.data.synthetic import create_generator, list_generators
+from vitscale.progress import add_progress_flags, progress_bar, wanted
 
 logger = logging.getLogger("vitscale.synth")
 
 COMMON_ARGS = ("num_classes", "image_size", "seed", "categories")
+POLL_S = 1.0  # rank 0 lists the dataset folder at most this often for other ranks' finished shards
+STALL_S = 60.0  # after its own shards, rank 0's bar waits this long (or 3 shard times) for another shard
 
 
 class UsageError(Exception):
@@ -116,7 +126,7 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
                        help="png: lossless (default); jpg: quality 95, ~3x smaller for noisy images")
     write.add_argument("--categories", type=Path, help="category file from 'vitscale-synth search' "
                        "(generators with a category search)")
-    write.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_flags(write)
 
     search = argparse.ArgumentParser(prog=f"{prog} search", description="Run a generator's category search "
                                      "and save the categories for --categories.")
@@ -250,19 +260,25 @@ def _cmd_write(args) -> None:
     sh.prepare_out_dir(spec, out)
     todo = sh.claim_shards(spec, out, rank, world)
     images = sum(len(spec.shard_indices(s)) for s in todo)
-    logger.info("rank %d/%d: %d of %d shards to write (%d images, %d worker(s)) -> %s", rank, world,
-                len(todo), len(range(rank, spec.num_shards, world)), images, args.workers, out)
+    show = rank == 0 and wanted(args.progress)
+    tracker = AllRanksProgress(spec, out, todo) if show and world > 1 else None
+    everyone = f"; all ranks: {len(tracker.pending)} shards, {tracker.total} images to write" if tracker else ""
+    logger.info("rank %d/%d: %d of %d shards to write (%d images, %d worker(s)) -> %s%s", rank, world,
+                len(todo), len(range(rank, spec.num_shards, world)), images, args.workers, out, everyone)
     build = functools.partial(create_generator, args.generator, args.classes, args.size, args.seed, **params,
                               **({"categories": categories} if categories is not None else {}))
     if todo:
         generator.render(0, 0)  # compile the kernels once here: forked workers inherit them
-    from tqdm import tqdm
 
     start = time.perf_counter()
-    with tqdm(total=images, unit="img", desc=f"{args.generator} rank {rank}/{world}", dynamic_ncols=True,
-              disable=rank != 0 or args.no_progress) as bar:
-        sh.write_shards(build, spec, out, todo, args.workers, progress=bar.update)
-    elapsed = time.perf_counter() - start
+    desc = f"{args.generator} all {world} ranks" if tracker else f"{args.generator} rank {rank}/{world}"
+    with progress_bar(tracker.total if tracker else images, desc, "img", show) as bar:
+        if tracker is not None:
+            tracker.bar = bar
+        sh.write_shards(build, spec, out, todo, args.workers, progress=tracker.update if tracker else bar.update)
+        elapsed = time.perf_counter() - start  # this rank's own writing
+        if tracker is not None:
+            tracker.wait_for_others(max(STALL_S, 3 * elapsed / max(1, len(todo))))
     if todo:
         logger.info("rank %d: %d images in %.1f s (%.1f images/s)", rank, images, elapsed, images / elapsed)
     if sh.finish_dataset(spec, out):
@@ -270,6 +286,61 @@ def _cmd_write(args) -> None:
                     out / sh.DATASET_FILE)
     else:
         logger.info("rank %d done; %s appears when every rank has written its shards", rank, sh.DATASET_FILE)
+
+
+class AllRanksProgress:
+    """Rank 0's count of every rank's images: its own from the writer's callback, the other ranks'
+    a shard at a time as each appears complete in the folder, polled at most every ``POLL_S``.
+
+    Args:
+        spec, out: the dataset.
+        mine: the shards this rank writes (``claim_shards``).
+
+    ``pending``: every shard not complete when built; ``total``: their images (the bar's total).
+    """
+
+    def __init__(self, spec: sh.DatasetSpec, out: Path, mine: list[int]):
+        self.spec, self.out, self.bar = spec, out, None
+        self._names = {spec.shard_name(s): s for s in range(spec.num_shards)}
+        done = self._listed()
+        self.pending = sorted(set(mine) | (set(self._names.values()) - done))
+        self.others = set(self.pending) - set(mine)
+        self.total = sum(len(spec.shard_indices(s)) for s in self.pending)
+        self.counted: set[int] = set()
+        self._polled = time.monotonic()
+
+    def _listed(self) -> set[int]:
+        """The complete shards, from one listing of the folder."""
+        return {self._names[e.name] for e in os.scandir(self.out) if e.name in self._names}
+
+    def poll(self) -> int:
+        """Count the other ranks' shards that appeared since the last poll; returns how many."""
+        self._polled = time.monotonic()
+        new = (self.others & self._listed()) - self.counted
+        self.counted |= new
+        if new and self.bar is not None:
+            self.bar.update(sum(len(self.spec.shard_indices(s)) for s in new))
+        return len(new)
+
+    def update(self, n: int) -> None:
+        """The writer's callback: ``n`` more of this rank's images."""
+        if self.bar is not None:
+            self.bar.update(n)
+        if time.monotonic() - self._polled >= POLL_S:
+            self.poll()
+
+    def wait_for_others(self, stall_s: float) -> None:
+        """Poll until every other rank's shard is counted, or none appeared for ``stall_s`` seconds."""
+        last = time.monotonic()
+        while self.counted != self.others:
+            if self.poll():
+                last = time.monotonic()
+            elif time.monotonic() - last > stall_s:
+                logger.info("rank 0: %d shard(s) of other ranks not written after %.0f s without a new one; the bar "
+                            "stops here (the ranks writing them finish on their own)",
+                            len(self.others - self.counted), stall_s)
+                return
+            time.sleep(POLL_S)
 
 
 def main(argv: list[str] | None = None) -> int:

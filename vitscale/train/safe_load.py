@@ -19,9 +19,11 @@ are not used: a preset asking for them is refused before start (``config/deepspe
 """
 from __future__ import annotations
 
+import contextlib
 import pickle
 import re
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
@@ -62,9 +64,26 @@ def load_file(path: str | Path, map_location="cpu", mmap: bool = False):
     """
     with torch.serialization.safe_globals(deepspeed_data_classes()):
         try:
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            loaded = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as e:
             raise UnsafeCheckpoint(path, _refused_global(str(e))) from None
+    for watcher in list(_watchers):
+        watcher(Path(path))
+    return loaded
+
+
+_watchers: list[Callable[[Path], None]] = []
+
+
+@contextlib.contextmanager
+def watching_reads(watcher: Callable[[Path], None]) -> Iterator[None]:
+    """Call ``watcher(path)`` after each file ``load_file`` reads, while inside (a progress bar
+    over the files of a checkpoint, ``vitscale-export``); only in this process."""
+    _watchers.append(watcher)
+    try:
+        yield
+    finally:
+        _watchers.remove(watcher)
 
 
 def _refused_global(message: str) -> str:

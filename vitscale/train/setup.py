@@ -10,7 +10,8 @@ benchmarks alike.
   (``config.yaml``, ``ds_config.json``), the objective and the DeepSpeed engine, the resume (or
   reshard) with the data position and the EMA, this rank's data source and the device-side batch
   preparation (on rank 0 with the batch preview, ``preview.py``), the throughput meter, the
-  metrics writer and the progress bar: a ``Run``, which ``loop.train`` steps through.
+  metrics writer (and the monitors ``log.*`` asks for) and the progress bar: a ``Run``, which
+  ``loop.train`` steps through.
 """
 from __future__ import annotations
 
@@ -18,14 +19,15 @@ import itertools
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from vitscale.config import ConfigError, Layout, compose_ds_config, dump_config, validate_layout
+from vitscale.config import (ConfigError, Layout, compose_ds_config, compose_monitor_config, dump_config,
+                             validate_layout)
 from vitscale.data.captions import CaptionTokenizer
 from vitscale.data.sources import DataSource, LoaderContext, build_source, source_class
 from vitscale.distributed import ParallelDims, StopRequest, world_size_from_env
@@ -38,6 +40,7 @@ from vitscale.train.batches import make_prepare, noise_keys
 from vitscale.train.ema import build_ema, restore_ema
 from vitscale.train.engine import build_engine, compute_dtype
 from vitscale.train.faults import hang_at, poisoned, stop_signals_blocked
+from vitscale.train.monitors import Monitors
 from vitscale.train.objective import Objective, build_objective
 from vitscale.train.preview import previewed
 from vitscale.train.reshard import check_resume, load_resharded
@@ -52,6 +55,7 @@ class Plan:
     exp: Experiment
     layout: Layout
     ds_config: dict  # what deepspeed.initialize gets (also written to run.dir/ds_config.json)
+    monitor_config: dict = field(default_factory=dict)  # DeepSpeed's monitor sections for log.*
 
     @property
     def layout_record(self) -> dict:
@@ -89,7 +93,7 @@ def plan_run(path: str | Path | None, overrides: list[str] = (), world_size: int
     layout = validate_layout(exp.cfg, world_size_from_env() if world_size is None else world_size)
     ds_config = compose_ds_config(exp.cfg, layout.data, stage_tensors=stage_tensors(exp.model))
     check_precision(exp.cfg.train.precision)
-    plan = Plan(exp, layout, ds_config)
+    plan = Plan(exp, layout, ds_config, compose_monitor_config(exp.cfg))
     check_resume(exp, plan.layout_record)
     return plan
 
@@ -201,8 +205,14 @@ def start_run(plan: Plan, dims: ParallelDims) -> Run:
     return Run(plan=plan, dims=dims, engine=engine, steps=steps, objective=objective, start=start,
                source_cls=source_cls, source=source, fetch=fetch,
                reports_data=dims.tensor_rank == 0 and (not piped or engine.is_first_stage()), dtype=dtype,
-               meter=meter, writer=MetricsWriter(run_dir / "metrics.jsonl") if dims.is_main else None,
+               meter=meter, writer=_writer(plan, run_dir, start) if dims.is_main else None,
                progress=progress, ema=ema, stop_request=stop_request)
+
+
+def _writer(plan: Plan, run_dir: Path, start: int) -> MetricsWriter:
+    """Global rank 0's writer of ``metrics.jsonl`` and the monitors ``log.*`` asks for."""
+    monitors = Monitors(plan.monitor_config, plan.exp.cfg.log.wandb, run_dir, start) if plan.monitor_config else None
+    return MetricsWriter(run_dir / "metrics.jsonl", monitors)
 
 
 def seed_generators(seed: int, data_rank: int) -> None:

@@ -285,16 +285,22 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 class MetricsWriter:
-    """Appends JSON records, one per line, flushed at once (a crash loses nothing written)."""
+    """Appends JSON records, one per line, flushed at once (a crash loses nothing written), and hands
+    each to the monitors (``train/monitors.py``: TensorBoard, CSV, W&B), if any."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, monitors=None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a")
+        self.monitors = monitors
 
     def write(self, record: dict) -> None:
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()
+        if self.monitors is not None:
+            self.monitors.write(record)
 
     def close(self) -> None:
         self._f.close()
+        if self.monitors is not None:
+            self.monitors.close()
