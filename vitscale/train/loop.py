@@ -104,7 +104,8 @@ def _log(run: Run, step: int, loss: torch.Tensor, lr: float, skipped: bool) -> d
         for row in [record] + rows:
             run.writer.write(row)
     if run.progress is not None:
-        speed = rows[0]["samples_per_s"] if rows else float("nan")
+        # the global throughput record; none before log.warmup_steps end (data records may still be there)
+        speed = next((r["samples_per_s"] for r in rows if r["kind"] == "throughput"), float("nan"))
         run.progress.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.1f}")
     return record
 
