@@ -30,10 +30,21 @@ _PERIOD = 65521  # position weights 1 .. 65521 (a prime): swapped elements chang
 def replicated_parameters(module: nn.Module, layer_prefixes: Sequence[str] | None = None) -> list[tuple[str, torch.Tensor]]:
     """``(whole-model name, this rank's tensor)`` of every parameter not sharded over the tensor
     ranks (not marked ``tensor_model_parallel``), in the module's order (the same on every tensor
-    rank of a stage). Under ZeRO-3 the tensor is this rank's partition (``ds_tensor``), which the
-    tensor peers of a data rank also hold alike."""
-    return [(whole_name(name, "", layer_prefixes), getattr(p, "ds_tensor", p)) for name, p in module.named_parameters()
-            if not getattr(p, "tensor_model_parallel", False)]
+    rank of a stage). Under ZeRO-3 the tensor is the part of this rank's partition that holds
+    elements (``_zero3_elements``), which the tensor peers of a data rank also hold alike."""
+    return [(whole_name(name, "", layer_prefixes), _zero3_elements(p) if hasattr(p, "ds_tensor") else p)
+            for name, p in module.named_parameters() if not getattr(p, "tensor_model_parallel", False)]
+
+
+def _zero3_elements(param: nn.Parameter) -> torch.Tensor:
+    """The elements of a ZeRO-3 parameter this data rank holds, without the partition's padding: data
+    rank d holds elements [d * n, (d + 1) * n) of the flattened parameter (n = the partition size),
+    padded past the end with values nobody wrote (e.g. all of a 1-element logit scale's partition on
+    data rank 1), which differ between tensor ranks and must not be compared."""
+    part = param.ds_tensor
+    rank = dist.get_rank(group=param.ds_process_group)
+    valid = max(0, min(part.numel(), param.ds_numel - rank * part.numel()))
+    return part.reshape(-1)[:valid]
 
 
 def checksum(tensor: torch.Tensor) -> torch.Tensor:
