@@ -82,28 +82,34 @@ def test_mpirun_ranks_write_the_single_process_dataset(reference, tmp_path):
     assert (tmp_path / sh.DATASET_FILE).read_text() == (reference / sh.DATASET_FILE).read_text()
 
 
-DYING = textwrap.dedent("""
-    import os, sys
-    from vitscale.data.synthetic import create_generator, register_generator
-    from vitscale.tools.synth import main
+def _gratings_script(name: str, comment: str, render_first: str) -> str:
+    """A vitscale-synth script registering ``name``: the gratings generator, ``render_first`` (a line of
+    Python, indented for ``render``) run before each image is rendered."""
+    return textwrap.dedent(f"""
+        import os, sys, time
+        from vitscale.data.synthetic import create_generator, register_generator
+        from vitscale.tools.synth import main
 
-    @register_generator("dying_gratings")
-    class Dying:
-        # gratings that kill their process at one image, as an OOM kill or a node failure would
-        def __init__(self, num_classes, image_size, seed):
-            self.inner = create_generator("gratings", num_classes, image_size, seed)
-            self.num_classes, self.image_size, self.seed = num_classes, image_size, seed
+        @register_generator("{name}")
+        class Wrapped:
+            # {comment}
+            def __init__(self, num_classes, image_size, seed):
+                self.inner = create_generator("gratings", num_classes, image_size, seed)
+                self.num_classes, self.image_size, self.seed = num_classes, image_size, seed
 
-        def params(self, label, instance):
-            return self.inner.params(label, instance)
+            def params(self, label, instance):
+                return self.inner.params(label, instance)
 
-        def render(self, label, instance):
-            if os.environ.get("DIE_AT") == f"{label},{instance}":
-                os._exit(9)
-            return self.inner.render(label, instance)
+            def render(self, label, instance):
+                {render_first}
+                return self.inner.render(label, instance)
 
-    sys.exit(main(sys.argv[1:]))
-""")
+        sys.exit(main(sys.argv[1:]))
+    """)
+
+
+DYING = _gratings_script("dying_gratings", "gratings that kill their process at one image, as an OOM kill or a "
+                         "node failure would", 'if os.environ.get("DIE_AT") == f"{label},{instance}": os._exit(9)')
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -216,27 +222,8 @@ def test_jpeg_dataset_reads_back_through_the_shard_loader(tmp_path):
     assert x.shape == (4, 3, 32, 32) and ((y >= 0) & (y < 6)).all()
 
 
-SLOW = textwrap.dedent("""
-    import sys, time
-    from vitscale.data.synthetic import create_generator, register_generator
-    from vitscale.tools.synth import main
-
-    @register_generator("slow_gratings")
-    class Slow:
-        # gratings at 20 images/s: the ranks' writing overlaps in time
-        def __init__(self, num_classes, image_size, seed):
-            self.inner = create_generator("gratings", num_classes, image_size, seed)
-            self.num_classes, self.image_size, self.seed = num_classes, image_size, seed
-
-        def params(self, label, instance):
-            return self.inner.params(label, instance)
-
-        def render(self, label, instance):
-            time.sleep(0.05)
-            return self.inner.render(label, instance)
-
-    sys.exit(main(sys.argv[1:]))
-""")
+SLOW = _gratings_script("slow_gratings", "gratings at 20 images/s: the ranks' writing overlaps in time",
+                        "time.sleep(0.05)")
 
 
 def _bar_counts(stderr: str) -> list[tuple[int, int]]:
