@@ -83,8 +83,10 @@ def test_without_forward_timings_the_pace_is_steps_per_s():
     glob, a, b = meter([0, 1], ["a", "b"], global_batch=64, steps=10, pipe=2, stage_flops=[3, 1]).build_records(10, table)
     assert glob["straggler_basis"] == "steps_per_s" and a["fwd_samples_per_s"] is None
     assert (a["steps_per_s"], b["steps_per_s"]) == pytest.approx((1.0, 0.5))
-    # node a: 640 samples x 3/4 of the work in 10 s; node b: 640 x 1/4 in 20 s
-    assert (a["samples_per_s"], b["samples_per_s"]) == pytest.approx((48.0, 8.0))
+    # node a: 640 samples x 3/4 of the work, node b: 640 x 1/4, both over the job's 20 s (a step is
+    # common to all nodes: a node's own clock is its own_elapsed), so they add up to the global 32
+    assert (a["samples_per_s"], b["samples_per_s"]) == pytest.approx((24.0, 8.0))
+    assert (a["own_elapsed"], b["own_elapsed"]) == (10.0, 20.0)
     assert glob["samples_per_s"] == pytest.approx(32.0) and glob["slowest_host"] == "b"
 
 

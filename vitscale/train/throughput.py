@@ -208,19 +208,25 @@ class ThroughputMeter:
         # A rank's work per step in sample-equivalents: its replica's samples x its stage's share / its tensor peers.
         credit = lambda row: replica_samples * self.stage_share[int(row[4])] / d.tensor  # noqa: E731
         wait_fraction = lambda rows: sum(r[1] for r in rows) / max(sum(r[0] for r in rows), 1e-12)  # noqa: E731
+        # One window for every record: in synchronous training the steps are common to all nodes, so
+        # a node's samples/s is its work over the job's elapsed time and the nodes' figures add up to
+        # the global one (each node's own clock, which starts and stops a little apart, is kept as
+        # own_elapsed; its own pace is fwd_samples_per_s, or steps_per_s for pipelines).
+        window = max(r[0] for r in table)
         glob = self._record("global", step, self.steps_done * self.global_batch, self.global_batch * step,
-                            max(r[0] for r in table), wait_fraction(table), d.world_size)
+                            window, wait_fraction(table), d.world_size)
         glob.update(self._percentiles())
         nodes = []
         for node in range(d.num_nodes):
             rows = [table[r] for r in range(d.world_size) if d.node_of_rank[r] == node]
             node_samples = sum(credit(r) for r in rows)
             rec = self._record("node", step, node_samples * self.steps_done, node_samples * step,
-                               max(r[0] for r in rows), wait_fraction(rows), len(rows), node=node)
+                               window, wait_fraction(rows), len(rows), node=node)
+            rec["own_elapsed"] = max(r[0] for r in rows)
             forward_s = max(r[3] for r in rows)
             rec["fwd_samples_per_s"] = node_samples * self.steps_done / forward_s if forward_s > 0 else None
             rec["work_fraction"] = node_samples / self.global_batch  # this node's share of every step's FLOPs
-            rec["steps_per_s"] = self.steps_done / rec["elapsed"] if rec["elapsed"] > 0 else 0.0
+            rec["steps_per_s"] = self.steps_done / rec["own_elapsed"] if rec["own_elapsed"] > 0 else 0.0
             nodes.append(rec)
         glob.update(self._stragglers(nodes))
         return [glob] + nodes
