@@ -46,7 +46,9 @@ from vitscale.rehearsal.launchers import LAUNCHERS, base_env, starts, write_shim
 logger = logging.getLogger("vitscale.rehearse")
 
 # Log lines worth repeating in the summary: a lost or stopped rank, a straggler, an error.
-_NOTABLE = re.compile(r"lost|stopped progressing|unreachable|straggler|Traceback|Error|network interface", re.I)
+# (A Python exception's last line, not the launcher's own traceback of a failed child.)
+_NOTABLE = re.compile(r"lost |stopped progressing|unreachable|straggler|network interface| ERROR |"
+                      r"^\[node\d+\] [\w.]*(Error|Exception): \S")
 
 
 class _Stop(Exception):
@@ -67,7 +69,7 @@ def _pump(stream, log_path: Path, prefix: str, notable: list[str], lock: threadi
             with lock:
                 sys.stdout.write(f"{prefix} {line}\n")
                 sys.stdout.flush()
-                if _NOTABLE.search(line) and len(notable) < 400:
+                if _NOTABLE.search(f"{prefix} {line}") and len(notable) < 400:
                     notable.append(f"{prefix} {line}")
 
 
@@ -110,6 +112,7 @@ def rehearse(args: argparse.Namespace) -> int:
     procs: list[tuple[object, subprocess.Popen]] = []
     ended: dict[int, tuple[int, float]] = {}  # index in procs -> (exit code, seconds after start)
     notable: list[str] = []
+    pumps: list[threading.Thread] = []
     lock, events = threading.Lock(), []
     t0 = time.monotonic()
     old_handlers = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
@@ -125,8 +128,10 @@ def rehearse(args: argparse.Namespace) -> int:
             cmd = [str(shim), cluster.members[s.node].host, shlex.join(s.command)]
             proc = subprocess.Popen(cmd, env={**env, **s.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL)
-            threading.Thread(target=_pump, args=(proc.stdout, state / f"node{s.node}.log", f"[node{s.node}]",
-                                                 notable, lock), daemon=True).start()
+            pump = threading.Thread(target=_pump, args=(proc.stdout, state / f"node{s.node}.log", f"[node{s.node}]",
+                                                        notable, lock), daemon=True)
+            pump.start()
+            pumps.append(pump)
             procs.append((s, proc))
         holder: dict = {}  # "done" ends the watching threads; "what" and "at" say what the fault did
         if slow:  # from the first logged step: start-up (imports, op builds) runs at full speed
@@ -175,6 +180,8 @@ def rehearse(args: argparse.Namespace) -> int:
                 break
             time.sleep(0.2)
         holder["done"] = True
+        for pump in pumps:  # the last lines of every node before the summary
+            pump.join(timeout=5)
         if fail:
             fault_at = holder.get("at")
             if holder.get("what"):
