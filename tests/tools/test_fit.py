@@ -21,9 +21,9 @@ def write_points(path, rows, columns=("params", "samples", "loss")):
     return path
 
 
-def chinchilla_points(rng, p=CHINCHILLA, noise=0.02):
+def chinchilla_points(rng, p=CHINCHILLA, noise=0.02, per_axis=8):
     return [(n, d, (p["A"] / n ** p["alpha"] + p["B"] / d ** p["beta"] + p["E"]) * (1 + noise * rng.standard_normal()))
-            for n in np.geomspace(1e6, 3e9, 8) for d in np.geomspace(1e7, 3e11, 8)]
+            for n in np.geomspace(1e6, 3e9, per_axis) for d in np.geomspace(1e7, 3e11, per_axis)]
 
 
 def assert_recovered(result, truth, exponents):
@@ -36,7 +36,7 @@ def assert_recovered(result, truth, exponents):
 
 def test_chinchilla_law_recovered_with_intervals(tmp_path):
     csv_path = write_points(tmp_path / "pts.csv", chinchilla_points(np.random.default_rng(3)))
-    result = fit.run_fit(csv_path, "chinchilla", tmp_path / "out", resamples=100)
+    result = fit.run_fit(csv_path, "chinchilla", tmp_path / "out", resamples=40)
     assert_recovered(result, CHINCHILLA, ["alpha", "beta"])
     assert abs(result["params"]["E"] / CHINCHILLA["E"] - 1) < 0.05
     saved = json.loads((tmp_path / "out" / "fit.json").read_text())
@@ -46,18 +46,18 @@ def test_chinchilla_law_recovered_with_intervals(tmp_path):
 
 def test_data_and_power_laws_recovered(tmp_path):
     rng = np.random.default_rng(5)
-    d = np.geomspace(1e6, 1e11, 24)
+    d = np.geomspace(1e6, 1e11, 16)
     B, beta, E = 60.0, 0.25, 1.2
     write_points(tmp_path / "d.csv", [(x, (B / x**beta + E) * (1 + 0.02 * rng.standard_normal())) for x in d],
                  ("samples", "loss"))
-    result = fit.run_fit(tmp_path / "d.csv", "data", tmp_path / "d", resamples=100)
+    result = fit.run_fit(tmp_path / "d.csv", "data", tmp_path / "d", resamples=40)
     assert_recovered(result, {"B": B, "beta": beta, "E": E}, ["beta"])
     # a power law in another column (e.g. the best learning rate against width), y named by --y
     w = np.geomspace(64, 4096, 12)
     write_points(tmp_path / "p.csv", [(x, 0.5 / x**0.6 * (1 + 0.02 * rng.standard_normal())) for x in w],
                  ("width", "best_lr"))
     result = fit.run_fit(tmp_path / "p.csv", "power", tmp_path / "p", x_cols=["width"], y_col="best_lr",
-                         resamples=100)
+                         resamples=40)
     assert_recovered(result, {"A": 0.5, "alpha": 0.6}, ["alpha"])
     assert "E" not in result["params"]
 
@@ -67,7 +67,7 @@ def test_sweep_csv_budget_uses_the_flops_column(tmp_path, caplog):
     column (here 3 x 2 x 65 tokens = 390, as a ViT's forward is about 2 N FLOPs per token), not 6."""
     rng = np.random.default_rng(7)
     rows = [{"train.lr": 1e-3, "run": f"r{i}", "params": n, "samples": d, "flops": 390 * n * d, "train_loss": loss}
-            for i, (n, d, loss) in enumerate(chinchilla_points(rng))]
+            for i, (n, d, loss) in enumerate(chinchilla_points(rng, per_axis=5))]
     with open(tmp_path / "sweep.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
