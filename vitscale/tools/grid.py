@@ -130,13 +130,13 @@ def check_points(config: str, overrides: list[str], points: list[Point]) -> None
     """
     from vitscale.experiment import load_experiment  # the model and the data checked once per point
 
+    for text in dict.fromkeys(t for p in points for t in p.overrides):  # each value once, said for its --grid
+        key, _ = parse_override(text)
+        try:
+            load_config(config, [*overrides, text])
+        except ConfigError as e:
+            raise ConfigError(f"--grid {key}: {e}") from None
     for point in points:
-        for text in point.overrides:  # an unknown key or a bad value, said for the --grid it came from
-            key, _ = parse_override(text)
-            try:
-                load_config(config, [*overrides, text])
-            except ConfigError as e:
-                raise ConfigError(f"--grid {key}: {e}") from None
         try:
             load_experiment(config, [*overrides, *GRID_FIXED, *point.overrides])
         except ConfigError as e:

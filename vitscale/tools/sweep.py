@@ -16,8 +16,8 @@ seed + 0 .. S-1): every combination is a run in ``OUT/<key=value,...>``, trained
 another (single process each), resumable: a finished point is skipped when the same command runs
 again, a half-finished one resumes from its checkpoint. Then ``OUT/sweep.csv``: the keys, params,
 non-embedding params, samples seen, FLOPs, final and best train / eval loss, top-1, wall time
-(``vitscale-fit OUT`` fits a law to it). ``--emit-sbatch`` (no node counts) runs nothing and
-prints one SLURM array job (``#SBATCH --array=0-(n-1)``, index i = point i) built on
+(``vitscale-fit OUT`` fits a law to it). ``--emit-sbatch`` (no node counts) runs nothing (it makes
+``OUT``, where the array's logs go) and prints one SLURM array job (``#SBATCH --array=0-(n-1)``, index i = point i) built on
 ``--sbatch-script``. Every point's config is checked before anything runs. See ``tools/grid.py``.
 
 A progress bar (stderr; where it is a terminal, or ``--progress``) counts the optimizer steps
@@ -140,6 +140,7 @@ def run_grid(args: argparse.Namespace, command: str) -> int:
     grids.check_points(args.config, args.overrides, points)
     out = Path(args.out)
     if args.emit_sbatch is not None:
+        out.mkdir(parents=True, exist_ok=True)  # SLURM opens the array's --output files there at the start
         sys.stdout.write(grids.sbatch_array(args.config, args.overrides, points, out, args.sbatch_script, command))
         return 0
     logger.info("sweep: %d grid point(s) of %s into %s", len(points), " x ".join(f"{k} ({len(v)})"
