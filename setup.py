@@ -32,6 +32,7 @@ setup(
         "tqdm",
         "tensorboard",  # log.tensorboard (train/monitors.py)
         "matplotlib",  # vitscale-scaling's plot
+        "scipy",  # vitscale-fit's L-BFGS
         "scikit-learn",  # the built-in digits fine-tuning set, the linear probe's logistic regression
     ],
     extras_require={
@@ -48,5 +49,6 @@ setup(
                                      "vitscale-sweep=vitscale.tools.sweep:main",
                                      "vitscale-recipe=vitscale.tools.recipe:main",
                                      "vitscale-plot=vitscale.tools.plot:main",
-                                     "vitscale-rehearse=vitscale.tools.rehearse:main"]},
+                                     "vitscale-rehearse=vitscale.tools.rehearse:main",
+                                     "vitscale-fit=vitscale.tools.fit:main"]},
 )

@@ -37,6 +37,18 @@ VIT_ONLY = ("depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm", "init_valu
             "moe")
 
 
+# Embedding parameters, by a component of their name: the patch embedding (a ViT's patch_embed, a CLIP
+# image tower's conv1), position embeddings, class / register tokens, a text tower's token table.
+# Kaplan et al. 2020 count N without them (non-embedding parameters), the size scaling laws fit best.
+EMBEDDING_PARTS = ("patch_embed", "conv1", "pos_embed", "pos_embed_h", "pos_embed_w", "cls_token", "reg_token",
+                   "class_embedding", "positional_embedding", "token_embedding")
+
+
+def is_embedding(name: str) -> bool:
+    """Whether the parameter ``name`` (e.g. ``patch_embed.proj.weight``) is an embedding parameter."""
+    return any(part in EMBEDDING_PARTS for part in name.split("."))
+
+
 @dataclass(frozen=True)
 class TransformerStack:
     """One stack of blocks that tensor and pipeline parallelism split."""
@@ -62,6 +74,12 @@ class ModelSpec:
     # Parameters kept in [low, high] after each optimizer step (the whole model's clamped_parameters(),
     # e.g. a CLIP's logit_scale in [0, log 100]), as sorted (name, (low, high)) pairs.
     clamped: tuple[tuple[str, tuple[float, float]], ...] = ()
+    embedding_parameters: int = 0  # elements of the embedding parameters (is_embedding), all stages and shards
+
+    @property
+    def non_embedding_parameters(self) -> int:
+        """Parameters without the embeddings (Kaplan et al. 2020's N): blocks, norms, heads, projections."""
+        return self.parameters - self.embedding_parameters
 
     def create(self) -> nn.Module:
         """The whole model on torch's current default device, freshly initialised."""
@@ -151,6 +169,7 @@ def resolve_model(model: ModelConfig, image_size: int, num_classes: int, loss: s
     clamped = getattr(built, "clamped_parameters", dict)()
     return ModelSpec(name=model.name, kind=kind, kwargs=kwargs, arch=built.cfg,
                      parameters=sum(p.numel() for p in built.parameters()),
+                     embedding_parameters=sum(p.numel() for n, p in built.named_parameters() if is_embedding(n)),
                      no_weight_decay=frozenset(built.no_weight_decay()), loss=loss,
                      clamped=tuple(sorted((k, (float(lo), float(hi))) for k, (lo, hi) in clamped.items())))
 
