@@ -1,19 +1,20 @@
 """Faults a rehearsal injects into one node: slow it, cut its link, freeze or kill it.
 
 - ``--slow-node I:F``: node I's ranks run at 1/F speed (its cgroup's CPU quota: per-node
-  ranks / F cores), from the start.
+  ranks / F cores), from the first logged step (start-up runs at full speed).
 - ``--fail-node I:STEP:link|freeze|kill``: when the run's ``metrics.jsonl`` first shows a
-  record of step >= STEP, node I's switch port goes down (a node vanishing from the network:
-  its processes live on, its connections hang), or every process of node I gets SIGSTOP
-  (alive, silent, holding its sockets), or SIGKILL (gone; its peers' connections reset).
+  record of step >= STEP written by this run (``progress.LoggedSteps``), node I's switch port
+  goes down (a node vanishing from the network: its processes live on, its connections
+  hang), or every process of node I gets SIGSTOP (alive, silent, holding its sockets), or
+  SIGKILL (gone; its peers' connections reset).
 """
 from __future__ import annotations
 
-import json
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
+
+from vitscale.progress import LoggedSteps
 
 KINDS = ("link", "freeze", "kill")
 
@@ -52,8 +53,8 @@ def parse_fail(text: str, nodes: int) -> Fail:
         fail = Fail(int(node), int(step), kind)
     except ValueError:
         raise FaultError(f"--fail-node {text!r}: write NODE:STEP:KIND, e.g. 1:8:link (KIND: {'|'.join(KINDS)})")
-    if not 0 <= fail.node < nodes or fail.step < 0 or fail.kind not in KINDS:
-        raise FaultError(f"--fail-node {text!r}: NODE must be 0..{nodes - 1}, STEP >= 0, KIND one of "
+    if not 0 <= fail.node < nodes or fail.step < 1 or fail.kind not in KINDS:
+        raise FaultError(f"--fail-node {text!r}: NODE must be 0..{nodes - 1}, STEP >= 1, KIND one of "
                          f"{', '.join(KINDS)}")
     return fail
 
@@ -69,34 +70,7 @@ def inject(cluster, fail: Fail) -> str:
     return f"{host}: {signal.Signals(signum).name} sent to its {n} processes"
 
 
-class StepWatch:
-    """The highest step logged from now on, read from ``metrics.jsonl``'s new bytes only (the
-    records of an earlier run in the same folder, which a resumed run appends to, do not count)."""
-
-    def __init__(self, path: Path):
-        self.path, self.step, self._rest = path, -1, b""
-        self.offset = path.stat().st_size if path.exists() else 0
-
-    def read(self) -> int:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
-            return self.step
-        self.offset += len(data)
-        *lines, self._rest = (self._rest + data).split(b"\n")
-        for line in lines:
-            try:
-                step = json.loads(line).get("step")
-            except (ValueError, AttributeError):
-                continue
-            if isinstance(step, int):
-                self.step = max(self.step, step)
-        return self.step
-
-
-def wait_for_step(watch: StepWatch, step: int, alive, poll_s: float = 0.05) -> bool:
+def wait_for_step(watch: LoggedSteps, step: int, alive, poll_s: float = 0.05) -> bool:
     """Block until the run logs ``step`` (True) or ``alive()`` turns False (False)."""
     while alive():
         if watch.read() >= step:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from vitscale.config import ConfigError, load_config, parse_override
 from vitscale.files import write_text_atomic
+from vitscale.progress import LoggedSteps
 
 logger = logging.getLogger(__name__)
 
@@ -144,31 +145,6 @@ def check_points(config: str, overrides: list[str], points: list[Point]) -> None
 
 
 # --------------------------------------------------------------------------- local runs
-
-
-class LoggedSteps:
-    """The last logged training step of a run, from its ``metrics.jsonl``'s new lines only."""
-
-    def __init__(self, path: Path):
-        self.path, self.offset, self.step, self._rest = path, 0, 0, b""
-
-    def read(self) -> int:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
-            return self.step
-        self.offset += len(data)
-        *lines, self._rest = (self._rest + data).split(b"\n")
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("kind") == "train":
-                self.step = max(self.step, int(record.get("step", 0)))
-        return self.step
 
 
 def point_state(run_dir: Path) -> str:

@@ -40,7 +40,8 @@ import time
 from pathlib import Path
 
 from vitscale.rehearsal.cluster import Cluster, ClusterError, check_can_run, remove_stale
-from vitscale.rehearsal.faults import FaultError, StepWatch, inject, parse_fail, parse_slow, wait_for_step
+from vitscale.progress import LoggedSteps
+from vitscale.rehearsal.faults import FaultError, inject, parse_fail, parse_slow, wait_for_step
 from vitscale.rehearsal.launchers import LAUNCHERS, base_env, starts, write_shim
 
 logger = logging.getLogger("vitscale.rehearse")
@@ -136,7 +137,7 @@ def rehearse(args: argparse.Namespace) -> int:
         holder: dict = {}  # "done" ends the watching threads; "what" and "at" say what the fault did
         if slow:  # from the first logged step: start-up (imports, op builds) runs at full speed
 
-            def slow_down(watch=StepWatch(run_dir / "metrics.jsonl")):
+            def slow_down(watch=LoggedSteps(run_dir / "metrics.jsonl", kind=None, from_end=True)):
                 if wait_for_step(watch, 1, lambda: not holder.get("done")):
                     cluster.slow(slow.node, slow.factor, cores=args.per_node * threads)
                     events.append(f"node{slow.node} slowed {slow.factor:g}x from step {watch.step} (cgroup CPU "
@@ -146,7 +147,7 @@ def rehearse(args: argparse.Namespace) -> int:
             threading.Thread(target=slow_down, daemon=True).start()
         fault_at = None
         if fail:
-            def strike(watch=StepWatch(run_dir / "metrics.jsonl")):
+            def strike(watch=LoggedSteps(run_dir / "metrics.jsonl", kind=None, from_end=True)):
                 if wait_for_step(watch, fail.step, lambda: not holder.get("done")):
                     holder["what"] = inject(cluster, fail)
                     holder["at"] = time.monotonic()

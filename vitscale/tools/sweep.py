@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import json
 import shlex
 import subprocess
 import sys
@@ -36,9 +35,8 @@ import time
 from pathlib import Path
 
 from vitscale.config import ConfigError, load_config, validate_layout
-from vitscale.progress import add_progress_flags, progress_bar
+from vitscale.progress import LoggedSteps, add_progress_flags, progress_bar
 from vitscale.tools import grid as grids
-from vitscale.tools.grid import LoggedSteps
 from vitscale.tools.scaling import main as scaling_main
 
 logger = logging.getLogger(__name__)
