@@ -90,7 +90,8 @@ def test_clip_pipe_2_with_one_stage_per_node_srun_style(tmp_path):
     """srun-style tasks (SLURM_* as the sbatch scripts see them); stage 0 on node0, stage 1 on
     node1: each node's record carries its own stage's FLOPs."""
     proc = rehearse(tmp_path, ["--launcher", "srun-style"], ["train.steps=4", "parallel.pipe=2",
-                                                              "checkpoint.at_end=false"], config=CLIP)
+                                                              "checkpoint.at_end=false", "log.tensorboard=true"],
+                    config=CLIP)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     recs = [r for r in read_metrics(tmp_path) if r["kind"] == "throughput" and r["step"] == 4]
     node = {r["hostname"]: r for r in recs if r["scope"] == "node"}
@@ -101,7 +102,14 @@ def test_clip_pipe_2_with_one_stage_per_node_srun_style(tmp_path):
     assert node["node0"]["tflops_per_device"] + node["node1"]["tflops_per_device"] == \
         pytest.approx(glob["tflops_per_device"] * 2, rel=1e-9)
     assert node["node0"]["tflops_per_device"] != pytest.approx(node["node1"]["tflops_per_device"], rel=1e-3)
+    assert "started 2 processes on 2 node(s) via slurm" in proc.stdout
     assert all(r["loss"] == r["loss"] for r in read_metrics(tmp_path) if r["kind"] == "train")
+    # log.tensorboard: each node's figures as scalars tagged by its host, equal to the records
+    from tests.train.test_monitors import assert_each_step_once, expected_scalars, tensorboard_scalars
+
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    assert {f"throughput/node/{h}/samples_per_s" for h in ("node0", "node1")} <= scalars.keys()
+    assert_each_step_once(scalars, expected_scalars(read_metrics(tmp_path)))
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +139,7 @@ def test_a_lost_node_ends_the_job_in_a_heartbeat_naming_its_host(faults, name, l
     assert int(m.group(1)) != 0 and float(m.group(2)) <= HEARTBEAT + HEARTBEAT / 6 + 8, m.group(0)
     # ... naming the lost node's host
     assert re.search(rf"\[{survivor}\].*lost .*host {lost}", out), out[-3000:]
-    assert f"--fail-node" not in err and "removed 3 namespaces" in err
+    assert "--fail-node" not in err and "removed 3 namespaces" in err
 
 
 def test_the_link_fault_run_resumes_to_the_uninterrupted_losses(faults, reference):
