@@ -7,6 +7,13 @@ medians reported (timings here swing about 10% between back-to-back runs).
 
 "ours + png + tar" is what ``vitscale-synth`` does per image: render, PNG-encode,
 write the image, class and parameter JSON into a tar.
+
+    python benchmarks/synth_speed.py --formats [--images 512] [--size 224] [--rounds 3] [GENERATOR]
+
+measures instead the shard formats end to end, png against npy (``vitscale-synth --format``):
+writing a dataset with vitscale's own writer (render, encode, tar; one process) and reading it
+back through the shard loader (tar, decode, batches; no augmentation, one process), in
+images/s per core, and the bytes per image on disk; the formats interleaved over the rounds.
 """
 from __future__ import annotations
 
@@ -42,13 +49,67 @@ def _rate(fn, seconds: float, start: int) -> tuple[float, int]:
             return n / elapsed, start + n
 
 
+def formats(name: str, images: int, size: int, rounds: int) -> None:
+    """png against npy shards, written and read back end to end (see the module docstring)."""
+    import shutil
+    import tempfile
+    from functools import partial
+
+    from vitscale.data import shards as sh
+    from vitscale.data.synthetic_loader import build_shard_loader
+
+    classes = 16
+    instances = max(1, images // classes)
+    total, batch = classes * instances, 16
+    root = Path(tempfile.mkdtemp(prefix="synth_formats_"))
+    rates: dict[str, dict[str, list[float]]] = {f: {"write": [], "read": []} for f in ("png", "npy")}
+    sizes = {}
+    try:
+        create_generator(name, classes, size, seed=0).render(0, 0)  # JIT compilation outside the timings
+        for r in range(rounds):
+            for fmt in ("png", "npy"):
+                spec = sh.DatasetSpec(name, classes, instances, 0, size, fmt, shard_size=256)
+                out = root / f"{fmt}{r}"
+                build = partial(create_generator, name, classes, size, 0)
+                t0 = time.perf_counter()
+                sh.prepare_out_dir(spec, out)
+                sh.write_shards(build, spec, out, sh.claim_shards(spec, out), 1)
+                sh.finish_dataset(spec, out)
+                rates[fmt]["write"].append(total / (time.perf_counter() - t0))
+                sizes[fmt] = sum(p.stat().st_size for p in out.glob(sh.SHARD_GLOB)) / total
+                loader = build_shard_loader(out, size, seed=0, micro_batch=batch, global_batch=batch, data_rank=0,
+                                            data_world=1, num_workers=0, shuffle_buffer=64, augment=False)
+                it = iter(loader)
+                next(it)  # the first batch opens the shards
+                t0 = time.perf_counter()
+                for _ in range(total // batch):
+                    next(it)
+                rates[fmt]["read"].append(total // batch * batch / (time.perf_counter() - t0))
+                shutil.rmtree(out)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    med = {f: {k: statistics.median(v) for k, v in d.items()} for f, d in rates.items()}
+    print(f"\n{name}, {size} px, {total} images, 1 process, medians of {rounds} interleaved rounds\n")
+    print("| shards | write (render + encode + tar), img/s | read (tar + decode + batch), img/s | bytes per image |")
+    print("| --- | --- | --- | --- |")
+    for fmt in ("png", "npy"):
+        print(f"| {fmt} | {med[fmt]['write']:.0f} | {med[fmt]['read']:.0f} | {sizes[fmt]:.0f} |")
+    print(f"npy/png: write {med['npy']['write'] / med['png']['write']:.2f}x, "
+          f"read {med['npy']['read'] / med['png']['read']:.2f}x, size {sizes['npy'] / sizes['png']:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("generators", nargs="*", help="default: every generator with a reference")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=2.0, help="per side, per round")
+    ap.add_argument("--formats", action="store_true", help="png against npy shards, end to end (one generator)")
+    ap.add_argument("--images", type=int, default=512, help="with --formats: images per round")
     args = ap.parse_args(argv)
+    if args.formats:
+        formats((args.generators or ["fractal"])[0], args.images, args.size, args.rounds)
+        return
     refs = sorted(p.stem for p in (Path(__file__).parent / "synth_reference").glob("*.py") if p.stem != "__init__")
     names = args.generators or [g for g in list_generators() if g in refs]
 

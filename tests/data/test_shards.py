@@ -220,3 +220,23 @@ def test_train_loader_picks_the_path_from_the_data_config(dataset):
         assert isinstance(loader.dataset, ShardStream)
         x, y = next(iter(loader))
         assert x.shape == (2, 3, SIZE, SIZE) and y.dtype == torch.long
+
+
+def test_npy_shards_give_the_png_shards_batches_and_load_no_pickles(dataset, tmp_path):
+    """--format npy: the arrays as they are, so the loader yields the PNG shards' batches exactly,
+    with augmentation (the crop box drawn from the .npy header) and without; an object array
+    (a pickle) is refused."""
+    npy = _write(tmp_path / "npy", _spec(format="npy"))
+    sample = next(iter(wds.WebDataset(str(npy / "shard-000000.tar"), shardshuffle=False)))
+    assert "npy" in sample and "png" not in sample and sh.image_size(sample["npy"], "npy") == (SIZE, SIZE)
+    for augment, size in ((False, SIZE), (True, 24)):
+        kw = dict(seed=5, micro_batch=4, global_batch=4, data_rank=0, data_world=1, num_workers=0,
+                  shuffle_buffer=8, augment=augment)
+        got = _images(build_shard_loader(npy, size, **kw), 8)
+        want = _images(build_shard_loader(dataset, size, **kw), 8)
+        for (x, y), (x2, y2) in zip(got, want):
+            assert torch.equal(x, x2) and torch.equal(y, y2)
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        sh.decode_image(buf.getvalue(), "npy")

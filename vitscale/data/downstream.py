@@ -19,7 +19,6 @@ whole batch (``vitscale.train.finetune.BatchAugment``), as timm's ``PrefetchLoad
 """
 from __future__ import annotations
 
-import io
 import random
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,7 +29,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from vitscale.data.shards import resolve_shards
+from vitscale.data.shards import IMAGE_EXTS, decode_image, resolve_shards
 from vitscale.data.synthetic_loader import StepSampler, collate_labelled
 from vitscale.data.tars import shard_share
 
@@ -106,11 +105,11 @@ class LabelledShards(IterableDataset):
         self.seed, self.rank, self.world, self.shuffle_buffer = seed, rank, world, shuffle_buffer
 
     def _decode(self, sample: dict) -> tuple[Any, int]:
-        ext = next((e for e in ("png", "jpg", "jpeg") if e in sample), None)
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None or "cls" not in sample:
             raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} needs an image "
-                             "(.png/.jpg) and a .cls label for fine-tuning")
-        img = Image.open(io.BytesIO(sample[ext])).convert("RGB")
+                             "(.png/.jpg/.npy) and a .cls label for fine-tuning")
+        img = decode_image(sample[ext], ext)
         return self.transform(img), int(sample["cls"])
 
     def __iter__(self) -> Iterator[tuple[Any, int]]:

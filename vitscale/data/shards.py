@@ -2,7 +2,7 @@
 
 Layout of a dataset folder (``vitscale-synth`` writes it, ``synthetic_loader`` reads it)::
 
-    shard-000000.tar ... shard-{N-1}.tar   samples {key}.cls / {key}.json / {key}.png (or .jpg)
+    shard-000000.tar ... shard-{N-1}.tar   samples {key}.cls / {key}.json / {key}.png (or .jpg, .npy)
     dataset.json                           what the shards hold; written last, once all shards exist
     dataset.pending.json                   the same, while shards are still being written
     categories.json                        searched category parameters (generators with categories())
@@ -55,7 +55,8 @@ from vitscale.files import fsync_dir, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-ImageFormat = Literal["png", "jpg"]
+ImageFormat = Literal["png", "jpg", "npy"]
+IMAGE_EXTS = ("png", "jpg", "jpeg", "npy")  # what a shard sample's image may be stored as
 SHARD_GLOB = "shard-*.tar"
 DATASET_FILE = "dataset.json"
 PENDING_FILE = "dataset.pending.json"  # the same description while shards are still being written
@@ -97,8 +98,8 @@ class DatasetSpec:
         for name in ("classes", "instances", "image_size", "shard_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
-        if self.format not in ("png", "jpg"):
-            raise ValueError(f"format={self.format!r} must be 'png' or 'jpg'")
+        if self.format not in ("png", "jpg", "npy"):
+            raise ValueError(f"format={self.format!r} must be 'png', 'jpg' or 'npy'")
 
     @property
     def num_samples(self) -> int:
@@ -177,8 +178,39 @@ def encode_image(img: np.ndarray, fmt: ImageFormat) -> bytes:
     if fmt == "png":
         return encode_png(img)
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    if fmt == "npy":  # the array as it is: no encode or decode (shards only vitscale reads)
+        np.save(buf, np.ascontiguousarray(img), allow_pickle=False)
+    else:
+        Image.fromarray(img).save(buf, format="JPEG", quality=JPEG_QUALITY)
     return buf.getvalue()
+
+
+def _npy_array(data: bytes) -> np.ndarray:
+    """A ``.npy`` member -> its (H, W, 3) uint8 array; never unpickles (``allow_pickle=False``)."""
+    arr = np.load(io.BytesIO(data), allow_pickle=False)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"a .npy image holds {arr.dtype} {arr.shape}; shards hold (H, W, 3) uint8")
+    return arr
+
+
+def decode_image(data: bytes, ext: str) -> Image.Image:
+    """A shard sample's image bytes (``IMAGE_EXTS``) -> an RGB PIL image (``.npy``: no decode, a view)."""
+    if ext == "npy":
+        return Image.fromarray(_npy_array(data))
+    img = Image.open(io.BytesIO(data))
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def image_size(data: bytes, ext: str) -> tuple[int, int]:
+    """(width, height) of a shard sample's image from its header only."""
+    if ext == "npy":
+        buf = io.BytesIO(data)
+        major, _ = np.lib.format.read_magic(buf)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape = read(buf)[0]
+        return shape[1], shape[0]
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size
 
 
 # -- writing ----------------------------------------------------------------------------------------

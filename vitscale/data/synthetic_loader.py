@@ -32,7 +32,6 @@ no per-sample float work on the CPU.
 """
 from __future__ import annotations
 
-import io
 import itertools
 import math
 import random
@@ -45,7 +44,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from vitscale.data.shards import is_shard_source, load_categories, resolve_shards
+from vitscale.data.shards import IMAGE_EXTS, decode_image, image_size, is_shard_source, load_categories, resolve_shards
 from vitscale.data.tars import tar_samples
 from vitscale.data.synthetic import Generator, create_generator, list_generators
 
@@ -231,16 +230,15 @@ class ShardStream(IterableDataset):
                 raise ValueError(f"shards {order[:3]}{'...' if len(order) > 3 else ''} hold no samples")
 
     def _decode(self, sample: dict, rng: random.Random) -> tuple[np.ndarray, int]:
-        ext = next((e for e in ("png", "jpg", "jpeg") if e in sample), None)
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None or "cls" not in sample:
-            raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no .png/.jpg image "
+            raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no .png/.jpg/.npy image "
                              f"or no .cls label (it has {sorted(k for k in sample if not k.startswith('__'))})")
         label = int(sample["cls"])
         if self.num_classes is not None and not 0 <= label < self.num_classes:
             raise ValueError(f"sample {sample['__key__']} in {sample['__url__']} has label {label}, outside "
                              f"data.num_classes={self.num_classes}")
-        img = Image.open(io.BytesIO(sample[ext]))
-        img = img if img.mode == "RGB" else img.convert("RGB")
+        img = decode_image(sample[ext], ext)
         size = (self.image_size, self.image_size)
         if self.augment:
             box = random_resized_crop_box(img.width, img.height, rng, self.crop_scale, self.crop_ratio)
@@ -258,9 +256,8 @@ class ShardStream(IterableDataset):
     def _replay(self, sample: dict, rng: random.Random) -> None:
         """Draw what ``_decode`` draws for ``sample``, reading only the image header."""
         if self.augment:
-            ext = next(e for e in ("png", "jpg", "jpeg") if e in sample)
-            with Image.open(io.BytesIO(sample[ext])) as img:
-                random_resized_crop_box(img.width, img.height, rng, self.crop_scale, self.crop_ratio)
+            ext = next(e for e in IMAGE_EXTS if e in sample)
+            random_resized_crop_box(*image_size(sample[ext], ext), rng, self.crop_scale, self.crop_ratio)
             rng.random()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,7 +1,7 @@
 """``vitscale-synth``: write, search, preview and list synthetic datasets.
 
     vitscale-synth GENERATOR --classes N --instances M --size S --out DIR
-                   [--shard-size K] [--workers W] [--seed S] [--format png|jpg]
+                   [--shard-size K] [--workers W] [--seed S] [--format png|jpg|npy]
                    [--param key=value ...] [--categories FILE]
     vitscale-synth search GENERATOR --classes N --out FILE [--seed S] [--size S] [--param ...]
     vitscale-synth preview GENERATOR --out grid.png [--classes C] [--instances I] [--size S] ...
@@ -122,8 +122,9 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     write.add_argument("--out", type=Path, required=True, help="dataset folder (created; a rerun resumes)")
     write.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     write.add_argument("--workers", type=int, default=1, help="local processes per rank (default 1)")
-    write.add_argument("--format", choices=("png", "jpg"), default="png",
-                       help="png: lossless (default); jpg: quality 95, ~3x smaller for noisy images")
+    write.add_argument("--format", choices=("png", "jpg", "npy"), default="png",
+                       help="png: lossless (default); jpg: quality 95, ~3x smaller for noisy images; npy: the "
+                            "uint8 arrays as they are (no encode or decode; larger; for shards only vitscale reads)")
     write.add_argument("--categories", type=Path, help="category file from 'vitscale-synth search' "
                        "(generators with a category search)")
     add_progress_flags(write)
