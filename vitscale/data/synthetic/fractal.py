@@ -221,10 +221,44 @@ def _fill_2d(maps: np.ndarray, cdf: np.ndarray, num_points: int, seed: int, size
 
 
 @njit(cache=True)
+def _draw_points_2d(xy: np.ndarray, rgb: np.ndarray, start: int, stop: int, size: int, margin_px: int,
+                    flip_h: bool, flip_v: bool) -> np.ndarray:
+    """Point mode without depth in one pass: each point's pixel (the arithmetic of
+    ``_pixels_per_axis``) written in orbit order, so the last point on a pixel wins, as in
+    ``splat``; the same image without the row / column arrays, the winner map and the pass
+    over every pixel (a third of the render time of a 224 px, 100k-point image)."""
+    xmin, xmax, ymin, ymax = np.inf, -np.inf, np.inf, -np.inf
+    for i in range(start, stop):
+        xmin = min(xmin, xy[i, 0])
+        xmax = max(xmax, xy[i, 0])
+        ymin = min(ymin, xy[i, 1])
+        ymax = max(ymax, xy[i, 1])
+    span = size - 2 * margin_px
+    sx = span / (xmax - xmin) if xmax > xmin else 0.0
+    sy = span / (ymax - ymin) if ymax > ymin else 0.0
+    ox = margin_px if xmax > xmin else size / 2
+    oy = margin_px if ymax > ymin else size / 2
+    img = np.zeros((size, size, 3), np.uint8)
+    for i in range(start, stop):
+        c = min(int(ox + (xy[i, 0] - xmin) * sx), size - 1)
+        r = min(int(oy + (ymax - xy[i, 1]) * sy), size - 1)
+        if flip_v:
+            r = size - 1 - r
+        if flip_h:
+            c = size - 1 - c
+        img[r, c, 0] = rgb[i, 0]
+        img[r, c, 1] = rgb[i, 1]
+        img[r, c, 2] = rgb[i, 2]
+    return img
+
+
+@njit(cache=True)
 def _render_2d(maps: np.ndarray, cdf: np.ndarray, palette: np.ndarray, num_points: int, seed: int, size: int,
                margin_px: int, mask: np.ndarray, flip_h: bool, flip_v: bool) -> np.ndarray:
     xy, rgb, n = chaos_game_2d(maps, cdf, palette, num_points, seed)
     start = min(BURN_IN, n)
+    if mask.shape[0] == 1:  # point mode
+        return _draw_points_2d(xy, rgb, start, n, size, margin_px, flip_h, flip_v)
     rows, cols = _pixels_per_axis(xy, start, n, size, margin_px)
     return splat(size, rows, cols, rgb[start:n], np.empty(0), mask, flip_h, flip_v, 1.0)
 
