@@ -15,14 +15,15 @@ summary: each node's exit code and time, the fault and when it struck, the log l
 name a lost node, a stopped rank or a straggler, and the last global throughput record.
 
 When one node's launcher fails, the others get ``--grace`` seconds to end by themselves (a
-lost node's peers end through the watchdog within ``parallel.heartbeat_s``); then the rest
-are killed (a vanished or frozen node never ends by itself). Whatever happens (the job
-ends, fails, ``--timeout`` passes, Ctrl-C, SIGTERM), every process, namespace, link, hosts
-file and cgroup it made is removed before it exits. Exit code: 0 when every node's launcher
+lost node's peers end through the watchdog within ``parallel.heartbeat_s`` plus a beat: the
+default grace is that plus 10 s); then the rest are killed (a vanished or frozen node never
+ends by itself). Whatever happens (the job ends, fails, ``--timeout`` passes, Ctrl-C,
+SIGTERM), every process, namespace, link, hosts file and cgroup it made is removed before
+it exits. Exit code: 0 when every node's launcher
 exits 0, else the first failing launcher's code (1 for a process killed by a signal).
 
-Needs root, ``ip`` (iproute2), ``unshare`` (util-linux) and the cgroup cpu controller; says
-so and exits 2 otherwise.
+Needs root, ``ip`` (iproute2), ``unshare``, ``nsenter``, ``mount`` (util-linux) and the cgroup
+cpu controller; says so and exits 2 otherwise.
 """
 from __future__ import annotations
 
@@ -74,13 +75,13 @@ def _pump(stream, log_path: Path, prefix: str, notable: list[str], lock: threadi
                     notable.append(f"{prefix} {line}")
 
 
-def _run_dir(config: str, overrides: list[str], world: int) -> Path:
-    """The run folder, after the config and the layout are checked for this world size."""
+def _checked(config: str, overrides: list[str], world: int):
+    """The config, checked with the layout for this world size."""
     from vitscale.config import load_config, validate_layout
 
     cfg = load_config(config, overrides)
     validate_layout(cfg, world)
-    return Path(cfg.run.dir)
+    return cfg
 
 
 def _last_global(metrics: Path) -> dict | None:
@@ -101,7 +102,11 @@ def _last_global(metrics: Path) -> dict | None:
 
 def rehearse(args: argparse.Namespace) -> int:
     world = args.nodes * args.per_node
-    run_dir = _run_dir(args.config, args.overrides, world)
+    cfg = _checked(args.config, args.overrides, world)
+    run_dir = Path(cfg.run.dir)
+    if args.grace is None:  # time for the survivors' watchdogs to see a lost node and end by themselves
+        beat = cfg.parallel.heartbeat_s
+        args.grace = beat + max(0.5, min(5.0, beat / 6)) + 10.0 if beat > 0 else 30.0
     slow = parse_slow(args.slow_node, args.nodes) if args.slow_node else None
     fail = parse_fail(args.fail_node, args.nodes) if args.fail_node else None
     check_can_run()
@@ -251,8 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slow-node", metavar="I:FACTOR", help="node I's ranks at 1/FACTOR speed")
     ap.add_argument("--fail-node", metavar="I:STEP:KIND", help="at step STEP, node I: link (leaves the network), "
                     "freeze (SIGSTOP) or kill (SIGKILL)")
-    ap.add_argument("--grace", type=float, default=10.0,
-                    help="seconds the other launchers get to end after one fails, before they are killed (10)")
+    ap.add_argument("--grace", type=float, default=None,
+                    help="seconds the other launchers get to end after one fails, before they are killed "
+                         "(default: parallel.heartbeat_s + a beat + 10 s, so that watchdogs can end them)")
     ap.add_argument("--timeout", type=float, default=0.0, help="kill the job after this many seconds (0: never)")
     ap.add_argument("--clean", action="store_true", help="remove what killed rehearsals left, then exit")
     args = ap.parse_args(argv)
