@@ -118,9 +118,11 @@ def faults(tmp_path_factory):
     each at step FAIL_AT, with checkpoints every 2 steps."""
     root = tmp_path_factory.mktemp("faults")
     runs = {}
-    for name, spec in (("link1", "1:%d:link"), ("link0", "0:%d:link"), ("freeze1", "1:%d:freeze")):
+    # (a frozen node never ends: once the survivor has, the rehearsal need not wait its default grace)
+    for name, spec, grace in (("link1", "1:%d:link", []), ("link0", "0:%d:link", []),
+                              ("freeze1", "1:%d:freeze", ["--grace", "5"])):
         runs[name] = subprocess.Popen(
-            _cmd(root / name, ["--launcher", "torchrun", "--fail-node", spec % FAIL_AT],
+            _cmd(root / name, ["--launcher", "torchrun", "--fail-node", spec % FAIL_AT, *grace],
                  [f"train.steps={STEPS}", f"parallel.heartbeat_s={HEARTBEAT}", "checkpoint.every=2"]),
             env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(3)  # stagger the starts a little on 2 cores
