@@ -47,5 +47,6 @@ setup(
                                      "vitscale-scaling=vitscale.tools.scaling:main",
                                      "vitscale-sweep=vitscale.tools.sweep:main",
                                      "vitscale-recipe=vitscale.tools.recipe:main",
-                                     "vitscale-plot=vitscale.tools.plot:main"]},
+                                     "vitscale-plot=vitscale.tools.plot:main",
+                                     "vitscale-plan=vitscale.tools.plan:main"]},
 )
