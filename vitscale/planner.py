@@ -510,5 +510,44 @@ def scaling_efficiency(rows: list[tuple[int, int, LayoutPlan | None]]) -> list[f
     return [None if base is None or p is None else p.samples_per_s / n / base for n, _, p in rows]
 
 
-__all__ = ["DEVICES", "DeviceKind", "LayoutPlan", "Machine", "ModelShape", "enumerate_layouts", "machine_for",
-           "model_shape", "plan_config", "plan_layout", "rank", "scaling_efficiency", "strong_scaling"]
+
+
+# --------------------------------------------------------------------------- start-up
+
+
+def device_kind_named(device_name: str) -> DeviceKind | None:
+    """The known device kind of a device name such as 'NVIDIA A100-SXM4-80GB' (None: unknown)."""
+    lowered = device_name.lower()
+    return next((kind for key, kind in DEVICES.items() if key != "cpu" and key in lowered), None)
+
+
+def predict_own_layout(exp: Experiment, world_size: int, devices_per_node: int, device_name: str,
+                       mem_gb: float | None) -> tuple[LayoutPlan, bool]:
+    """The prediction for the run's own layout at start-up: (plan, whether its step time means
+    anything). A device the table does not know (the CPU) gets its memory predicted only."""
+    kind = device_kind_named(device_name)
+    timed = kind is not None
+    if kind is None:
+        kind = dataclasses.replace(DEVICES["cpu"], peak_tflops=exp.cfg.log.peak_tflops or 1.0)
+        timed = exp.cfg.log.peak_tflops is not None
+    per_node = max(1, min(devices_per_node, world_size))
+    if world_size > per_node and world_size % per_node:
+        per_node = world_size
+    machine = Machine(world_size, per_node, kind, mem_gb or 1e9)
+    return plan_config(exp, machine), timed
+
+
+def describe(plan: LayoutPlan, timed: bool = True) -> str:
+    """One line for the log: memory per device by column, step time, samples/s, MFU."""
+    cols = ", ".join(f"{k} {v:.2f}" for k, v in plan.memory.items())
+    text = f"predicted memory per device {plan.memory_gb:.2f} GB ({cols})"
+    if timed:
+        text += (f"; step {plan.step_s:.3g} s ({plan.samples_per_s:.4g} samples/s, MFU {100 * plan.mfu:.1f}%, "
+                 f"bubble {plan.times_s['bubble']:.3g} s, exposed communication "
+                 f"{plan.times_s['data_comm'] + plan.times_s['tensor_comm'] + plan.times_s['pipe_comm']:.3g} s)")
+    return text
+
+
+__all__ = ["DEVICES", "DeviceKind", "LayoutPlan", "Machine", "ModelShape", "describe", "device_kind_named",
+           "enumerate_layouts", "machine_for", "model_shape", "plan_config", "plan_layout", "predict_own_layout",
+           "rank", "scaling_efficiency", "strong_scaling"]

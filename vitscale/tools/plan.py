@@ -143,7 +143,7 @@ def _scaling(args, exp) -> tuple[list[dict], str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.scaling is None and args.gpus is None:
