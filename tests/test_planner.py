@@ -29,11 +29,12 @@ def test_zero_memory_matches_the_zero_papers_bytes_per_parameter(precision):
     for zero in range(4):
         plan = plan_layout(exp, machine_for("a100", d, d, 80), shape, 1, 1, zero, "none", False, 16)
         # by hand: weights 4 B (fp32) or 2 B (bf16); fp32 gradient accumulation 4 B (bf16 too: our
-        # DeepSpeed config); Adam's two moments 8 B, plus the fp32 master 4 B under bf16 (ZeRO: K = 12)
+        # DeepSpeed config; fp32 ZeRO-1 also keeps its partition's fp32 gradient); Adam's two moments
+        # 8 B, plus an fp32 master 4 B under ZeRO (ZeRO's K = 12; DeepSpeed clones one from fp32 weights too)
         weight = 4 if precision == "fp32" else 2
-        optimizer = 8 if precision == "fp32" else 12
-        expect = {"params": params * weight / (d if zero == 3 else 1),
-                  "grads": params * 4 / (d if zero >= 2 else 1),
+        optimizer = 8 if precision == "fp32" and zero == 0 else 12
+        grads = params * 4 / (d if zero >= 2 else 1) + (params * 4 / d if zero == 1 and precision == "fp32" else 0)
+        expect = {"params": params * weight / (d if zero == 3 else 1), "grads": grads,
                   "optimizer": params * optimizer / (d if zero >= 1 else 1)}
         for column, value in expect.items():
             assert plan.memory[column] * GIB == pytest.approx(value, rel=1e-9), (zero, column)

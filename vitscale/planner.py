@@ -6,7 +6,8 @@ Memory per device, in columns (bytes; reported in GiB):
 
 - parameters, gradients, optimizer states by ZeRO stage and precision: mixed-precision Adam keeps
   2 (16-bit weights) + 4 (fp32 master) + 8 (fp32 moments) bytes per parameter (Rajbhandari et al.
-  2020, ZeRO, section 3.1: 2 + 2 + 12 with 16-bit gradients). Our bf16 runs accumulate gradients
+  2020, ZeRO, section 3.1: 2 + 2 + 12 with 16-bit gradients; DeepSpeed's ZeRO optimizers keep the
+  fp32 master partition for fp32 weights too). Our bf16 runs accumulate gradients
   in fp32 (``config/deepspeed.py``): DeepSpeed's BF16_Optimizer (ZeRO-1, pipelines) keeps a whole
   fp32 gradient buffer, ZeRO-2/3 an fp32 partition. ZeRO-1 partitions the optimizer states over the
   data ranks, ZeRO-2 the gradients too, ZeRO-3 the parameters too; offloading moves the
@@ -292,9 +293,14 @@ def plan_layout(exp: Experiment, machine: Machine, shape: ModelShape, pipe: int,
         grads = 0.0  # the fp32 gradient partitions live in host memory
     elif zero >= 2:
         grads = 4 * p_dev / data
+    elif zero == 1 and w == 4:  # DeepSpeedZeroOptimizer: the weights' whole .grad and its fp32 partition's
+        grads = 4 * p_dev + 4 * p_dev / data
     else:  # fp32 accumulation buffer (bf16: BF16_Optimizer's whole fp32 copy), unpartitioned
         grads = 4 * p_dev
-    optimizer = 0.0 if host_optimizer else (8 if w == 4 else 12) * p_dev / (data if zero >= 1 else 1)
+    # Adam's moments (8 B) and, under ZeRO, an fp32 master partition (4 B): DeepSpeed's ZeRO optimizers
+    # clone one even from fp32 weights (stage_1_and_2.py / stage3.py); without ZeRO an fp32 run's Adam
+    # steps the weights themselves.
+    optimizer = 0.0 if host_optimizer else (8 if w == 4 and zero == 0 else 12) * p_dev / (data if zero >= 1 else 1)
     in_flight = min(pipe, accum) if pipe > 1 else 1
     acts = 0.0
     for st in stages:  # the stage that keeps the most
