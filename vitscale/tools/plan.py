@@ -7,8 +7,11 @@ time, samples/s and MFU, fastest first, then the rejected layouts with the reaso
 
     vitscale-plan configs/vit_22b.yaml --gpus 32 --gpus-per-node 4 --gpu-mem 80 --device a100
     vitscale-plan configs/vit_22b.yaml --gpus 32 --gpus-per-node 4 --gpu-mem 80 --device a100 --json
-    vitscale-plan configs/clip_vit_b32_laion.yaml --device v100 --gpus-per-node 6 --gpu-mem 16 \\
-        --inter-bw 25 --scaling 1,2,4,8,16,32,64,128 --nodes
+    vitscale-plan configs/clip_vit_b32_laion.yaml data.source=gratings data.shards=null eval.every=0 \\
+        train.global_batch=36864 train.precision=fp16 --device v100 --gpus-per-node 6 --gpu-mem 16 \\
+        --inter-bw 25 --micro-batch 48,96,192,384 --scaling 1,2,4,8,16,32,64,128 --nodes
+
+(the LAION configs name shards and an evaluation set of a cluster: plan them with synthetic data).
 
 ``--scaling COUNTS --nodes`` prints the strong-scaling table (``# Nodes | # GPUs | samples/s |
 efficiency``) of the best fitting layout at each node count (``--mode weak`` keeps the batch per
