@@ -2,19 +2,19 @@
 
 1. Calibrate the CPU as a device kind, from micro-benchmarks only (two processes at once, as the
    runs have two ranks, so both share the cores as the runs do):
-   - the achieved FLOP/s of one transformer block's forward + backward at each model's block
-     shapes (tokens, width, heads, micro-batch), FLOPs from ``models/flops.py``;
-   - a plain PyTorch forward + backward of the whole model against its blocks, measured together:
-     the share the rest (embedding, head, loss) adds to the blocks' time;
+   - the achieved FLOP/s of a forward + backward in plain PyTorch on synthetic inputs (no data
+     loading, no DeepSpeed) of the model, whole or as one of two tensor shards (split as a run
+     splits it, each process in a one-rank group: no exchange), FLOPs from ``models/flops.py``;
+     sustained for 1.5 s and measured right before and after each run (this machine's cores
+     are shared with other jobs: the run's rate is the mean of the two next to it). The rate of
+     one transformer block alone is printed beside it, with the share the rest of the model adds;
    - gloo all-reduce between the two processes at 4 KB - 16 MB (the tiny models' gradients are
-     15 MB and less): latency and bandwidth by a
-     least-squares fit of t = 2 lat + S / bw (a ring of two);
+     15 MB and less): latency and bandwidth by a least-squares fit of t = 2 lat + S / bw (a ring
+     of two);
    - AdamW's parameters per second on a flat buffer of the model's size;
    - the framework's own time per micro-batch and resident size in each layout: a run of the same
      config with 16-wide blocks (same modules, data, layout; a few hundredths of the FLOPs and
-     bytes), less what the planner predicts for that hollow model;
-   - the block rates again right before and after each run: this machine's cores are shared, and
-     the run's rate is the mean of the two next to it.
+     bytes), less what the planner predicts for that hollow model.
 2. Run the tiny ViT and the tiny CLIP (``configs/vit_tiny.yaml``, ``configs/clip_tiny.yaml``) in
    data 2, tensor 2, pipe 2 and ZeRO-3 with the deepspeed launcher (2 processes), reading the
    median step time after warm-up from ``metrics.jsonl`` (``step_time_s_p50``) and each rank's
@@ -152,24 +152,41 @@ def _worker(rank: int, port: int, configs: dict, commands, results) -> None:
         # FLOP-weighted over the stacks; and the share of a core this process had meanwhile
         return sum(f for f, _ in rates) / sum(t for _, t in rates), statistics.fmean(shares)
 
+    def step_of(key: str, model):
+        """One plain PyTorch forward + backward of ``model`` on a synthetic micro-batch (no data loading)."""
+        exp = models[key]
+        mb = exp.cfg.train.micro_batch
+        if exp.model.kind == "clip":
+            v, t = exp.model.arch.vision, exp.model.arch.text
+            inputs = (torch.randn(mb, 3, v.image_size, v.image_size),
+                      torch.randint(1, t.vocab_size, (mb, t.context_length)))
+            return lambda: sum(o.float().sum() for o in model(*inputs)[:2]).backward()
+        size = exp.cfg.data.image_size
+        inputs, labels = (torch.randn(mb, 3, size, size),), torch.zeros(mb, dtype=torch.long)
+        return lambda: torch.nn.functional.cross_entropy(model(*inputs), labels).backward()
+
+    shards = {}
+
+    def model_rate(key: str, tensor: int) -> tuple[float, float]:
+        """Achieved FLOP/s of the whole model's forward + backward in plain PyTorch, whole or as one of
+        ``tensor`` shards (its own one-rank group: no exchange), and the share of a core meanwhile."""
+        if (key, tensor) not in shards:
+            model = built[key] if tensor == 1 else parallelize_vit(copy.deepcopy(built[key]), rank, tensor, own)
+            shards[key, tensor] = step_of(key, model)
+        flops = 3 * forward_flops(built[key]) * models[key].cfg.train.micro_batch / tensor
+        dist.barrier()
+        cpu0, wall0 = time.thread_time(), time.perf_counter()
+        seconds = _sustained(shards[key, tensor])
+        return flops / seconds, (time.thread_time() - cpu0) / (time.perf_counter() - wall0)
+
     def base() -> dict:
         out = {"framework_gb": rss_gb, "models": {}}
         for key, exp in models.items():
             model, mb = built[key], exp.cfg.train.micro_batch
-            # the whole model in plain PyTorch against its blocks, measured together: the share of a
-            # forward + backward that the blocks' rate does not cover (embedding, head, loss)
-            if exp.model.kind == "clip":
-                v, t = exp.model.arch.vision, exp.model.arch.text
-                inputs = (torch.randn(mb, 3, v.image_size, v.image_size),
-                          torch.randint(1, t.vocab_size, (mb, t.context_length)))
-                loss = lambda out: out[0].float().sum() + out[1].float().sum()  # noqa: E731
-            else:
-                size = exp.cfg.data.image_size
-                inputs = (torch.randn(mb, 3, size, size),)
-                loss = lambda out: torch.nn.functional.cross_entropy(out, torch.zeros(mb, dtype=torch.long))  # noqa: E731
+            # the whole model against its blocks: the share the rest (embedding, head, loss) adds
             rate = block_rate(key, 1)[0]
             dist.barrier()
-            whole_s = _sustained(lambda: loss(model(*inputs)).backward())
+            whole_s = _sustained(step_of(key, model))
             params = sum(p.numel() for p in model.parameters())
             flat = torch.nn.Parameter(torch.zeros(params))
             flat.grad = torch.randn(params)
@@ -182,8 +199,15 @@ def _worker(rank: int, port: int, configs: dict, commands, results) -> None:
         sizes, times = [2**k for k in range(10, 23, 2)], []  # 1 Ki - 4 Mi fp32 elements: 4 KB - 16 MB
         for n in sizes:
             buf = torch.ones(n)
+            # back to back, about 2 s of traffic at 1 GB/s, the same count on both ranks; the mean pace,
+            # as a training process keeps it (not the median of bursts)
+            repeats = min(2000, max(30, int(2e9 / (4 * n) / 8)))
             dist.barrier()
-            times.append(_time(lambda: dist.all_reduce(buf), repeats=20))
+            _time(lambda: dist.all_reduce(buf), repeats=1, warmup=5)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                dist.all_reduce(buf)
+            times.append((time.perf_counter() - start) / repeats)
         # t = 2 lat + S / bw for a ring of two (all-reduce moves 2 (n-1)/n = 1 x the buffer)
         xs, ys = [4 * n for n in sizes], times
         mx, my = statistics.fmean(xs), statistics.fmean(ys)
@@ -196,7 +220,7 @@ def _worker(rank: int, port: int, configs: dict, commands, results) -> None:
         command = commands.get()
         if command[0] == "stop":
             break
-        results.put((rank, base() if command[0] == "base" else block_rate(*command[1:])))
+        results.put((rank, base() if command[0] == "base" else model_rate(*command[1:])))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -235,8 +259,9 @@ class Calibrator:
         out["framework_gb"] = max(r["framework_gb"] for r in both)
         return out
 
-    def block_rate(self, key: str, tensor: int) -> tuple[float, float]:
-        """The blocks' FLOP/s and the share of a core each process had while measuring (averaged)."""
+    def rate(self, key: str, tensor: int) -> tuple[float, float]:
+        """The whole model's FLOP/s in plain PyTorch (one of ``tensor`` shards) and the share of a core
+        each process had while measuring (averaged over the two)."""
         both = self.ask("blocks", key, tensor)
         return statistics.fmean(r for r, _ in both), statistics.fmean(c for _, c in both)  # (FLOP/s, core share)
 
@@ -247,14 +272,14 @@ class Calibrator:
             p.join(timeout=60)
 
 
-def cpu_kind(cal: dict, model: str, block_rate: float, overhead_s: float = 0.0, framework_gb: float | None = None):
-    """The CPU as a planner device kind: the blocks' measured FLOP/s (less the measured share the rest
-    of the model adds), gloo's bandwidth and latency, Adam's rate; the framework's per-micro-batch
+def cpu_kind(cal: dict, model: str, rate: float, overhead_s: float = 0.0, framework_gb: float | None = None):
+    """The CPU as a planner device kind: the model's measured FLOP/s in plain PyTorch, gloo's bandwidth
+    and latency, Adam's rate; the framework's per-micro-batch
     time and resident size from the hollow run where given."""
     from vitscale.planner import DeviceKind
 
     m = cal["models"][model]
-    return DeviceKind("cpu", peak_tflops=block_rate / (1 + m["rest_fraction"]) / 1e12, efficiency=1.0, mem_gb=1e6,
+    return DeviceKind("cpu", peak_tflops=rate / 1e12, efficiency=1.0, mem_gb=1e6,
                       mem_bw_gbs=1.0, intra_bw_gbs=cal["allreduce_bw_gbs"], inter_bw_gbs=cal["allreduce_bw_gbs"],
                       latency_us=cal["latency_us"],
                       framework_gb=cal["framework_gb"] if framework_gb is None else framework_gb,
@@ -262,7 +287,7 @@ def cpu_kind(cal: dict, model: str, block_rate: float, overhead_s: float = 0.0, 
                       overhead_s=overhead_s, optimizer_params_per_s=m["adam_params_per_s"])
 
 
-def framework(cal: dict, model: str, config: str, layout: tuple, block_rate: float, measured: dict) -> tuple:
+def framework(cal: dict, model: str, config: str, layout: tuple, rate: float, measured: dict) -> tuple:
     """The framework's per-micro-batch time and resident size in this layout: the hollow model's run
     (``HOLLOW``: the same config, layout, data and modules with 16-wide blocks) less what the planner
     predicts for the hollow model itself."""
@@ -271,7 +296,7 @@ def framework(cal: dict, model: str, config: str, layout: tuple, block_rate: flo
 
     _, pipe, tensor, zero = layout
     exp = load_experiment(config, HOLLOW[model])
-    bare = plan_layout(exp, Machine(2, 2, cpu_kind(cal, model, block_rate, framework_gb=0.0), 1e6), model_shape(exp),
+    bare = plan_layout(exp, Machine(2, 2, cpu_kind(cal, model, rate, framework_gb=0.0), 1e6), model_shape(exp),
                        pipe, tensor, zero, "none", False, exp.cfg.train.micro_batch)
     slots = bare.grad_accum + pipe - 1  # micro-batch slots of a step (1F1B: m + p - 1)
     return max(0.0, measured["step_s"] - bare.step_s) / slots, max(0.0, measured["rss_gb"] - bare.memory_gb)
@@ -394,11 +419,11 @@ def checks(calibrator: Calibrator, cal: dict, models: list[str], steps: int, out
             overrides = [f"parallel.pipe={pipe}", f"parallel.tensor={tensor}", f"parallel.zero={zero}",
                          f"train.steps={steps}", "log.every=5", "log.warmup_steps=5"]
             # block rates measured before and after each run: the run's own is their mean
-            rates = [calibrator.block_rate(m, tensor)]
+            rates = [calibrator.rate(m, tensor)]
             hollow = run(CONFIGS[m], overrides + HOLLOW[m], out / f"{m}_{name}_hollow")
-            rates.append(calibrator.block_rate(m, tensor))
+            rates.append(calibrator.rate(m, tensor))
             measured = run(CONFIGS[m], overrides, out / f"{m}_{name}")
-            rates.append(calibrator.block_rate(m, tensor))
+            rates.append(calibrator.rate(m, tensor))
             overhead_s, framework_gb = framework(cal, m, CONFIGS[m], layout, (rates[0][0] + rates[1][0]) / 2, hollow)
             rate = (rates[1][0] + rates[2][0]) / 2
             machine = Machine(2, 2, cpu_kind(cal, m, rate, overhead_s, framework_gb), 1e6)
