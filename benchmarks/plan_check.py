@@ -420,9 +420,13 @@ def checks(calibrator: Calibrator, cal: dict, models: list[str], steps: int, out
                          f"train.steps={steps}", "log.every=5", "log.warmup_steps=5"]
             # block rates measured before and after each run: the run's own is their mean
             rates = [calibrator.rate(m, tensor)]
-            hollow = run(CONFIGS[m], overrides + HOLLOW[m], out / f"{m}_{name}_hollow")
-            rates.append(calibrator.rate(m, tensor))
-            measured = run(CONFIGS[m], overrides, out / f"{m}_{name}")
+            try:
+                hollow = run(CONFIGS[m], overrides + HOLLOW[m], out / f"{m}_{name}_hollow")
+                rates.append(calibrator.rate(m, tensor))
+                measured = run(CONFIGS[m], overrides, out / f"{m}_{name}")
+            except RuntimeError as e:  # one failed run (e.g. a rank stalled on the shared machine): say so, go on
+                print(f"| {m} | {name} | run failed: {str(e).splitlines()[0][:160]} |", flush=True)
+                continue
             rates.append(calibrator.rate(m, tensor))
             overhead_s, framework_gb = framework(cal, m, CONFIGS[m], layout, (rates[0][0] + rates[1][0]) / 2, hollow)
             rate = (rates[1][0] + rates[2][0]) / 2
