@@ -50,5 +50,6 @@ setup(
                                      "vitscale-recipe=vitscale.tools.recipe:main",
                                      "vitscale-plot=vitscale.tools.plot:main",
                                      "vitscale-rehearse=vitscale.tools.rehearse:main",
-                                     "vitscale-fit=vitscale.tools.fit:main"]},
+                                     "vitscale-fit=vitscale.tools.fit:main",
+                                     "vitscale-plan=vitscale.tools.plan:main"]},
 )

@@ -197,3 +197,23 @@ def compose_monitor_config(cfg: Config) -> dict:
 
         get_monitor_config(sections)  # DeepSpeed's own check of the sections
     return sections
+
+
+# DeepSpeed's own defaults where a preset leaves a bucket size out (runtime/zero/config.py,
+# runtime/constants.py: 5e8 elements).
+_DEFAULT_BUCKET = 500_000_000
+
+
+def communication_buckets(cfg: Config) -> dict[str, int]:
+    """The communication buffers (elements) the DeepSpeed config of ``cfg`` keeps per rank, for the
+    planner's memory model (``vitscale.planner``): ``reduce`` (gradient reduction bucket; the whole
+    all-reduce bucket without ZeRO), ``gather`` (ZeRO 1/2's parameter all-gather bucket, ZeRO-3's
+    prefetch bucket), and ``overlap`` (1 when the preset overlaps reduction with the backward pass)."""
+    ds = compose_ds_config(cfg, data_parallel=1, check_batch=False)
+    zero = ds.get("zero_optimization", {})
+    if cfg.parallel.zero == 0:
+        return {"reduce": int(ds.get("allreduce_bucket_size", _DEFAULT_BUCKET)), "gather": 0, "overlap": 0}
+    gather_key = "stage3_prefetch_bucket_size" if cfg.parallel.zero == 3 else "allgather_bucket_size"
+    return {"reduce": int(zero.get("reduce_bucket_size", _DEFAULT_BUCKET)),
+            "gather": int(zero.get(gather_key, _DEFAULT_BUCKET)),
+            "overlap": int(bool(zero.get("overlap_comm", cfg.parallel.zero == 3)))}

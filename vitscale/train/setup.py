@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import random
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ from vitscale.train.reshard import check_resume, load_resharded
 from vitscale.train.step import PipelineSteps, PlainSteps, StepEngine
 from vitscale.train.throughput import MetricsWriter, ThroughputMeter, device_peak_tflops
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -56,6 +59,7 @@ class Plan:
     layout: Layout
     ds_config: dict  # what deepspeed.initialize gets (also written to run.dir/ds_config.json)
     monitor_config: dict = field(default_factory=dict)  # DeepSpeed's monitor sections for log.*
+    prediction: str = ""  # the planner's memory and step time of this layout (vitscale.planner), "" = none
 
     @property
     def layout_record(self) -> dict:
@@ -93,9 +97,31 @@ def plan_run(path: str | Path | None, overrides: list[str] = (), world_size: int
     layout = validate_layout(exp.cfg, world_size_from_env() if world_size is None else world_size)
     ds_config = compose_ds_config(exp.cfg, layout.data, stage_tensors=stage_tensors(exp.model))
     check_precision(exp.cfg.train.precision)
-    plan = Plan(exp, layout, ds_config, compose_monitor_config(exp.cfg))
+    plan = Plan(exp, layout, ds_config, compose_monitor_config(exp.cfg), predict_layout(exp, layout.world_size))
     check_resume(exp, plan.layout_record)
     return plan
+
+
+def predict_layout(exp: Experiment, world_size: int) -> str:
+    """The planner's prediction of this layout (``vitscale.planner``), logged by rank 0 at the start;
+    warns (never fails) when the predicted memory exceeds the device's (known on a GPU only)."""
+    from vitscale.planner import describe, predict_own_layout
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        name, mem_gb, per_node = props.name, props.total_memory / 2**30, torch.cuda.device_count()
+    else:  # the CPU: memory is the host's, shared by the ranks; only the columns are logged
+        name, mem_gb, per_node = "cpu", None, world_size
+    try:
+        predicted, timed = predict_own_layout(exp, world_size, per_node, name, mem_gb)
+    except Exception as e:  # noqa: BLE001  a prediction is advice: never stop a start for it
+        logger.warning("no layout prediction: %s", e)
+        return ""
+    if mem_gb is not None and predicted.memory_gb > mem_gb:
+        logger.warning("predicted memory per device %.1f GB exceeds the %.1f GB of %s (vitscale-plan lists layouts "
+                       "that fit: more parallel.zero / tensor / pipe, parallel.activation_checkpoint=1 or a smaller "
+                       "train.micro_batch)", predicted.memory_gb, mem_gb, name)
+    return describe(predicted, timed)
 
 
 @dataclass
@@ -144,6 +170,9 @@ def start_run(plan: Plan, dims: ParallelDims) -> Run:
     t, run_dir = cfg.train, Path(cfg.run.dir)
     seed_generators(t.seed, dims.data_rank)
     if dims.is_main:
+        if plan.prediction:
+            logger.info("%s (pipe %d x tensor %d x data %d, ZeRO-%d)", plan.prediction, dims.pipe, dims.tensor,
+                        dims.data, cfg.parallel.zero)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
         write_text_atomic(run_dir / "ds_config.json", json.dumps(plan.ds_config, indent=2) + "\n")
