@@ -350,3 +350,20 @@ def test_resume_reads_one_shuffle_block_not_the_epoch_so_far(sample_set, monkeyp
     assert first + rest == straight
     _, whole = _keys_of(sources, 8, 0, 1, 1, 64, **kw)
     assert resumed.stats() == whole.stats()
+
+
+def test_train_box_is_the_generic_crop_and_flip_of_the_sample_generator():
+    # train_box inlines splitmix64 and random_resized_crop_box: the reference is the two functions it replaces.
+    from vitscale.data.laion import SampleRng, train_box
+    from vitscale.data.synthetic_loader import random_resized_crop_box
+
+    rng = np.random.default_rng(0)
+    for i in range(3000):
+        w, h = (256, 256) if i % 3 == 0 else (int(rng.integers(1, 400)), int(rng.integers(1, 400)))
+        scale = [(0.9, 1.0), (0.08, 1.0), (1.0, 1.0)][i % 3]
+        ratio = [(3 / 4, 4 / 3), (1.0, 1.0), (0.2, 5.0)][i % 3]
+        hflip = [0.0, 0.5, 1.0][i % 3]
+        seed = int(rng.integers(0, 2 ** 63)) * 1_000_003 + i  # as _epoch seeds it: may pass 64 bits
+        aug = SampleRng(seed)
+        expected = (*random_resized_crop_box(w, h, aug, scale, ratio), aug.random() < hflip)
+        assert train_box(seed, w, h, scale, ratio, hflip) == expected, (seed, w, h, scale, ratio)
