@@ -367,3 +367,28 @@ def test_train_box_is_the_generic_crop_and_flip_of_the_sample_generator():
         aug = SampleRng(seed)
         expected = (*random_resized_crop_box(w, h, aug, scale, ratio), aug.random() < hflip)
         assert train_box(seed, w, h, scale, ratio, hflip) == expected, (seed, w, h, scale, ratio)
+
+
+def test_batch_buffers_are_reused_only_once_no_one_holds_the_batch(sample_set):
+    from vitscale.data.laion import BatchBuffers
+
+    buffers = BatchBuffers((2, 4, 4, 3))
+    first = torch.from_numpy(buffers.take())
+    view = first[1:]  # a view of the batch keeps it held
+    second = torch.from_numpy(buffers.take())
+    assert second.data_ptr() != first.data_ptr()
+    address = first.data_ptr()
+    del first
+    assert torch.from_numpy(buffers.take()).data_ptr() != address  # still held through the view
+    del view
+    assert torch.from_numpy(buffers.take()).data_ptr() == address  # dropped: handed out again
+    # In the stream: batches a consumer keeps are never written again, whatever it keeps.
+    stream = LaionStream(resolve_sources(str(sample_set / "{00000..00007}.tar")), TOKENIZER, 8, 0, 1, 48, seed=3,
+                         resampled=False, shuffle_buffer=20)
+    kept = []
+    for i, (images, _, _, _) in enumerate(stream._epoch(0, 0, Position(), collections.Counter())):
+        if i % 3 == 0:
+            kept.append((images, images.clone()))
+        if i == 12:
+            break
+    assert all(torch.equal(batch, copy) for batch, copy in kept)

@@ -64,6 +64,7 @@ import operator
 import os
 import random
 import re
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -428,6 +429,40 @@ def train_box(seed: int, width: int, height: int, scale: tuple[float, float], ra
     return (*box, (_mix64(state) >> 11) * unit < hflip)
 
 
+class BatchBuffers:
+    """A worker's batch image arrays, reused once no one holds the batch any more.
+
+    A fresh (B, canvas, canvas, 3) array per batch (12.6 MB for 64 x 256 px) is, depending on the
+    allocator's state, new pages from the kernel: a page fault and zeroing for every 4 KiB the
+    decoder writes (2-7 faults per sample measured in ``benchmarks/loader_speed.py``). Each batch
+    is handed out as a new view of a kept array; the array is handed out again once that view is
+    gone: the batch's tensor (``torch.from_numpy`` holds the view) and everything made from it
+    dropped by the consumer, or, in a DataLoader worker, the batch copied to shared memory.
+
+    Args:
+        shape: (B, canvas, canvas, 3).
+        keep: arrays kept (a consumer holding one batch while the next is made needs 2); when all
+            are held, a new array is made and not kept.
+    """
+
+    def __init__(self, shape: tuple[int, ...], keep: int = 2):
+        self.shape, self.keep = shape, keep
+        self._kept: list[tuple[np.ndarray, weakref.ref]] = []  # (array, the view last handed out)
+
+    def take(self) -> np.ndarray:
+        """An uninitialised uint8 array of ``shape`` that no one else holds."""
+        for i, (array, handed) in enumerate(self._kept):
+            if handed() is None:
+                view = array.view()
+                self._kept[i] = (array, weakref.ref(view))
+                return view
+        array = np.empty(self.shape, np.uint8)
+        view = array.view()
+        if len(self._kept) < self.keep:
+            self._kept.append((array, weakref.ref(view)))
+        return view
+
+
 @dataclass
 class Position:
     """A worker's place in its stream: epoch, batches yielded in it, samples taken from its shuffle buffer."""
@@ -687,8 +722,9 @@ class LaionStream(IterableDataset):
         taken, batch = pos.taken, pos.batch
         c, b = self.canvas, self.micro_batch
         train, crop_scale, crop_ratio, hflip = self.train, self.crop_scale, self.crop_ratio, self.hflip
+        buffers = BatchBuffers((b, c, c, 3))
         # boxes: (x0, y0, x1, y1, flip) of each sample, made an array once per batch
-        images, boxes, captions, keys = np.empty((b, c, c, 3), np.uint8), [], [], []
+        images, boxes, captions, keys = buffers.take(), [], [], []
         for (sample, caption, _), place in self._candidates(epoch, worker, counts, resume):
             taken += 1
             n = len(keys)
@@ -711,9 +747,10 @@ class LaionStream(IterableDataset):
                         "counts": dict(counts), "keys": keys}
                 yield (torch.from_numpy(images), self.tokenizer(captions),
                        torch.from_numpy(np.array(boxes, np.float32)), meta)
-                images, boxes, captions, keys = np.empty((b, c, c, 3), np.uint8), [], [], []
                 if batch == quota:
                     break
+                images = None  # ours dropped: the buffer is free again once the consumer drops the batch
+                images, boxes, captions, keys = buffers.take(), [], [], []
 
 
 class LaionLoader:
