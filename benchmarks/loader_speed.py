@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import io
+import itertools
 import statistics
 import tarfile
 import tempfile
@@ -94,14 +95,17 @@ def main() -> None:
         oc_transform = open_clip.image_transform(args.image_size, is_train=True)
         mean, std = torch.tensor([0.481, 0.458, 0.408]), torch.tensor([0.269, 0.261, 0.276])
 
-        def loader_rate(stream) -> tuple[float, list]:
-            batches, start = [], time.perf_counter()
+        def loader_rate(stream) -> float:
+            start = time.perf_counter()
             count = 0
-            for images, _, boxes, _ in stream._epoch(0, 0, Position(), collections.Counter()):
+            for _ in stream._epoch(0, 0, Position(), collections.Counter()):  # each batch dropped, as in training
                 count += 1
-                if len(batches) < 4:  # kept for the device-side measurement; the rest is freed as in training
-                    batches.append((images, boxes))
-            return count * batch / (time.perf_counter() - start), batches
+            return count * batch / (time.perf_counter() - start)
+
+        # Four batches for the device-side measurement, made once and outside the timed loader runs: a
+        # consumer holding batches keeps the loader from reusing their arrays (laion.BatchBuffers).
+        batches = [(images, boxes) for images, _, boxes, _ in
+                   itertools.islice(images_only._epoch(0, 0, Position(), collections.Counter()), 4)]
 
         def device_rate(batches) -> float:
             start = time.perf_counter()
@@ -122,9 +126,8 @@ def main() -> None:
             results["PIL"].append(_rate(lambda d: np.asarray(Image.open(io.BytesIO(d)).convert("RGB")), jpegs))
             results["torchvision.io"].append(_rate(
                 lambda d: decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8)), jpegs))
-            rate, batches = loader_rate(images_only)
-            results["loader, images (decode + crop box + canvas)"].append(rate)
-            results["loader, images + OpenAI BPE tokens"].append(loader_rate(stream)[0])
+            results["loader, images (decode + crop box + canvas)"].append(loader_rate(images_only))
+            results["loader, images + OpenAI BPE tokens"].append(loader_rate(stream))
             for name, tok in (("our BPE tokenizer alone (HF tokenizers)", tokenizer),
                               ("open_clip tokenizer alone", open_clip_tokenizer)):
                 start = time.perf_counter()

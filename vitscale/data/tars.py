@@ -12,6 +12,7 @@ import re
 import tarfile
 from pathlib import PurePosixPath
 from typing import Callable, Iterable, Iterator
+from zlib import adler32
 
 from vitscale.data.tar_index import sample_offsets, seek_sample
 
@@ -82,7 +83,7 @@ def _entries(stream, skip_data: bool = False) -> Iterator[tuple[int, int, str, b
         except ValueError:
             stored = -1
         # The checksum counts its own 8 bytes as spaces (8 * 32 = 256).
-        if stored != sum(header) - sum(header[148:156]) + 256:
+        if stored != _byte_sum(header) - sum(header[148:156]) + 256:
             raise ValueError("tar header checksum mismatch (a corrupt or non-tar file)")
         raw_size = header[124:136]
         size = (int.from_bytes(raw_size[1:], "big") if raw_size[0] & 0x80 else
@@ -118,6 +119,13 @@ def _entries(stream, skip_data: bool = False) -> Iterator[tuple[int, int, str, b
         long_name = None
         yield chain, pos, name, data
         chain = None
+
+
+def _byte_sum(block: bytes) -> int:
+    """The sum of a 512-byte header's bytes, from zlib's Adler-32 (nothing in the standard library sums
+    bytes in C; ``sum()`` iterates them in Python, a few microseconds per header): its low half is
+    1 + the sum of the bytes modulo 65521, exact for 256 bytes (at most 65280)."""
+    return (adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF) - 2
 
 
 def _sample_key(name: str, url: str) -> tuple[str, str] | None:
