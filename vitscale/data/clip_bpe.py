@@ -138,11 +138,9 @@ class ClipBPE:
 
     def __call__(self, texts: str | list[str]) -> torch.Tensor:
         texts = [texts] if isinstance(texts, str) else list(texts)
-        keep = self.context_length - 2
-        out = np.zeros((len(texts), self.context_length), np.int64)
-        for row, text in enumerate(texts):
+        context, keep = self.context_length, self.context_length - 2
+        rows = []
+        for text in texts:
             ids = self.encode_one(text)[:keep]  # open_clip cuts [SOT, ids..., EOT] to the context, EOT last
-            out[row, 0] = self.sot_id
-            out[row, 1:len(ids) + 1] = ids
-            out[row, len(ids) + 1] = self.eot_id
-        return torch.from_numpy(out)
+            rows += [self.sot_id, *ids, self.eot_id, *[0] * (keep - len(ids))]
+        return torch.from_numpy(np.array(rows, np.int64).reshape(len(texts), context))
