@@ -105,7 +105,7 @@ def main() -> None:
         # Four batches for the device-side measurement, made once and outside the timed loader runs: a
         # consumer holding batches keeps the loader from reusing their arrays (laion.BatchBuffers).
         batches = [(images, boxes) for images, _, boxes, _ in
-                   itertools.islice(images_only._epoch(0, 0, Position(), collections.Counter()), 4)]
+                   itertools.islice(stream_with(tokenizer)._epoch(0, 0, Position(), collections.Counter()), 4)]
 
         def device_rate(batches) -> float:
             start = time.perf_counter()

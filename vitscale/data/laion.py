@@ -538,6 +538,10 @@ class LaionStream(IterableDataset):
             raise ValueError(f"an epoch of {samples} samples gives no micro-batch of {self.micro_batch} to each of "
                              f"{self.data_world} data ranks; use more data or a smaller train.micro_batch")
         self._check_state()
+        self._buffers: BatchBuffers | None = None
+
+    def __getstate__(self) -> dict:  # DataLoader workers under spawn: their own batch arrays
+        return {**self.__dict__, "_buffers": None}
 
     def _check_state(self) -> None:
         s = self.state
@@ -722,7 +726,9 @@ class LaionStream(IterableDataset):
         taken, batch = pos.taken, pos.batch
         c, b = self.canvas, self.micro_batch
         train, crop_scale, crop_ratio, hflip = self.train, self.crop_scale, self.crop_ratio, self.hflip
-        buffers = BatchBuffers((b, c, c, 3))
+        if self._buffers is None:  # kept across epochs; made in the process that reads (a DataLoader worker)
+            self._buffers = BatchBuffers((b, c, c, 3))
+        buffers = self._buffers
         # boxes: (x0, y0, x1, y1, flip) of each sample, made an array once per batch
         images, boxes, captions, keys = buffers.take(), [], [], []
         for (sample, caption, _), place in self._candidates(epoch, worker, counts, resume):
