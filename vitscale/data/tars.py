@@ -69,8 +69,10 @@ def _entries(stream, skip_data: bool = False) -> Iterator[tuple[int, int, str, b
     (a seekable file; their bytes come as None, and a truncated last member goes unnoticed)."""
     long_name = None
     pos, chain = 0, None  # chain: where the headers of the next member began (GNU / pax headers first)
+    ahead = None  # the next header, read with the padding before it (one read call fewer per member)
     while True:
-        header = stream.read(512)
+        header = stream.read(512) if ahead is None else ahead
+        ahead = None
         chain = pos if chain is None else chain
         pos += len(header)
         if len(header) < 512:
@@ -99,7 +101,10 @@ def _entries(stream, skip_data: bool = False) -> Iterator[tuple[int, int, str, b
             data = stream.read(size)
             if len(data) < size:
                 raise ValueError("truncated tar member")
-            pos += size + len(stream.read(-size % 512))  # padding to the block; a missing last one ends the archive below
+            pad = -size % 512
+            tail = stream.read(pad + 512)  # padding to the block (a missing last one ends the archive below), next header
+            pos += size + min(len(tail), pad)
+            ahead = tail[pad:]
         if kind == b"L":  # GNU long name of the next member
             long_name = data.rstrip(b"\0").decode("utf-8", "replace")
             continue
