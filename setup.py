@@ -24,6 +24,9 @@ setup(
         "open_clip_torch>=2.32",  # local-dir: folders (vitscale-export --to open_clip --out DIR)
         "webdataset>=0.2.86",
         "simplejpeg>=1.7",  # image-text loader's JPEG decoder (benchmarks/loader_speed.py)
+        "tokenizers>=0.19",  # OpenAI's BPE ids at loader speed (data/clip_bpe.py)
+        "ftfy",  # caption cleaning as open_clip's tokenizer does it (data/clip_bpe.py)
+        "regex",  # CLIP's pre-tokenisation pattern with \\p{L} / \\p{N} (data/clip_bpe.py)
         "pyarrow",  # img2dataset's per-shard .parquet (vitscale-synth laion-sample)
         "numba>=0.59",
         "numpy",

@@ -350,3 +350,45 @@ def test_resume_reads_one_shuffle_block_not_the_epoch_so_far(sample_set, monkeyp
     assert first + rest == straight
     _, whole = _keys_of(sources, 8, 0, 1, 1, 64, **kw)
     assert resumed.stats() == whole.stats()
+
+
+def test_train_box_is_the_generic_crop_and_flip_of_the_sample_generator():
+    # train_box inlines splitmix64 and random_resized_crop_box: the reference is the two functions it replaces.
+    from vitscale.data.laion import SampleRng, train_box
+    from vitscale.data.synthetic_loader import random_resized_crop_box
+
+    rng = np.random.default_rng(0)
+    for i in range(3000):
+        w, h = (256, 256) if i % 3 == 0 else (int(rng.integers(1, 400)), int(rng.integers(1, 400)))
+        scale = [(0.9, 1.0), (0.08, 1.0), (1.0, 1.0)][i % 3]
+        ratio = [(3 / 4, 4 / 3), (1.0, 1.0), (0.2, 5.0)][i % 3]
+        hflip = [0.0, 0.5, 1.0][i % 3]
+        seed = int(rng.integers(0, 2 ** 63)) * 1_000_003 + i  # as _epoch seeds it: may pass 64 bits
+        aug = SampleRng(seed)
+        expected = (*random_resized_crop_box(w, h, aug, scale, ratio), aug.random() < hflip)
+        assert train_box(seed, w, h, scale, ratio, hflip) == expected, (seed, w, h, scale, ratio)
+
+
+def test_batch_buffers_are_reused_only_once_no_one_holds_the_batch(sample_set):
+    from vitscale.data.laion import BatchBuffers
+
+    buffers = BatchBuffers((2, 4, 4, 3))
+    first = torch.from_numpy(buffers.take())
+    view = first[1:]  # a view of the batch keeps it held
+    second = torch.from_numpy(buffers.take())
+    assert second.data_ptr() != first.data_ptr()
+    address = first.data_ptr()
+    del first
+    assert torch.from_numpy(buffers.take()).data_ptr() != address  # still held through the view
+    del view
+    assert torch.from_numpy(buffers.take()).data_ptr() == address  # dropped: handed out again
+    # In the stream: batches a consumer keeps are never written again, whatever it keeps.
+    stream = LaionStream(resolve_sources(str(sample_set / "{00000..00007}.tar")), TOKENIZER, 8, 0, 1, 48, seed=3,
+                         resampled=False, shuffle_buffer=20)
+    kept = []
+    for i, (images, _, _, _) in enumerate(stream._epoch(0, 0, Position(), collections.Counter())):
+        if i % 3 == 0:
+            kept.append((images, images.clone()))
+        if i == 12:
+            break
+    assert all(torch.equal(batch, copy) for batch, copy in kept)

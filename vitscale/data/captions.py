@@ -97,8 +97,9 @@ def class_phrase(source: str, label: int) -> str:
 class CaptionTokenizer:
     """Captions -> int64 token ids (N, context_length), zero-padded, EOT the largest id.
 
-    ``vocab_size == 49408`` uses open_clip's tokenizer (OpenAI's BPE), so real-size text
-    towers see real tokens. Any other size uses a word tokenizer over ``CAPTION_WORDS``:
+    ``vocab_size == 49408`` gives open_clip's tokens (OpenAI's BPE; computed by ``clip_bpe.ClipBPE``
+    on HF ``tokenizers``, the same ids), so real-size text towers see real tokens. Any other
+    size uses a word tokenizer over ``CAPTION_WORDS``:
     word ``k`` of the list -> id ``k + 1``, start of text ``vocab_size - 2``, end of text
     ``vocab_size - 1``, padding 0. Captions longer than the context are cut, keeping EOT last.
 
@@ -118,7 +119,7 @@ class CaptionTokenizer:
         self.openai = vocab_size == OPENAI_VOCAB_SIZE
         if self.openai:
             self.sot_id, self.eot_id = OPENAI_VOCAB_SIZE - 2, OPENAI_VOCAB_SIZE - 1
-            self._bpe = None  # built on first use: importing open_clip takes seconds
+            self._bpe = None  # built on first use (reads the merges file, builds the BPE model: ~0.3 s)
         else:
             needed = len(CAPTION_WORDS) + 3  # + padding, start and end of text
             if vocab_size < needed:
@@ -130,9 +131,10 @@ class CaptionTokenizer:
 
     def _bpe_tokenizer(self):
         if self._bpe is None:
-            from open_clip.tokenizer import SimpleTokenizer
+            # open_clip's ids from HF tokenizers (clip_bpe.py): ~10x faster per caption than open_clip's own.
+            from vitscale.data.clip_bpe import ClipBPE
 
-            self._bpe = SimpleTokenizer(context_length=self.context_length)
+            self._bpe = ClipBPE(context_length=self.context_length)
         return self._bpe
 
     def __getstate__(self) -> dict:  # DataLoader workers under spawn: rebuild the BPE there
@@ -186,7 +188,7 @@ class CaptionTokenizer:
         texts = [texts] if isinstance(texts, str) else list(texts)
         if self.openai:
             # open_clip cuts long captions keeping EOT last and pads with 0, as we do below.
-            return self._bpe_tokenizer()(texts, context_length=self.context_length).to(torch.long)
+            return self._bpe_tokenizer()(texts)
         out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
         for row, text in enumerate(texts):
             ids = [self.sot_id, *self.encode_words(text)[:self.context_length - 2], self.eot_id]

@@ -64,6 +64,7 @@ import operator
 import os
 import random
 import re
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -73,7 +74,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vitscale.data.tars import expand, is_remote, read_tar_samples
-from vitscale.data.synthetic_loader import random_resized_crop_box
+from vitscale.data.synthetic_loader import ratio_clamped_box
 
 logger = logging.getLogger(__name__)
 
@@ -242,6 +243,8 @@ class SampleFilter:
         self.window = int(f.get("dedupe_window") or max(1000, default_window))
         self._recent: collections.OrderedDict = collections.OrderedDict()
         self.needs_json = bool(self.min_size or self.min_sim is not None or self.where or self.dedupe == "url")
+        # Whether any filter applies (``reason`` is skipped per sample when none does).
+        self.active = bool(self.needs_json or self.dedupe or self.min_words is not None or self.max_words is not None)
 
     def state(self) -> list | None:
         """The de-duplication window, oldest first (None without de-duplication)."""
@@ -329,7 +332,7 @@ def decode_to_canvas(sample: dict, slot: np.ndarray) -> tuple[int, int, bool]:
     output) is decoded straight into the slot, without a copy. Returns (height, width,
     whether it was resized to fit)."""
     canvas = slot.shape[0]
-    ext = next(e for e in IMAGE_EXTS if e in sample)
+    ext = "jpg" if "jpg" in sample else next(e for e in IMAGE_EXTS if e in sample)
     data = sample[ext]
     if ext in JPEG_EXTS:
         import simplejpeg
@@ -380,6 +383,84 @@ class SampleRng:
 
     def randint(self, a: int, b: int) -> int:
         return a + self._next() % (b - a + 1)
+
+
+_MASK64, _GOLDEN64 = (1 << 64) - 1, 0x9E3779B97F4A7C15
+
+
+def _mix64(z: int) -> int:
+    """splitmix64's output function (``SampleRng._next`` after its state step)."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def train_box(seed: int, width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
+              hflip: float) -> tuple[int, int, int, int, bool]:
+    """``random_resized_crop_box(width, height, SampleRng(seed), scale, ratio)`` and then the flip
+    (``rng.random() < hflip``) of the same generator: the same box, the same float operations in
+    the same order, with splitmix64 inlined (draw ``k`` is ``_mix64(seed + k * golden)``): the
+    per-sample crop costs a third of the method calls. ``tests/data/test_laion.py`` checks it
+    against the two functions it stands for."""
+    state = seed & _MASK64
+    unit = 1.0 / (1 << 53)
+    area = width * height
+    lo, hi = scale
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    box = None
+    for _ in range(10):
+        state = (state + _GOLDEN64) & _MASK64
+        target = area * (lo + (hi - lo) * ((_mix64(state) >> 11) * unit))
+        state = (state + _GOLDEN64) & _MASK64
+        aspect = math.exp(log_lo + (log_hi - log_lo) * ((_mix64(state) >> 11) * unit))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            state = (state + _GOLDEN64) & _MASK64
+            left = _mix64(state) % (width - w + 1)
+            state = (state + _GOLDEN64) & _MASK64
+            top = _mix64(state) % (height - h + 1)
+            box = (left, top, left + w, top + h)
+            break
+    if box is None:
+        box = ratio_clamped_box(width, height, ratio)  # random_resized_crop_box's fallback after 10 misses
+    if hflip <= 0:
+        return (*box, False)  # random() >= 0: no draw can flip
+    state = (state + _GOLDEN64) & _MASK64
+    return (*box, (_mix64(state) >> 11) * unit < hflip)
+
+
+class BatchBuffers:
+    """A worker's batch image arrays, reused once no one holds the batch any more.
+
+    A fresh (B, canvas, canvas, 3) array per batch (12.6 MB for 64 x 256 px) is, depending on the
+    allocator's state, new pages from the kernel: a page fault and zeroing for every 4 KiB the
+    decoder writes (2-7 faults per sample measured in ``benchmarks/loader_speed.py``). Each batch
+    is handed out as a new view of a kept array; the array is handed out again once that view is
+    gone: the batch's tensor (``torch.from_numpy`` holds the view) and everything made from it
+    dropped by the consumer, or, in a DataLoader worker, the batch copied to shared memory.
+
+    Args:
+        shape: (B, canvas, canvas, 3).
+        keep: arrays kept (a consumer holding one batch while the next is made needs 2); when all
+            are held, a new array is made and not kept.
+    """
+
+    def __init__(self, shape: tuple[int, ...], keep: int = 2):
+        self.shape, self.keep = shape, keep
+        self._kept: list[tuple[np.ndarray, weakref.ref]] = []  # (array, the view last handed out)
+
+    def take(self) -> np.ndarray:
+        """An uninitialised uint8 array of ``shape`` that no one else holds."""
+        for i, (array, handed) in enumerate(self._kept):
+            if handed() is None:
+                view = array.view()
+                self._kept[i] = (array, weakref.ref(view))
+                return view
+        array = np.empty(self.shape, np.uint8)
+        view = array.view()
+        if len(self._kept) < self.keep:
+            self._kept.append((array, weakref.ref(view)))
+        return view
 
 
 @dataclass
@@ -457,6 +538,10 @@ class LaionStream(IterableDataset):
             raise ValueError(f"an epoch of {samples} samples gives no micro-batch of {self.micro_batch} to each of "
                              f"{self.data_world} data ranks; use more data or a smaller train.micro_batch")
         self._check_state()
+        self._buffers: BatchBuffers | None = None
+
+    def __getstate__(self) -> dict:  # DataLoader workers under spawn: their own batch arrays
+        return {**self.__dict__, "_buffers": None}
 
     def _check_state(self) -> None:
         s = self.state
@@ -531,13 +616,13 @@ class LaionStream(IterableDataset):
                 meta = json.loads(sample["json"])
             except ValueError:
                 meta = None
-        if not any(e in sample for e in IMAGE_EXTS):
+        if "jpg" not in sample and not any(e in sample for e in IMAGE_EXTS):
             counts["missing_image"] += 1
             return None
         if not caption:
             counts["missing_caption"] += 1
             return None
-        why = sample_filter.reason(caption, meta, sample["__key__"])
+        why = sample_filter.reason(caption, meta, sample["__key__"]) if sample_filter.active else None
         if why is not None:
             counts[why] += 1
             return None
@@ -640,7 +725,12 @@ class LaionStream(IterableDataset):
         base = _seed(self.seed, epoch, self.data_rank, worker, 0xA06)
         taken, batch = pos.taken, pos.batch
         c, b = self.canvas, self.micro_batch
-        images, boxes, captions, keys = np.empty((b, c, c, 3), np.uint8), np.zeros((b, 5), np.float32), [], []
+        train, crop_scale, crop_ratio, hflip = self.train, self.crop_scale, self.crop_ratio, self.hflip
+        if self._buffers is None:  # kept across epochs; made in the process that reads (a DataLoader worker)
+            self._buffers = BatchBuffers((b, c, c, 3))
+        buffers = self._buffers
+        # boxes: (x0, y0, x1, y1, flip) of each sample, made an array once per batch
+        images, boxes, captions, keys = buffers.take(), [], [], []
         for (sample, caption, _), place in self._candidates(epoch, worker, counts, resume):
             taken += 1
             n = len(keys)
@@ -651,24 +741,22 @@ class LaionStream(IterableDataset):
                 continue
             counts["resized"] += resized
             counts["kept"] += 1
-            if self.train:  # a generator per sample: crops do not depend on where a run resumed
-                aug = SampleRng(base * 1_000_003 + taken)
-                box = random_resized_crop_box(w, h, aug, self.crop_scale, self.crop_ratio)
-                flip = aug.random() < self.hflip
+            if train:  # a generator per sample: crops do not depend on where a run resumed
+                boxes.append(train_box(base * 1_000_003 + taken, w, h, crop_scale, crop_ratio, hflip))
             else:
-                box, flip = center_box(w, h), False
-            boxes[n] = (*box, float(flip))
+                boxes.append((*center_box(w, h), False))
             captions.append(caption)
             keys.append(sample["__key__"])
             if len(keys) == b:
                 batch += 1
                 meta = {"worker": worker, "position": {"epoch": epoch, "batch": batch, "taken": taken, "place": place},
                         "counts": dict(counts), "keys": keys}
-                yield torch.from_numpy(images), self.tokenizer(captions), torch.from_numpy(boxes), meta
-                images, boxes = np.empty((b, c, c, 3), np.uint8), np.zeros((b, 5), np.float32)
-                captions, keys = [], []
+                yield (torch.from_numpy(images), self.tokenizer(captions),
+                       torch.from_numpy(np.array(boxes, np.float32)), meta)
                 if batch == quota:
                     break
+                images = None  # ours dropped: the buffer is free again once the consumer drops the batch
+                images, boxes, captions, keys = buffers.take(), [], [], []
 
 
 class LaionLoader:

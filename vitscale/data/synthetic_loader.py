@@ -167,6 +167,12 @@ def random_resized_crop_box(width: int, height: int, rng: random.Random, scale: 
         if 0 < w <= width and 0 < h <= height:
             left, top = rng.randint(0, width - w), rng.randint(0, height - h)
             return left, top, left + w, top + h
+    return ratio_clamped_box(width, height, ratio)
+
+
+def ratio_clamped_box(width: int, height: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """The largest central crop (left, top, right, bottom) with aspect ratio within ``ratio``:
+    ``random_resized_crop_box``'s fallback."""
     aspect = width / height
     w, h = ((width, round(width / ratio[0])) if aspect < ratio[0] else
             (round(height * ratio[1]), height) if aspect > ratio[1] else (width, height))
