@@ -19,6 +19,7 @@ from vitscale.config import Config, ConfigError, load_config
 from vitscale.config.validation import check_evaluation_data
 from vitscale.data.sources import Task, check_classes, source_class, source_name
 from vitscale.models.parallelize import check_layout
+from vitscale.models.sparsity import check_sparsity
 from vitscale.models.spec import ModelSpec, resolve_model
 
 # What each kind of model learns from: the data task its sources must serve.
@@ -66,6 +67,7 @@ def resolve(cfg: Config) -> Experiment:
     _check_eval(cfg, model)
     _check_finetune(cfg, model)
     check_layout(model, cfg.parallel.tensor, cfg.parallel.pipe)
+    check_sparsity(model, cfg.model.sparsity.pattern, cfg.parallel.tensor)
     if cfg.data.packing.seq_len:
         _check_packing(cfg, model)
     return Experiment(cfg, model, name)

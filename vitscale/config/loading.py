@@ -150,6 +150,14 @@ _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789."))
 
 
+# YAML 1.1 reads 2:4 as the base-60 integer 124; here it is an n:m sparsity pattern (model.sparsity.pattern),
+# so digits:digits stay a string (YAML 1.2 has no base-60 numbers either). Own lists: SafeLoader's stay as they are.
+_NM = re.compile(r"^\d+:\d+$")
+for _first in "0123456789":
+    _Loader.yaml_implicit_resolvers[_first] = [("tag:yaml.org,2002:str", _NM),
+                                               *_Loader.yaml_implicit_resolvers.get(_first, [])]
+
+
 def _read_yaml(text: str, where: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)

@@ -19,6 +19,24 @@ class MoEConfig:
 
 
 @dataclass
+class SparsityConfig:
+    """Weight sparsity of the blocks' linear layers (qkv, proj, fc1, fc2; both CLIP towers) by magnitude
+    (vitscale.models.sparsity, vitscale.train.sparsity): the weights stay exactly sparse after every step."""
+
+    # "n:m" (e.g. "2:4": n non-zeros in every m consecutive weights along the input dimension, the
+    # structure sparse tensor cores run) | "unstructured" (per-matrix magnitude threshold); None = dense
+    pattern: str | None = None
+    target: float | None = None  # final fraction of zeros in each matrix (unstructured); n:m implies 1 - n/m
+    # from_start: the full target at once, after dense_warmup steps; gradual (unstructured): Zhu & Gupta's
+    # cubic ramp from 0 at start_step to target at end_step
+    schedule: Literal["from_start", "gradual"] = "from_start"
+    start_step: int = 0  # gradual: the step the ramp starts
+    end_step: int | None = None  # gradual: the step it reaches target; None = train.steps // 2
+    every: int = 1  # gradual: steps between mask updates (Zhu & Gupta's delta t; they use 100-1000)
+    dense_warmup: int = 0  # from_start: steps trained dense before the mask is set (0 = from the initial weights)
+
+
+@dataclass
 class PackingConfig:
     """NaViT sequence packing (vitscale.data.packing): images at native aspect ratio and sampled
     resolution (longest side in [min_size, data.image_size]) packed into sequences."""
@@ -51,6 +69,7 @@ class ModelConfig:
     dual_patchnorm: bool | None = None  # LayerNorm before and after the patch embedding
     pos_embed: Literal["learned", "factorized"] | None = None  # factorized: row + column tables (NaViT, packing)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)  # n:m / unstructured weight sparsity
     init_values: float | None = None  # LayerScale init; None = no LayerScale
     class_token: bool | None = None
     global_pool: Literal["token", "avg"] | None = None

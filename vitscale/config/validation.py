@@ -8,6 +8,7 @@ that split over the tensor ranks, shards that hold the configured classes) belon
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def check_config(cfg: Config) -> None:
              f"supports only ZeRO 0 and 1; set parallel.zero=1 or parallel.pipe=1")
     _check_precision(cfg)
     _check_model_options(cfg)
+    _check_sparsity(cfg)
     if p.activation_checkpoint < 0:
         _fail(f"parallel.activation_checkpoint={p.activation_checkpoint} must be >= 0 (blocks per recomputed "
              "chunk; 0 turns it off)")
@@ -181,6 +183,48 @@ def _check_model_options(cfg: Config) -> None:
     if m.moe.blocks < 0 or m.moe.experts < 1 or m.moe.slots < 1:
         _fail(f"model.moe.blocks={m.moe.blocks} must be >= 0, model.moe.experts={m.moe.experts} and "
              f"model.moe.slots={m.moe.slots} >= 1")
+
+
+def _check_sparsity(cfg: Config) -> None:
+    """``model.sparsity`` (issue 25): a pattern, a target it does not contradict, a schedule inside the run,
+    and a layout whose ranks each hold whole matrices (the model's widths are checked in ``experiment.py``)."""
+    sp, t = cfg.model.sparsity, cfg.train
+    if sp.pattern is None:
+        return
+    pattern = str(sp.pattern)
+    match = re.fullmatch(r"(\d+):(\d+)", pattern)
+    if pattern != "unstructured" and not (match and 0 < int(match[1]) < int(match[2])):
+        _fail(f"model.sparsity.pattern={sp.pattern!r} must be 'n:m' with 0 < n < m (e.g. 2:4, the sparse tensor "
+              "cores' pattern) or 'unstructured'")
+    if match:
+        implied = 1 - int(match[1]) / int(match[2])
+        if sp.target is not None and abs(sp.target - implied) > 1e-9:
+            _fail(f"model.sparsity.target={sp.target} contradicts pattern={pattern}, which zeros {implied:g} of the "
+                  f"weights; remove model.sparsity.target (or set it to {implied:g})")
+        if sp.schedule == "gradual":
+            _fail(f"model.sparsity.schedule=gradual ramps unstructured sparsity; pattern={pattern} sets its mask at "
+                  "once: use schedule=from_start (with dense_warmup=N to train dense for N steps first)")
+    elif sp.target is None or not 0 < sp.target < 1:
+        _fail(f"model.sparsity.pattern=unstructured needs model.sparsity.target, the fraction of zeros in (0, 1) "
+              f"(the sparsity scaling laws study 0.5-0.9), got {sp.target}")
+    if not 0 <= sp.dense_warmup < t.steps:
+        _fail(f"model.sparsity.dense_warmup={sp.dense_warmup} must be in [0, train.steps={t.steps}) (0 = sparse from "
+              "the initial weights)")
+    if sp.every < 1 or sp.start_step < 0:
+        _fail(f"model.sparsity.every={sp.every} must be >= 1 and model.sparsity.start_step={sp.start_step} >= 0")
+    if sp.schedule == "gradual":
+        end = sp.end_step if sp.end_step is not None else max(1, t.steps // 2)
+        if not sp.start_step < end <= t.steps:
+            _fail(f"model.sparsity: start_step={sp.start_step} < end_step={end} <= train.steps={t.steps} must hold "
+                  "for the gradual schedule")
+        if sp.dense_warmup:
+            _fail("model.sparsity.dense_warmup is the from_start schedule's; the gradual one starts at start_step: "
+                  f"set model.sparsity.start_step={sp.dense_warmup} instead")
+    if cfg.parallel.zero == 3:
+        _fail("model.sparsity cannot run with parallel.zero=3: ZeRO-3 splits each weight matrix over the data ranks, "
+              "so no rank holds the whole rows (n:m groups, magnitude thresholds) its mask is computed from; use "
+              "parallel.zero=1 or 2 (optimizer states and gradients still sharded) or parallel.tensor to split "
+              "the weights")
 
 
 def _is_checkpoint_dir(path: str) -> bool:

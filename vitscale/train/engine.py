@@ -3,7 +3,7 @@
 our parameter groups, LR schedule and process grid (``train/optim.py``), its checkpoint loads made
 weights-only (``train/safe_load.py``); what wraps the optimizer
 step: the skip of NaN / Inf steps where DeepSpeed has none (``train/faults.py``), our clipping where
-DeepSpeed's is wrong, the clamp of bounded parameters; and a log line of the dtypes DeepSpeed chose."""
+DeepSpeed's is wrong, the clamp of bounded parameters, the weight-sparsity masks; and a log line of the dtypes DeepSpeed chose."""
 from __future__ import annotations
 
 import logging
@@ -19,6 +19,7 @@ from vitscale.train.faults import skip_nonfinite_steps
 from vitscale.train.initial_weights import load_initial_weights
 from vitscale.train.optim import clamp_in_step, clip_in_step, layer_decay_groups, lr_schedule, param_groups
 from vitscale.train.safe_load import safe_deepspeed_loads
+from vitscale.train.sparsity import Sparsity, sparsify_in_step
 
 logger = logging.getLogger(__name__)
 
@@ -87,12 +88,28 @@ def build_engine(exp: Experiment, dims, ds_config: dict, loss_fn: Callable | Non
         clip_in_step(engine, model, dims, o.grad_clip)
     if exp.model.clamped:  # after the clipped step: e.g. a CLIP's logit scale to [0, log 100], master copy too
         clamp_in_step(engine, model, dict(exp.model.clamped), layer_prefixes(exp.model) if dims.pipe > 1 else None)
+    # Last, after clip and clamp: the masked weights are zeroed in what the step wrote.
+    engine.vitscale_sparsity = _sparsity(exp, dims, engine, model) if cfg.model.sparsity.pattern else None
     if dims.is_main:
         used = precision_in_use(engine)
         logger.info("DeepSpeed optimizer %s: %s weights, %s master weights, gradients accumulated in %s and "
                     "reduced in %s", used["optimizer"], used["weights"], used["master_weights"],
                     used["grad_accum"], used["grad_comm"])
     return engine
+
+
+def _sparsity(exp: Experiment, dims, engine, model: nn.Module) -> Sparsity:
+    """``model.sparsity`` on this rank's layers: the masks of step 0 (``dense_warmup`` 0: from the initial
+    weights, module and master copy alike), then after every optimizer step (``train/sparsity.py``)."""
+    cfg = exp.cfg
+    sparsity = Sparsity(cfg.model.sparsity, cfg.train.steps, model,
+                        dims.tensor_group() if dims.tensor > 1 else None,
+                        dims.model_group() if dims.pipe * dims.tensor > 1 else None,
+                        layer_prefixes(exp.model) if dims.pipe > 1 else None, exp.model.parameters)
+    sparsity.update(0)
+    sparsity.apply_(engine.optimizer)
+    sparsify_in_step(engine, sparsity)
+    return sparsity
 
 
 def precision_in_use(engine) -> dict:

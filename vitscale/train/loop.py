@@ -28,6 +28,7 @@ from vitscale.train.evaluate import evaluate_run
 from vitscale.train.faults import check_skip_decision, child_signals_deferred, report_bad_step
 from vitscale.train.replicas import check_replicated_weights
 from vitscale.train.setup import Run
+from vitscale.train.sparsity import STATE_KEY
 from vitscale.train.step import optimizer_step
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ def _log(run: Run, step: int, loss: torch.Tensor, lr: float, skipped: bool) -> d
               "grad_norm": float(norm) if norm is not None else None, "skipped": skipped}
     if t.precision == "fp16":
         record["loss_scale"] = run.engine.optimizer.cur_scale
+    if getattr(run.engine, "vitscale_sparsity", None) is not None:  # collective over the model-parallel ranks
+        record.update(run.engine.vitscale_sparsity.record(dims.device))
     rows = run.meter.records(step)
     if run.source_cls.counters:
         rows += data_records(run.source_cls, run.source if run.reports_data else None, dims, step)
@@ -120,6 +123,11 @@ def _checkpoint(run: Run, step: int, bad: bool):
     extra = {"data": gather_positions(run.source, run.dims)} if run.source_cls.stateful else {}
     if run.ema is not None:
         extra["ema"] = ema_state(run.ema)
+    if getattr(run.engine, "vitscale_sparsity", None) is not None:
+        # This rank's masks: unlike the rest of ``extra`` they differ between model-parallel ranks, and each
+        # model-parallel rank's client state is its own file (written by its data rank 0, whose masks all its
+        # data ranks share).
+        extra[STATE_KEY] = run.engine.vitscale_sparsity.state_dict()
     with child_signals_deferred():  # a worker's death must not split the ranks inside the save's collectives
         return checkpoint.save(run.engine, run.cfg.run.dir, step, step * run.cfg.train.global_batch,
                                run.cfg.checkpoint.keep, run.dims.is_main, extra, run.plan.layout_record)

@@ -45,6 +45,7 @@ from vitscale.train.monitors import Monitors
 from vitscale.train.objective import Objective, build_objective
 from vitscale.train.preview import previewed
 from vitscale.train.reshard import check_resume, load_resharded
+from vitscale.train.sparsity import restore_masks
 from vitscale.train.step import PipelineSteps, PlainSteps, StepEngine
 from vitscale.train.throughput import MetricsWriter, ThroughputMeter, device_peak_tflops
 
@@ -188,6 +189,8 @@ def start_run(plan: Plan, dims: ParallelDims) -> Run:
         if cfg.checkpoint.reshard != "weights":
             raise
         start, client = load_resharded(engine, change.folder, exp, dims)
+    if getattr(engine, "vitscale_sparsity", None) is not None and start:  # the masks resume as the weights do
+        restore_masks(engine.vitscale_sparsity, client, start)
 
     piped = dims.pipe > 1
     meter = _meter(exp, dims)
