@@ -57,7 +57,10 @@ def resumed_runs(tmp_path_factory):
                     sh.claim_shards(spec, shards), 1)
     sh.finish_dataset(spec, shards)
     kinds = {"d2": [], "p2": ["parallel.pipe=2"], "shards": [f"data.shards={shards}", "data.shuffle_buffer=8"],
-             "ema": ["train.ema=0.8", "checkpoint.at_end=true"]}
+             "ema": ["train.ema=0.8", "checkpoint.at_end=true"],
+             # 2:4 sparsity under tensor 2, its masks set from the weights after 2 dense steps: a resume that
+             # did not restore them from the checkpoint would rank post-step weights and prune others.
+             "nm": ["model.sparsity.pattern=2:4", "model.sparsity.dense_warmup=2", "parallel.tensor=2"]}
     layouts = {}
     for name, extra in kinds.items():
         layouts[name] = extra + [f"train.steps={STEPS}"]
@@ -74,12 +77,24 @@ def resumed_runs(tmp_path_factory):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("kind", ["d2", "p2", "shards", "ema"])
+@pytest.mark.parametrize("kind", ["d2", "p2", "shards", "ema", "nm"])
 def test_stop_and_resume_gives_bitwise_the_losses_of_a_straight_run(resumed_runs, kind):
     straight, resumed = _losses(resumed_runs / kind), _losses(resumed_runs / f"{kind}_half")
     assert sorted(straight) == sorted(resumed) == list(range(1, STEPS + 1))
     assert [resumed[s] for s in range(HALF + 1, STEPS + 1)] == [straight[s] for s in range(HALF + 1, STEPS + 1)]
     assert len({straight[s] for s in straight}) > 1  # the model trains: the comparison is not trivially equal
+
+
+@pytest.mark.distributed
+def test_sparsity_masks_are_checkpointed_sharded_like_their_weights(resumed_runs):
+    """Each tensor rank's client state holds its slice of every mask: the row-parallel fc2 (192 x 768
+    whole) keeps half its input columns per rank, with exactly 2 of every 4 kept."""
+    folder = checkpoint.checkpoint_root(resumed_runs / "nm_half") / f"step{HALF:08d}"
+    masks = checkpoint.client_state(folder)["sparsity_masks"]["masks"]
+    assert len(masks) == 4 * 2  # qkv, proj, fc1, fc2 of 2 blocks
+    fc2 = masks["blocks.0.mlp.fc2"]
+    assert tuple(fc2.shape) == (192, 384) and fc2.dtype == torch.bool
+    assert (fc2.reshape(192, -1, 4).sum(-1) == 2).all()
 
 
 @pytest.mark.distributed

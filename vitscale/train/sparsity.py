@@ -156,16 +156,18 @@ def _mask_piece(mask: torch.Tensor, view: torch.Tensor, param: nn.Parameter) -> 
 
 
 def sparsify_in_step(engine, sparsity: Sparsity) -> None:
-    """After each optimizer step (after the clip and clamp wrappers), set the masks the schedule asks
-    for and zero the masked weights, module and master copy. ``engine.global_steps`` counts the steps
+    """After each optimizer step (after the clip and clamp wrappers), zero the masked weights, module
+    and master copy, then set the masks the schedule asks for (from those weights) and zero again where
+    they changed. ``engine.global_steps`` counts the steps
     before this one (DeepSpeed raises it after the optimizer's step), skipped ones included, as the
     loop's step does."""
     step = engine.optimizer.step
 
     def step_then_sparsify(*args, **kwargs):
         out = step(*args, **kwargs)
-        sparsity.update(engine.global_steps + 1)
-        sparsity.apply_(engine.optimizer)
+        sparsity.apply_(engine.optimizer)  # undo the step's update of the pruned weights
+        if sparsity.update(engine.global_steps + 1):  # ranked on the masked weights: the pruned set only grows
+            sparsity.apply_(engine.optimizer)
         return out
 
     engine.optimizer.step = step_then_sparsify
