@@ -13,6 +13,10 @@ random uint8 batches:
 - ``packed``: NaViT packing: sequences of the plain model's token count filled with images
   whose longest side is sampled in [img/2, img] (aspect kept), factorized positions,
   average pooling. Equal FLOPs per sequence; images/s counts the images the sequences hold.
+- ``sparse_2_4``: the plain ViT with 2:4 weight sparsity on the blocks' linears (``model.sparsity``,
+  ``vitscale.train.sparsity``): dense kernels on masked weights plus the mask re-applied after every
+  optimizer step, so the same train FLOPs as ``plain`` (the row shows the masking's cost; a 2:4 sparse
+  kernel, ``torch.sparse.to_sparse_semi_structured`` on a GPU that has one, is not used in training).
 
 Rounds interleave the variants (timings swing run to run); medians are reported.
 samples/s is images/s; TFLOP/s counts 3 x the forward FLOPs of ``vitscale.models.flops``
@@ -37,6 +41,7 @@ def _variants(tokens: int) -> dict[str, dict]:
         "vit22b": dict(parallel_block=True, qk_norm=True, qkv_bias=False, norm_bias=False),
         "soft_moe": dict(moe_experts=8, moe_slots=slots),  # moe_blocks is set per model: the last half
         "packed": dict(pos_embed="factorized", class_token=False, global_pool="avg"),
+        "sparse_2_4": {},  # the plain model; its masks are set below
     }
 
 
@@ -55,9 +60,11 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
+    from vitscale.config.schema import SparsityConfig
     from vitscale.data.packing import pack_batches, normalize_patches
     from vitscale.models import create_model
     from vitscale.models.flops import forward_flops, packed_forward_flops
+    from vitscale.train.sparsity import Sparsity
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -92,6 +99,11 @@ def main() -> None:
                 inputs = [(((x.to(device).to(dtype) / 127.5 - 1.0),), y.to(device)) for x, y in images]
                 per_step, flops = args.batch, forward_flops(model.cfg) * args.batch
             runs[variant] = dict(model=model, opt=opt, inputs=inputs, images=per_step, flops=flops, times=[])
+            if variant == "sparse_2_4":
+                sparsity = Sparsity(SparsityConfig(pattern="2:4"), 1, model)
+                sparsity.update(0)
+                sparsity.apply_()
+                runs[variant]["sparsity"] = sparsity
 
         def step(run, i):
             x, y = run["inputs"][i % len(run["inputs"])]
@@ -102,6 +114,8 @@ def main() -> None:
                 out, y = out.flatten(0, 1)[y >= 0], y[y >= 0]
             F.cross_entropy(out.float(), y).backward()
             run["opt"].step()
+            if "sparsity" in run:  # what training with model.sparsity adds to a step
+                run["sparsity"].apply_()
             run["opt"].zero_grad(set_to_none=True)
 
         for run in runs.values():  # warm-up (allocator, kernels) outside the timings

@@ -79,6 +79,7 @@ def test_grid_runs_skips_finished_and_resumes_half_finished(tmp_path, caplog, mo
     fwd = spec.forward_flops()
     for row in rows:
         assert int(row["params"]) == spec.parameters and int(row["non_embedding_params"]) == spec.non_embedding_parameters
+        assert int(row["nonzero_params"]) == spec.parameters  # dense
         assert int(row["samples"]) == 12 and int(row["flops"]) == 3 * fwd * 12
         train = [r for r in read_metrics(out / row["run"]) if r["kind"] == "train"]
         assert float(row["train_loss"]) == pytest.approx(train[-1]["loss"])
@@ -101,3 +102,19 @@ def test_grid_runs_skips_finished_and_resumes_half_finished(tmp_path, caplog, mo
     steps = [r["step"] for r in read_metrics(first) if r["kind"] == "train"]
     assert steps == [1, 2, 3, 3]  # step 3 trained again after the resume
     assert (first / "done.json").is_file() and len(json.loads((first / "sweep_attempts.json").read_text())) == 2
+
+
+def test_sweep_table_takes_a_sparse_runs_nonzero_parameters_from_its_log(tmp_path):
+    """``nonzero_params`` (the column ``vitscale-fit --x nonzero_params`` reads) is what a model.sparsity
+    run logged last, not the dense count."""
+    from vitscale.config.loading import dump_config
+
+    run = tmp_path / "sparse"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_config(load_config(TINY, ["model.sparsity.pattern=2:4"])))
+    records = [{"kind": "train", "step": s, "samples": 32 * s, "loss": 2.0, "nonzero_params": n}
+               for s, n in ((1, 5_000_000), (2, 3_000_000))]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    row = grids.point_row(run, grids.Point("sparse", ["model.sparsity.pattern=2:4"]), ["model.sparsity.pattern"])
+    assert row["nonzero_params"] == 3_000_000 and row["params"] > 3_000_000
+    assert row["model.sparsity.pattern"] == "2:4"

@@ -9,7 +9,7 @@ import torch
 from vitscale.train.loop import train
 from vitscale.train.optim import master_views
 
-_BLOCK_WEIGHT = re.compile(r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])\.weight$")
+_BLOCK_WEIGHT = re.compile(r"(^|\.)(attn\.(qkv|proj)|mlp\.fc[12])\.weight$")  # a pipeline stage names blocks by layer index
 
 
 def _check(run) -> int:
@@ -37,7 +37,7 @@ def check_nm_after_every_step(run) -> None:
     def train_batch_then_check(*args, **kwargs):
         loss = original(*args, **kwargs)
         if run.engine.global_steps >= run.cfg.model.sparsity.dense_warmup:
-            assert _check(run) >= 8, "too few block weights found"
+            assert _check(run) >= 4, "too few block weights found"
         steps_checked.append(run.engine.global_steps)
         return loss
 

@@ -13,6 +13,7 @@ one after another, each a single-process ``python -m vitscale.train`` (its log i
 
 ``sweep.csv`` has a row per point: the grid's keys (the values in the run's resolved
 ``config.yaml``), then ``run``, ``params``, ``non_embedding_params`` (``models/spec.py``),
+``nonzero_params`` (a ``model.sparsity`` run's last logged count; ``params`` for a dense one),
 ``samples`` (seen: the last train record's), ``flops`` (training FLOPs: 3 x the forward FLOPs per
 sample of ``models/flops.py`` x samples, the count MFU uses), ``train_loss`` / ``best_train_loss``
 (final and lowest logged), ``eval_loss`` / ``best_eval_loss`` and ``top1`` / ``best_top1`` (blank
@@ -47,7 +48,7 @@ ATTEMPTS = "sweep_attempts.json"  # the seconds of each local attempt at a point
 GRID_FIXED = ["checkpoint.at_end=true", "checkpoint.resume=auto", "log.progress=false"]
 REFUSED_KEYS = {"run.dir": "each point has its own run folder under --out",
                 "checkpoint.resume": "the sweep resumes each point from its own checkpoints"}
-COLUMNS = ["run", "params", "non_embedding_params", "samples", "flops", "train_loss", "best_train_loss", "eval_loss",
+COLUMNS = ["run", "params", "non_embedding_params", "nonzero_params", "samples", "flops", "train_loss", "best_train_loss", "eval_loss",
            "best_eval_loss", "top1", "best_top1", "wall_s"]
 
 
@@ -290,6 +291,7 @@ def point_row(run_dir: Path, point: Point, keys: list[str]) -> dict:
     done = json.loads((run_dir / DONE).read_text()) if (run_dir / DONE).is_file() else {}
     row = {key: _lookup(cfg, key, text.partition("=")[2]) for key, text in zip(keys, point.overrides)}
     row.update({"run": point.name, "params": spec.parameters, "non_embedding_params": spec.non_embedding_parameters,
+                "nonzero_params": train[-1].get("nonzero_params", spec.parameters),
                 "samples": samples, "flops": 3 * spec.forward_flops(pk.seq_len, pk.max_images) * samples,
                 "train_loss": train[-1]["loss"], "best_train_loss": min(losses) if losses else "",
                 "eval_loss": eval_losses[-1] if eval_losses else "", "best_eval_loss": min(eval_losses, default=""),
