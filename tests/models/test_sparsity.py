@@ -105,3 +105,23 @@ def test_nm_groups_must_not_straddle_tensor_shards():
 
 def test_an_nm_pattern_reads_as_text_not_as_a_base_60_number():
     assert load_config(TINY, ["model.sparsity.pattern=2:4"]).model.sparsity.pattern == "2:4"
+
+
+def test_a_checkpoint_without_masks_is_ranked_again():
+    """A resharded or dense checkpoint carries no masks: pruned (zero) weights stay pruned, dense ones are
+    pruned to the schedule's level."""
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16", img_size=32, depth=1, num_classes=5)
+    cfg = load_config(TINY, ["model.sparsity.pattern=2:4"]).model.sparsity
+    trained = Sparsity(cfg, 10, model)
+    trained.update(0)
+    trained.apply_()
+    before = {name: mask.clone() for name, mask in trained.masks.items()}
+    resumed = Sparsity(cfg, 10, model)  # a fresh run's object, as after a load without masks
+    resumed.rank_again(5)
+    assert all(torch.equal(resumed.masks[name], before[name]) for name in before)
+    dense = create_model("vit_tiny_patch16", img_size=32, depth=1, num_classes=5)
+    fresh = Sparsity(cfg, 10, dense)
+    fresh.rank_again(5)
+    fresh.apply_()
+    assert fresh.record("cpu")["sparsity"] == 0.5

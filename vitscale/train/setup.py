@@ -190,7 +190,7 @@ def start_run(plan: Plan, dims: ParallelDims) -> Run:
             raise
         start, client = load_resharded(engine, change.folder, exp, dims)
     if getattr(engine, "vitscale_sparsity", None) is not None and start:  # the masks resume as the weights do
-        restore_masks(engine.vitscale_sparsity, client, start)
+        restore_masks(engine.vitscale_sparsity, client, start, engine.optimizer)
 
     piped = dims.pipe > 1
     meter = _meter(exp, dims)

@@ -18,8 +18,8 @@ steps.
 
 Checkpoints: each rank's masks (its tensor shard, its pipeline stage) go into the DeepSpeed client
 state of its model-parallel rank (``state_dict``), and a resume restores them bit-exactly; a resume
-into another layout (``checkpoint.reshard=weights``) takes the masks from the resharded weights'
-zeros. ZeRO-3 is refused before start (``config/validation.py``): its partitions split matrices
+into another layout (``checkpoint.reshard=weights``) or from a dense checkpoint ranks the loaded
+weights afresh (pruned weights are zero, so the same ones stay pruned). ZeRO-3 is refused before start (``config/validation.py``): its partitions split matrices
 across data ranks, so no rank holds a matrix whose magnitudes it could rank.
 """
 from __future__ import annotations
@@ -126,10 +126,12 @@ class Sparsity:
         self.masks = {name: mask.to(device=device, dtype=torch.bool) for name, mask in masks.items()}
         self.level = float(state.get("level", 0.0))
 
-    def masks_from_weights(self, step: int) -> None:
-        """Masks from the weights' zeros (a resume into another layout: the weights are masked)."""
-        self.level = self.level_at(step)
-        self.masks = {name: layer.weight.detach() != 0 for name, layer in self.layers} if self.level > 0 else {}
+    def rank_again(self, step: int) -> None:
+        """Masks ranked afresh on the loaded weights for ``step`` (a checkpoint without masks: resharded from
+        another layout, or written by a dense run). Weights a sparse run pruned are zero, so they rank
+        lowest and the same weights stay pruned; a dense checkpoint is pruned to the schedule's level."""
+        self.masks, self.level = {}, 0.0
+        self.update(step)
 
     @torch.no_grad()
     def record(self, device) -> dict:
@@ -173,12 +175,14 @@ def sparsify_in_step(engine, sparsity: Sparsity) -> None:
     engine.optimizer.step = step_then_sparsify
 
 
-def restore_masks(sparsity: Sparsity, client: dict, step: int) -> None:
+def restore_masks(sparsity: Sparsity, client: dict, step: int, optimizer=None) -> None:
     """After a resume at ``step``: the masks this rank's checkpoint file holds (the same layout), or,
-    where it holds none (a checkpoint resharded from another layout, or written dense), masks from the
-    loaded weights' zeros."""
+    where it holds none (a checkpoint resharded from another layout, or written dense), masks ranked
+    afresh on the loaded weights (``Sparsity.rank_again``); the weights are masked with them (module and
+    ``optimizer``'s master copy: a no-op for weights that were saved masked)."""
     state = client.get(STATE_KEY)
     if state is not None:
         sparsity.load_state_dict(state)
     else:
-        sparsity.masks_from_weights(step)
+        sparsity.rank_again(step)
+    sparsity.apply_(optimizer)
