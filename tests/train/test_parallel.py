@@ -46,6 +46,12 @@ TWO = {
 ARCH = ["model.qk_norm=true", "model.parallel_block=true", "model.dual_patchnorm=true", "model.bias=false"]
 ARCH_TWO = {"arch_data2": ARCH + ["parallel.zero=1"], "arch_tensor2": ARCH + ["parallel.tensor=2"],
             "arch_pipe2": ARCH + ["parallel.pipe=2", "parallel.activation_checkpoint=1"]}
+# optim.name (issue 24): Lion is elementwise, so ZeRO-2's flat partitions and tensor shards must train what
+# whole parameters train; LAMB's per-parameter trust ratio must be the same whole or staged.
+OPTIM_TWO = {"lion_data2_zero2": ["optim.name=lion", "parallel.zero=2"],
+             "lion_tensor2": ["optim.name=lion", "parallel.tensor=2", "parallel.zero=0"],
+             "lamb_data2": ["optim.name=lamb", "parallel.zero=0"],
+             "lamb_pipe2": ["optim.name=lamb", "parallel.pipe=2", "parallel.zero=0"]}
 FOUR = {
     "tensor2_data2_zero1": ["parallel.tensor=2", "parallel.zero=1"],
     "tensor2_data2_zero3": ["parallel.tensor=2", "parallel.zero=3"],
@@ -77,7 +83,7 @@ def runs(tmp_path_factory):
     init = root / "init.safetensors"
     save_file(create_model("vit_tiny_patch16", img_size=64, num_classes=10, depth=4, num_heads=4).state_dict(), init)
     run_training(root / "single", COMMON + ["parallel.zero=0"], launcher="python", nprocs=1)
-    _launch_layouts(root, 2, {**TWO, **_with_init(INIT, init), **ARCH_TWO})
+    _launch_layouts(root, 2, {**TWO, **_with_init(INIT, init), **ARCH_TWO, **OPTIM_TWO})
     _launch_layouts(root, 4, FOUR)
     return root
 
@@ -110,6 +116,14 @@ def test_architecture_options_train_the_same_function_in_every_layout(runs):
     assert ref[0] != pytest.approx(train_losses(runs / "single")[0], rel=1e-3)  # the options changed the model
     for layout in ("arch_tensor2", "arch_pipe2", "arch_pipe2_tensor2"):
         assert_same_function(runs / layout, runs / "arch_data2", layout)
+
+
+def test_lion_and_lamb_train_the_same_function_in_every_layout(runs):
+    adamw = train_losses(runs / "data2_zero2")
+    for ref, other in (("lion_data2_zero2", "lion_tensor2"), ("lamb_data2", "lamb_pipe2")):
+        assert_same_function(runs / other, runs / ref, other)
+        # the optimizer is in use: from the third step (the first with a non-zero LR applied) it is not AdamW
+        assert train_losses(runs / ref)[2:] != pytest.approx(adamw[2:], rel=1e-4), ref
 
 
 def test_initial_weights_load_into_every_layout(runs):

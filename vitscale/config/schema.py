@@ -121,7 +121,11 @@ class ParallelConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw"] = "adamw"
+    # adamw; lion (Chen et al. 2023: sign of an interpolated momentum, one state: use a 3-10x smaller
+    # train.lr and a 3-10x larger weight_decay than AdamW's); lamb (You et al. 2019: Adam with a
+    # per-parameter trust ratio, for large batches; needs whole parameters: parallel.zero=0, tensor 1).
+    # DeepSpeed's kernels where it has one (FusedLion / CPU Lion, FusedLamb in fp16), timm's otherwise.
+    name: Literal["adamw", "lamb", "lion"] = "adamw"
     weight_decay: float = 0.05  # not applied to biases, norms, position embeddings, class token
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8

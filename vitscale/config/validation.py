@@ -46,6 +46,14 @@ def check_config(cfg: Config) -> None:
         _fail(f"data.mean and data.std need 3 values (RGB), got {d.mean} and {d.std}")
     if len(o.betas) != 2:
         _fail(f"optim.betas={o.betas} needs two values, e.g. [0.9, 0.999]")
+    if o.name == "lamb" and (p.zero > 0 or p.tensor > 1):
+        # LAMB scales each parameter's update by ||w|| / ||update||. ZeRO 1-3 hand the optimizer one flat
+        # partition per group (and a tensor rank holds a slice of a parameter), so the ratio would be
+        # taken over the wrong vector; Lion is elementwise and runs in every layout.
+        _fail(f"optim.name=lamb needs whole parameters in the optimizer: parallel.zero=0 and parallel.tensor=1 "
+              f"(now zero={p.zero}, tensor={p.tensor}); LAMB's per-parameter trust ratio is wrong over ZeRO's flat "
+              "partitions and tensor shards. Use optim.name=lion (elementwise: any layout) or adamw, or drop ZeRO "
+              "and tensor parallelism (bf16 needs ZeRO, so LAMB trains in fp32 or fp16)")
     _check_data(cfg)
     _check_eval(cfg)
     _check_monitors(cfg)
