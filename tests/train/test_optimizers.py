@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from vitscale.config import ConfigError, compose_ds_config, load_config
+from vitscale.config.deepspeed import optimizer_of
 from vitscale.config.validation import check_config
 from vitscale.train.optim import client_optimizer
 
@@ -25,7 +26,7 @@ def _run(kind: str, weights, grads) -> list[torch.Tensor]:
     params = [torch.nn.Parameter(w.clone()) for w in weights]
     groups = [{"params": [params[0]], "weight_decay": WD}, {"params": [params[1]], "weight_decay": 0.0}]
     section = {"type": kind, "params": {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WD}}
-    opt = client_optimizer({"optimizer": section}, groups, "cpu")
+    opt = client_optimizer(optimizer_of({"optimizer": section}), groups, "cpu")
     for step in grads:
         for p, grad in zip(params, step):
             p.grad = grad.clone()
@@ -76,18 +77,18 @@ def test_lamb_is_the_papers_update():
 def test_deepspeeds_kernel_where_it_has_one_timms_elsewhere():
     groups = [{"params": [torch.nn.Parameter(torch.zeros(4))]}]
     lion = {"optimizer": {"type": "Lion", "params": {"lr": 1e-4, "betas": [0.9, 0.99], "weight_decay": 0.0}}}
-    assert type(client_optimizer(lion, groups, "cpu")).__name__ == "Lion"
-    assert client_optimizer(lion, groups, "cuda") is None  # DeepSpeed's FusedLion
+    assert type(client_optimizer(optimizer_of(lion), groups, "cpu")).__name__ == "Lion"
+    assert client_optimizer(optimizer_of(lion), groups, "cuda") is None  # DeepSpeed's FusedLion
     offload = {**lion, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
-    assert client_optimizer(offload, groups, "cpu") is None  # DeepSpeed's CPU Lion (ZeRO-Offload)
+    assert client_optimizer(optimizer_of(offload), groups, "cpu") is None  # DeepSpeed's CPU Lion (ZeRO-Offload)
     adam = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}
-    assert client_optimizer(adam, groups, "cpu") is None
+    assert client_optimizer(optimizer_of(adam), groups, "cpu") is None
     lamb = {"optimizer": {"type": "Lamb", "params": {"lr": 1e-4, "betas": [0.9, 0.99], "eps": 1e-6,
                                                      "weight_decay": 0.0}}}
-    assert type(client_optimizer(lamb, groups, "cpu")).__name__ == "Lamb"
-    assert client_optimizer({**lamb, "fp16": {"enabled": True}}, groups, "cuda") is None  # FusedLamb
+    assert type(client_optimizer(optimizer_of(lamb), groups, "cpu")).__name__ == "Lamb"
+    assert client_optimizer(optimizer_of({**lamb, "fp16": {"enabled": True}}), groups, "cuda") is None  # FusedLamb
     with pytest.raises(ValueError, match="set train.precision=fp32"):
-        client_optimizer({**lamb, "fp16": {"enabled": True}}, groups, "cpu")
+        client_optimizer(optimizer_of({**lamb, "fp16": {"enabled": True}}), groups, "cpu")
 
 
 def test_optimizer_names_compose_and_lamb_refuses_flat_partitions():

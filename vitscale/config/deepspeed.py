@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from vitscale.config.schema import Config, ConfigError
@@ -138,6 +139,31 @@ def optimizer_section(cfg: Config) -> dict:
     elif o.name == "lamb":  # the clip is ours (gradient_clipping): FusedLamb's own max_grad_norm stays off
         params.update(eps=o.eps, bias_correction=True)
     return {"type": OPTIMIZER_TYPES[o.name], "params": params}
+
+
+@dataclass(frozen=True)
+class OptimizerSection:
+    """What the composed DeepSpeed config says of the optimizer, read back for ``train/optim.py``."""
+
+    kind: str  # DeepSpeed's type name: AdamW, Lion, Lamb
+    params: dict
+    offload: bool  # ZeRO-Offload of the optimizer (DeepSpeed's CPU optimizers)
+    fp16: bool
+
+
+def optimizer_of(ds: dict) -> OptimizerSection:
+    """The optimizer section of a composed DeepSpeed config."""
+    section = ds.get("optimizer", {})
+    return OptimizerSection(kind=section.get("type", ""), params=dict(section.get("params", {})),
+                            offload=ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu",
+                            fp16=bool(ds.get("fp16", {}).get("enabled", False)))
+
+
+def with_client_optimizer(ds: dict) -> dict:
+    """The config ``deepspeed.initialize`` gets with an optimizer we built: no optimizer section (DeepSpeed
+    would build its own), and ZeRO allowed to step ours on its flat partitions, right for elementwise
+    rules (Lion); LAMB, per parameter, never runs under ZeRO (``config/validation.py`` refuses it)."""
+    return {**{k: v for k, v in ds.items() if k != "optimizer"}, "zero_allow_untested_optimizer": True}
 
 
 def _bf16_as_large_stacks_do(ds: dict, cfg: Config, preset: str) -> None:

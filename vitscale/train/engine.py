@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from vitscale.config import own_clipping
+from vitscale.config.deepspeed import optimizer_of, own_clipping, with_client_optimizer
 from vitscale.experiment import Experiment
 from vitscale.models.parallelize import layer_prefixes, parallelize
 from vitscale.train.faults import skip_nonfinite_steps
@@ -82,11 +82,9 @@ def build_engine(exp: Experiment, dims, ds_config: dict, loss_fn: Callable | Non
     schedule = lr_schedule(t.steps, o.warmup_steps, o.schedule, o.warmup_init_ratio, o.min_lr_ratio)
     from deepspeed.accelerator import get_accelerator
 
-    optimizer = client_optimizer(ds_config, groups, get_accelerator().device_name())
-    if optimizer is not None:  # timm's Lion / LAMB: DeepSpeed would otherwise build its own from the section
-        # ZeRO steps a client optimizer on its flat partitions only when told it may: right for Lion (elementwise);
-        # LAMB (per parameter) never runs under ZeRO (config validation refuses it).
-        ds_config = {**{k: v for k, v in ds_config.items() if k != "optimizer"}, "zero_allow_untested_optimizer": True}
+    optimizer = client_optimizer(optimizer_of(ds_config), groups, get_accelerator().device_name())
+    if optimizer is not None:  # timm's Lion / LAMB (train/optim.py)
+        ds_config = with_client_optimizer(ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, mpu=mpu, lr_scheduler=schedule,
                                            model_parameters=groups, optimizer=optimizer)
     safe_deepspeed_loads(engine)  # resume unpickles with weights_only=True, as every other load (safe_load.py)

@@ -20,6 +20,7 @@ from deepspeed.pipe import PipelineModule
 from torch import nn
 from torch._utils import _unflatten_dense_tensors
 
+from vitscale.config.deepspeed import OptimizerSection
 from vitscale.models.interop import whole_name
 
 
@@ -54,25 +55,23 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, lr: float, layer_d
     return groups
 
 
-def client_optimizer(ds_config: dict, groups: list[dict], device_type: str) -> torch.optim.Optimizer | None:
+def client_optimizer(section: OptimizerSection, groups: list[dict], device_type: str) -> torch.optim.Optimizer | None:
     """timm's Lion / LAMB for ``optim.name`` where DeepSpeed has no kernel for this run, else None (the
-    engine builds DeepSpeed's from ``ds_config["optimizer"]``; the caller drops that section otherwise).
+    engine builds DeepSpeed's from the config's optimizer section; with ours, the caller hands
+    ``deepspeed.initialize`` ``with_client_optimizer(ds_config)``).
 
     DeepSpeed's ``FusedLion`` and ``FusedLamb`` are CUDA kernels; its CPU Lion runs only for ZeRO-Offload,
     and ``FusedLamb`` only under fp16's dynamic loss scale (``_do_sanity_check``), where the engine wraps it
     in ``FP16_UnfusedOptimizer``, which keeps whole parameters as LAMB needs. Elsewhere timm's
     implementations (the same update rules, per parameter) run as DeepSpeed's client optimizer.
     """
-    section = ds_config.get("optimizer", {})
-    kind, params = section.get("type"), dict(section.get("params", {}))
-    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
-    fp16 = ds_config.get("fp16", {}).get("enabled", False)
-    if kind == "Lion" and not (device_type == "cuda" or offload):
+    params = section.params
+    if section.kind == "Lion" and not (device_type == "cuda" or section.offload):
         from timm.optim import Lion
 
         return Lion(groups, lr=params["lr"], betas=tuple(params["betas"]), weight_decay=params["weight_decay"])
-    if kind == "Lamb":
-        if fp16:
+    if section.kind == "Lamb":
+        if section.fp16:
             if device_type != "cuda":
                 raise ValueError("optim.name=lamb with train.precision=fp16 runs DeepSpeed's FusedLamb, a CUDA "
                                  f"kernel; this device is {device_type}: set train.precision=fp32")
