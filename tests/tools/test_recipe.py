@@ -47,6 +47,7 @@ def test_quick_recipe_writes_the_table_from_its_runs(recipe):
         assert float(row["top5"]) == pytest.approx(last_eval["top5"]) and last_eval["top5"] >= last_eval["top1"]
         assert last_eval["test_samples"] == 360 and last_eval["step"] == int(row["finetune_steps"]) == FINE
         assert len([r for r in tuned if r["kind"] == "eval"]) == 2  # during (half-way) and after training
+        assert 0 < last_eval["loss"] < 2 * 2.303  # the test cross-entropy (the sweep's eval_loss); ln 10 = chance
         assert f"| {row['pretraining']} | {float(row['top1']):.1f} | {float(row['top5']):.1f} |" in markdown
         if row["source"] == "scratch":
             assert row["pretrain_steps"] == "0" and row["pretrain_loss"] == ""

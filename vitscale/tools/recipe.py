@@ -1,4 +1,6 @@
-"""``vitscale-recipe fdsl-transfer``: formula-driven pre-training against scratch, end to end.
+"""``vitscale-recipe``: recipes made of runs. ``fdsl-transfer`` (here): formula-driven pre-training
+against scratch, end to end; ``vit-l-search`` (``tools/lr_search.py``): the hyper-parameter search
+over a ViT size ladder.
 
     vitscale-recipe fdsl-transfer [--minutes M | --steps PRE,FINE] [--quick] [--out DIR] [--seed S]
                                   [--generators scratch,perlin,dead_leaves,bezier,rcdb,fractal]
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vitscale.config import find_config
+from vitscale.tools import lr_search
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +221,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--quick", action="store_true", help="fixed tiny step counts (a few minutes on 2 CPU cores, CI)")
     f.add_argument("--out", type=Path, default=Path("runs/fdsl_transfer"), help="output folder")
     f.add_argument("--seed", type=int, default=0)
+    lr_search.add_parser(sub)
     return p
 
 
@@ -225,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.recipe == "vit-l-search":
+        return lr_search.main_args(args)
     from vitscale.data.synthetic import list_generators
 
     sources = [s.strip() for s in (args.generators or (QUICK_SOURCES if args.quick else DEFAULT_SOURCES)).split(",")
