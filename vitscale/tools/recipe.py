@@ -1,6 +1,7 @@
 """``vitscale-recipe``: recipes made of runs. ``fdsl-transfer`` (here): formula-driven pre-training
 against scratch, end to end; ``vit-l-search`` (``tools/lr_search.py``): the hyper-parameter search
-over a ViT size ladder.
+over a ViT size ladder; ``synthetic-scaling`` (``tools/synthetic_scaling.py``): synthetic images seen
+against downstream loss, fitted.
 
     vitscale-recipe fdsl-transfer [--minutes M | --steps PRE,FINE] [--quick] [--out DIR] [--seed S]
                                   [--generators scratch,perlin,dead_leaves,bezier,rcdb,fractal]
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vitscale.config import find_config
-from vitscale.tools import lr_search
+from vitscale.tools import lr_search, synthetic_scaling
 
 logger = logging.getLogger(__name__)
 
@@ -295,6 +296,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--classes", type=int, default=PRETRAIN_CLASSES, help="pre-training classes per synthetic source "
                    f"(default {PRETRAIN_CLASSES}; fewer classes leave chance sooner)")
     lr_search.add_parser(sub)
+    synthetic_scaling.add_parser(sub)
     return p
 
 
@@ -304,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.recipe == "vit-l-search":
         return lr_search.main_args(args)
+    if args.recipe == "synthetic-scaling":
+        return synthetic_scaling.main_args(args)
     from vitscale.data.synthetic import list_generators
 
     sources = [s.strip() for s in (args.generators or (QUICK_SOURCES if args.quick else DEFAULT_SOURCES)).split(",")
