@@ -62,7 +62,7 @@ def test_quick_recipe_writes_the_table_from_its_runs(recipe):
 def test_seeds_give_a_mean_and_a_t_interval_and_the_order_is_compared_with_the_paper():
     from scipy import stats
 
-    from vitscale.tools.recipe import aggregate, order_against_published
+    from vitscale.tools.fdsl_transfer import aggregate, order_against_published
 
     def row(source, top1, loss):
         return {"pretraining": source, "source": source, "top1": top1, "top5": 99.0, "pretrain_loss": loss}

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import shlex

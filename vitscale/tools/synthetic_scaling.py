@@ -150,7 +150,7 @@ def run(args, command: str) -> int:
     """The recipe (module docstring)."""
     from vitscale.data.synthetic import list_generators
     from vitscale.tools.lr_search import SIZES
-    from vitscale.tools.recipe import FULL, Plan, Runner, finetune_overrides, pretrain_overrides, read_records
+    from vitscale.tools.fdsl_transfer import FULL, Plan, Runner, finetune_overrides, pretrain_overrides, read_records
     from vitscale.config import find_config
     from vitscale.models.spec import resolve_model
     from vitscale.config import load_config
