@@ -1,8 +1,8 @@
 """CapPa (Tschannen et al. 2023, "Image Captioners Are Scalable Vision Learners Too"): a CLIP size's
 image tower and a text decoder that reads the tower's tokens through cross-attention.
 
-    images ──visual (CLIP's VisionTower: conv1, blocks, ln_post on every token, proj)──▶ memory (B, 1 + N, W)
-    tokens ──token embedding, or [MASK] everywhere (parallel)──▶ decoder blocks ──▶ ln_final ──▶ head ──▶ logits (B, L, V)
+    images ──visual (CLIP's VisionTower; ln_post and proj on every token)──▶ memory (B, 1 + N, W)
+    tokens ──embedding, or [MASK] everywhere (parallel)──▶ decoder blocks ──▶ ln_final, head ──▶ logits (B, L, V)
 
 The image tower is ``clip.VisionTower`` itself, so its parameters keep the CLIP's names
 (``visual.conv1``, ``visual.blocks.N...``, ``visual.ln_post``, ``visual.proj``) and it exports to timm

@@ -64,7 +64,8 @@ from vitscale.models.vit import Block, ViTConfig, init_by_name, patchify
 
 __all__ = ["CLIPVisionConfig", "CLIPTextConfig", "CLIPConfig", "CLIP", "CLIPBlock", "VisionTower", "TextTower",
            "QuickGELU", "CLIP_SIZES", "OPEN_CLIP_NAMES", "LOGIT_SCALE_MAX", "clip_config", "build_clip",
-           "clip_init_weights", "clip_initial_value", "run_blocks", "to_open_clip_state_dict", "from_open_clip_state_dict"]
+           "clip_init_weights", "clip_initial_value", "run_blocks", "to_open_clip_state_dict",
+           "from_open_clip_state_dict"]
 
 LOGIT_SCALE_MAX = math.log(100)  # open_clip_train clamps logit_scale to [0, log 100] after each step
 
@@ -484,7 +485,8 @@ def clip_init_weights(module: nn.Module, cfg: CLIPConfig, seed: int, prefix: str
     Returns:
         ``module``.
     """
-    return init_by_name(module, seed, prefix, lambda name, mod, shape, gen: clip_initial_value(name, mod, shape, gen, cfg))
+    return init_by_name(module, seed, prefix,
+                        lambda name, mod, shape, gen: clip_initial_value(name, mod, shape, gen, cfg))
 
 
 # ---- open_clip interop: key renames only (see the module docstring) ----

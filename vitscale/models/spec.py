@@ -201,7 +201,8 @@ def resolve_model(model: ModelConfig, image_size: int, num_classes: int, loss: s
 def _classifier_kwargs(m: ModelConfig, image_size: int, num_classes: int) -> dict:
     """A ViT's options: the model section's fields are ViTConfig's, None keeping the size's default."""
     kwargs = {f.name: getattr(m, f.name) for f in dataclasses.fields(ModelConfig)
-              if f.name not in ("name", "init", "vision", "text", "bias", "moe") and getattr(m, f.name) is not None}
+              if f.name not in ("name", "init", "vision", "text", "bias", "moe", "decoder")
+              and getattr(m, f.name) is not None}
     if m.bias is not None:  # one switch for the QKV and LayerNorm biases, as ViT-22B drops both
         kwargs.setdefault("qkv_bias", m.bias)
         kwargs["norm_bias"] = m.bias
