@@ -72,6 +72,16 @@ def test_forward_flops_equal_torch_flop_counter(model):
     assert forward_flops(model) == counter.get_total_flops() == forward_flops(model.cfg)
 
 
+def test_planner_layers_hold_every_parameter_and_flop_once(model):
+    from vitscale.models.cappa import cappa_layers
+    from vitscale.models.flops import layer_flops
+
+    layers = cappa_layers(model)
+    held = [id(p) for _, layer in layers for p in layer.parameters()]
+    assert sorted(held) == sorted(id(p) for p in model.parameters())  # each parameter in exactly one layer
+    assert len(layer_flops(model)) == len(layers) and sum(layer_flops(model)) == forward_flops(model)
+
+
 def test_captioning_loss_is_the_mean_next_token_cross_entropy_per_caption():
     torch.manual_seed(2)
     logits = torch.randn(2, 6, 11)

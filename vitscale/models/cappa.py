@@ -38,7 +38,7 @@ from vitscale.models.registry import register_model
 from vitscale.models.vit import Attention, HeadSlice, Mlp, init_by_name
 
 __all__ = ["TextDecoderConfig", "CapPaConfig", "CapPa", "TextDecoder", "DecoderBlock", "CrossAttention",
-           "cappa_config", "build_cappa", "cappa_init_weights", "CAPPA_NAMES"]
+           "cappa_config", "build_cappa", "cappa_init_weights", "cappa_layers", "CAPPA_NAMES"]
 
 
 @dataclass
@@ -221,6 +221,23 @@ class CapPa(nn.Module):
         none) -> logits (B, L, vocab_size), position t predicting token t + 1. ``noise`` is accepted as every
         model here accepts it; nothing draws from it (no stochastic layers)."""
         return self.decoder(tokens, self.image_tokens(images), parallel)
+
+
+def cappa_layers(model: CapPa) -> list[tuple[str, nn.Module]]:
+    """The CapPa as ``(name prefix in the whole model, layer)`` pairs in forward order, as a pipeline would
+    cut it: the embeddings (the tower's patches, class token, positions, ``ln_pre``; the decoder's token,
+    [MASK] and position embeddings), each image block, each decoder block, the head (``ln_post``, ``proj``,
+    ``ln_final``, the vocabulary head). No pipeline runs a CapPa yet; the planner counts parameters and
+    FLOPs per layer with these. The layers share their parameters with ``model`` (build it on meta)."""
+    v, d = model.visual, model.decoder
+    embed, head = nn.Module(), nn.Module()
+    for name in ("conv1", "class_embedding", "positional_embedding", "patch_norm_pre", "patch_norm", "ln_pre"):
+        setattr(embed, name, getattr(v, name))
+    embed.token_embedding, embed.mask_embedding = d.token_embedding, d.mask_embedding
+    embed.decoder_positional_embedding = d.positional_embedding
+    head.ln_post, head.proj, head.ln_final, head.head = v.ln_post, v.proj, d.ln_final, d.head
+    return ([("", embed)] + [(f"visual.blocks.{i}", b) for i, b in enumerate(v.blocks)]
+            + [(f"decoder.blocks.{i}", b) for i, b in enumerate(d.blocks)] + [("", head)])
 
 
 def _initial_value(name: str, module: nn.Module, shape: tuple[int, ...], gen: torch.Generator,

@@ -135,6 +135,17 @@ def cappa_forward_flops(cfg: CapPaConfig) -> int:
     return image + dec.layers * block + 2 * n * d * dec.vocab_size
 
 
+def cappa_layer_flops(cfg: CapPaConfig) -> list[int]:
+    """Forward FLOPs of one image-caption pair through each layer of ``cappa.cappa_layers`` (the
+    embeddings, the image blocks, the decoder blocks, the head: every image token's projection and the
+    vocabulary head), in order; they sum to ``cappa_forward_flops``."""
+    v, dec = cfg.vision, cfg.decoder
+    image = vit_layer_flops(v.vit)  # [patch embedding, blocks..., no head]
+    m, n, d = v.vit.seq_len, dec.context_length, dec.width
+    block = _block_flops(n, d, dec.mlp_hidden) + 2 * n * d * d + 2 * m * d * 2 * d + 4 * n * m * d + 2 * n * d * d
+    return [image[0], *image[1:-1], *[block] * dec.layers, 2 * m * v.width * d + 2 * n * d * dec.vocab_size]
+
+
 def vit_layer_flops(cfg: ViTConfig) -> list[int]:
     """Forward FLOPs of one image through each pipeline layer of a ViT (``models/pipeline.py``'s
     ``vit_layers``: the embedding, each block, the head), in order; they sum to ``vit_forward_flops``."""
@@ -163,6 +174,8 @@ def layer_flops(cfg_or_model: nn.Module | ViTConfig) -> list[int]:
     cfg = getattr(cfg_or_model, "cfg", cfg_or_model)
     if isinstance(cfg, CLIPConfig):
         return clip_layer_flops(cfg)
+    if isinstance(cfg, CapPaConfig):
+        return cappa_layer_flops(cfg)
     if isinstance(cfg, ViTConfig):
         return vit_layer_flops(cfg)
     forward_flops(cfg)  # raises the error that names the known families

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from vitscale.config.schema import ConfigError
-from vitscale.models.cappa import cappa_init_weights
+from vitscale.models.cappa import cappa_init_weights, cappa_layers
 from vitscale.models.clip import clip_init_weights
 from vitscale.models.flops import layer_flops
 from vitscale.models.spec import ModelSpec
@@ -63,6 +63,8 @@ def stage_tensors(spec: ModelSpec) -> int:
 def pipeline_layers(spec: ModelSpec) -> list[tuple[str, nn.Module]]:
     """The model as ``(name prefix in the whole model, layer)`` pairs on the meta device: the layers a
     pipeline is made of, in order (what checkpoints of pipeline runs are keyed by)."""
+    if spec.kind == "cappa":  # no pipeline runs it yet: its layers as one would cut them (the planner's counts)
+        return cappa_layers(spec.meta())
     from vitscale.models.pipeline import clip_layers, vit_layers
 
     return (clip_layers if spec.kind == "clip" else vit_layers)(spec.meta())
