@@ -172,7 +172,12 @@ def model_shape(exp: Experiment) -> ModelShape:
     spec = exp.model
     layers = pipeline_layers(spec)
     flops = layer_flops(spec.arch)
-    if spec.kind == "clip":
+    if spec.kind == "cappa":  # the decoder's blocks counted as self-attention blocks (cross-attention left out)
+        v, dec = spec.arch.vision, spec.arch.decoder
+        stacks = ((v.vit.seq_len, v.width, v.heads, v.mlp_ratio, False),
+                  (dec.context_length, dec.width, dec.heads, dec.mlp_ratio, False))
+        blocks = [-1] + [0] * v.layers + [1] * dec.layers + [-1]
+    elif spec.kind == "clip":
         v, t = spec.arch.vision, spec.arch.text
         stacks = ((v.vit.seq_len, v.width, v.heads, v.mlp_ratio, False),
                   (t.context_length, t.width, t.heads, t.mlp_ratio, False))

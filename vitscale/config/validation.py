@@ -69,6 +69,7 @@ def check_config(cfg: Config) -> None:
              f"supports only ZeRO 0 and 1; set parallel.zero=1 or parallel.pipe=1")
     _check_precision(cfg)
     _check_model_options(cfg)
+    _check_cappa(cfg)
     if p.activation_checkpoint < 0:
         _fail(f"parallel.activation_checkpoint={p.activation_checkpoint} must be >= 0 (blocks per recomputed "
              "chunk; 0 turns it off)")
@@ -189,6 +190,34 @@ def _check_model_options(cfg: Config) -> None:
     if m.moe.blocks < 0 or m.moe.experts < 1 or m.moe.slots < 1:
         _fail(f"model.moe.blocks={m.moe.blocks} must be >= 0, model.moe.experts={m.moe.experts} and "
              f"model.moe.slots={m.moe.slots} >= 1")
+
+
+def _check_cappa(cfg: Config) -> None:
+    """Captioning pre-training (``train.objective=cappa``): its decoder and batch split, and the layouts it runs in."""
+    t, dec, p = cfg.train, cfg.model.decoder, cfg.parallel
+    if t.objective != "cappa":
+        return
+    if not 0 <= t.cappa.parallel_fraction <= 1:
+        _fail(f"train.cappa.parallel_fraction={t.cappa.parallel_fraction} must be in [0, 1] (the share of samples "
+              "trained by parallel prediction; the paper uses 0.75)")
+    for key in ("layers", "width", "heads"):
+        if getattr(dec, key) < 1:
+            _fail(f"model.decoder.{key}={getattr(dec, key)} must be >= 1")
+    if dec.width % dec.heads:
+        ok = [h for h in range(1, min(dec.width, 64) + 1) if dec.width % h == 0]
+        _fail(f"model.decoder.width={dec.width} must be divisible by model.decoder.heads={dec.heads}; use "
+              f"model.decoder.heads in {ok}")
+    if dec.mlp_ratio <= 0:
+        _fail(f"model.decoder.mlp_ratio={dec.mlp_ratio} must be > 0")
+    if p.pipe > 1:
+        _fail(f"CapPa under parallel.pipe>1 is not supported yet (parallel.pipe={p.pipe}): the pipeline layers "
+              "(models/pipeline.py) pass one image and one text stream between stages, and the decoder's every "
+              "block needs the image tower's output tokens besides its own; use parallel.pipe=1 with "
+              "parallel.tensor and ZeRO instead")
+    if cfg.eval.every:
+        _fail(f"eval.every={cfg.eval.every}: a CapPa run has no text tower for zero-shot / retrieval; set eval.every=0 "
+              "and evaluate the image tower after training (vitscale-export RUN --to timm, then vitscale-eval "
+              "--task linear-probe or a fine-tuning run with model.init)")
 
 
 def _is_checkpoint_dir(path: str) -> bool:

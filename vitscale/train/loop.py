@@ -92,6 +92,7 @@ def _log(run: Run, step: int, loss: torch.Tensor, lr: float, skipped: bool) -> d
               "grad_norm": float(norm) if norm is not None else None, "skipped": skipped}
     if t.precision == "fp16":
         record["loss_scale"] = run.engine.optimizer.cur_scale
+    record.update(run.objective.metrics(dims))  # an objective's own terms (CapPa: loss_ar, loss_parallel)
     rows = run.meter.records(step)
     if run.source_cls.counters:
         rows += data_records(run.source_cls, run.source if run.reports_data else None, dims, step)
