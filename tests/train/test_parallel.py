@@ -53,6 +53,12 @@ OPTIM_TWO = {"lion_data2_zero2": ["optim.name=lion", "parallel.zero=2"],
              "lion_tensor2": ["optim.name=lion", "parallel.tensor=2", "parallel.zero=0"],
              "lamb_data2": ["optim.name=lamb", "parallel.zero=0"],
              "lamb_pipe2": ["optim.name=lamb", "parallel.pipe=2", "parallel.zero=0"]}
+# train.compile (issue 21): each block compiled (aot_eager: dynamo's graphs and AOT autograd without
+# inductor's code generation, which ../shared/acceptance/speed exercises), under tensor 2 and in pipeline stages.
+COMPILED = ["train.compile=true", "train.compile_backend=aot_eager"]
+COMPILE_TWO = {name: {"overrides": COMPILED + overrides, "call": "tests.train.test_parallel:train_counting_graphs"}
+               for name, overrides in {"compile_tensor2": ["parallel.tensor=2", "parallel.zero=0"],
+                                       "compile_pipe2": ["parallel.pipe=2", "parallel.zero=1"]}.items()}
 FOUR = {
     "tensor2_data2_zero1": ["parallel.tensor=2", "parallel.zero=1"],
     "tensor2_data2_zero3": ["parallel.tensor=2", "parallel.zero=3"],
@@ -84,7 +90,7 @@ def runs(tmp_path_factory):
     init = root / "init.safetensors"
     save_file(create_model("vit_tiny_patch16", img_size=64, num_classes=10, depth=4, num_heads=4).state_dict(), init)
     run_training(root / "single", COMMON + ["parallel.zero=0"], launcher="python", nprocs=1)
-    _launch_layouts(root, 2, {**TWO, **_with_init(INIT, init), **ARCH_TWO, **OPTIM_TWO})
+    _launch_layouts(root, 2, {**TWO, **_with_init(INIT, init), **ARCH_TWO, **OPTIM_TWO, **COMPILE_TWO})
     _launch_layouts(root, 4, FOUR)
     return root
 
@@ -117,6 +123,39 @@ def test_architecture_options_train_the_same_function_in_every_layout(runs):
     assert ref[0] != pytest.approx(train_losses(runs / "single")[0], rel=1e-3)  # the options changed the model
     for layout in ("arch_tensor2", "arch_pipe2", "arch_pipe2_tensor2"):
         assert_same_function(runs / layout, runs / "arch_data2", layout)
+
+
+def train_counting_graphs(run):
+    """A layouts.py probe: train, then write what dynamo compiled in this process (blocks compiled, graphs, calls
+    captured) into run.dir/dynamo<rank>.json."""
+    import json
+
+    from torch._dynamo.utils import counters
+
+    from vitscale.train.loop import train
+
+    counters.clear()
+    train(run)
+    stats = {"unique_graphs": counters["stats"]["unique_graphs"], "calls_captured": counters["stats"]["calls_captured"],
+             "blocks": sum(type(m).__name__.endswith("Block") and getattr(m, "_compiled_call_impl", None) is not None
+                           for m in run.engine.module.modules())}
+    (Path(run.cfg.run.dir) / f"dynamo{run.dims.rank}.json").write_text(json.dumps(stats))
+
+
+def test_compiled_blocks_train_the_same_function(runs):
+    import json
+
+    for layout in COMPILE_TWO:
+        assert_same_function(runs / layout, runs / "single", layout)
+        for rank in (0, 1):
+            stats = json.loads((runs / layout / f"dynamo{rank}.json").read_text())
+            # every block of the rank compiled (tensor 2: the model's 4; pipe 2: the stage's 2) and graphs captured;
+            # the blocks share their graphs instead of one graph per block (each block's noise site is another
+            # Python int: models/parallelize.py): at most 3 (the first block without drop-path; the next, before
+            # dynamo makes the site dynamic; the rest), so fewer than the 4 blocks of a tensor rank
+            assert stats["blocks"] == (4 if "tensor" in layout else 2), (layout, rank, stats)
+            assert 1 <= stats["unique_graphs"] <= min(3, stats["blocks"]) and stats["calls_captured"] > 0, (
+                layout, rank, stats)
 
 
 def test_lion_and_lamb_train_the_same_function_in_every_layout(runs):

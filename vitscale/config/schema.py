@@ -189,6 +189,10 @@ class TrainConfig:
     objective: Literal["cappa"] | None = None
     cappa: CapPaConfig = field(default_factory=CapPaConfig)
     ema: float = 0.0  # decay of an EMA of the weights (timm's ModelEmaV3, e.g. 0.9998), evaluated on data.test; 0 = off
+    # torch.compile each transformer block (regional compilation, as torchtitan does: one graph reused by
+    # every block), in every layout but ZeRO-3 (whose parameter hooks run inside each block's forward)
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: the graphs without code generation)
 
 
 @dataclass

@@ -46,6 +46,10 @@ def check_config(cfg: Config) -> None:
         _fail(f"data.mean and data.std need 3 values (RGB), got {d.mean} and {d.std}")
     if len(o.betas) != 2:
         _fail(f"optim.betas={o.betas} needs two values, e.g. [0.9, 0.999]")
+    if t.compile and p.zero == 3:
+        _fail("train.compile=true cannot run with parallel.zero=3: ZeRO-3 gathers and frees each layer's parameters "
+              "in hooks that run inside every block's forward, which torch.compile would trace; use parallel.zero "
+              "0-2 (with parallel.offload=optimizer for memory) or train.compile=false")
     if o.name == "lamb" and (p.zero > 0 or p.tensor > 1):
         # LAMB scales each parameter's update by ||w|| / ||update||. ZeRO 1-3 hand the optimizer one flat
         # partition per group (and a tensor rank holds a slice of a parameter), so the ratio would be

@@ -1,7 +1,7 @@
 """Parallelism applied to a built model from outside, as torchtitan's ``parallelize_*`` functions do:
 tensor parallelism (``tensor_parallel.py``: Megatron column / row sharding of every block),
 pipeline stages (``pipeline.py``: the model's layers as a DeepSpeed ``PipelineModule``),
-activation checkpointing; and the checks, run before any process starts, that a layout fits a model.
+activation checkpointing, torch.compile of each block (``compile_blocks``); and the checks, run before any process starts, that a layout fits a model.
 
 The model classes (``vit.py``, ``clip.py``) know none of this: they are single-device modules, built
 on the meta device here, split, and only then materialised and initialised, each parameter from
@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from vitscale.config.schema import ConfigError
-from vitscale.models.cappa import cappa_init_weights, cappa_layers
+from vitscale.models.cappa import DecoderBlock, cappa_init_weights, cappa_layers
 from vitscale.models.clip import clip_init_weights
 from vitscale.models.flops import layer_flops
 from vitscale.models.spec import ModelSpec
 from vitscale.models.tensor_parallel import parallelize_vit
-from vitscale.models.vit import init_weights
+from vitscale.models.vit import Block, ParallelBlock, init_weights
 
 if TYPE_CHECKING:  # the process groups come from vitscale.distributed; models never create any
     from vitscale.distributed import ParallelDims
@@ -129,3 +129,22 @@ def parallelize(spec: ModelSpec, dims: ParallelDims | None, seed: int, loss_fn: 
         init_weights(model, seed)
     model.set_grad_checkpointing(activation_checkpoint)
     return model
+
+
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
+    """``torch.compile`` every transformer block of this rank's part of the model in place (regional
+    compilation, as torchtitan applies it: the names, state dict and hooks around each block stay; the
+    embedding, heads and losses stay eager). Returns the number of blocks compiled.
+
+    Blocks differ only in their weights and in Python numbers: a block's noise ``site`` (``models/noise.py``)
+    and its drop-path rate. Dynamo would specialise every compiled block on its own numbers and recompile
+    for each, up to its recompile limit (8), then run the rest eagerly; with ints on modules left
+    unspecialised (floats are by default) the blocks share their graphs.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    blocks = [m for m in model.modules() if isinstance(m, (Block, ParallelBlock, DecoderBlock))]
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)

@@ -14,7 +14,7 @@ from torch import nn
 
 from vitscale.config.deepspeed import optimizer_of, own_clipping, with_client_optimizer
 from vitscale.experiment import Experiment
-from vitscale.models.parallelize import layer_prefixes, parallelize
+from vitscale.models.parallelize import compile_blocks, layer_prefixes, parallelize
 from vitscale.train.faults import skip_nonfinite_steps
 from vitscale.train.initial_weights import load_initial_weights
 from vitscale.train.optim import (clamp_in_step, client_optimizer, clip_in_step, layer_decay_groups, lr_schedule,
@@ -49,6 +49,10 @@ def build_model(exp: Experiment, dims=None, loss_fn: Callable | None = None) -> 
             load_initial_weights(model, cfg.model.init, layer_prefixes(exp.model), whole=exp.model.meta(), dims=dims)
         else:
             load_initial_weights(model, cfg.model.init, dims=dims)
+    if cfg.train.compile:
+        compiled = compile_blocks(model, cfg.train.compile_backend)
+        logger.info("torch.compile (%s): %d blocks of this rank, compiled at their first forward",
+                    cfg.train.compile_backend, compiled)
     return model
 
 
