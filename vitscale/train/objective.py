@@ -46,6 +46,11 @@ class Objective:
     def train(self) -> None:
         """End the collecting pass: the next calls compute the loss with gradients."""
 
+    def logged(self) -> dict[str, torch.Tensor]:
+        """Parts of the last step's loss for the train record (name -> this rank's device scalar),
+        e.g. distillation's ``loss_label`` / ``loss_distill``; none by default."""
+        return {}
+
 
 class WholeBatchContrastive(Objective):
     """CLIP's contrastive loss over the whole global batch, also under gradient accumulation
