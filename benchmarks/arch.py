@@ -19,6 +19,14 @@ random uint8 batches:
   ``train.distill``: soft KL, alpha 0.5); the teacher's forward (no backward) runs every step, and
   TFLOP/s / GFLOP per sample count it (3 x student + 1 x teacher forward).
 
+And for each CLIP size (``--clip-models``), captioning pre-training against the contrastive CLIP
+it replaces (issue 25), on the same random images and random captions:
+
+- ``clip``: both towers, the contrastive loss over the batch (one process).
+- ``cappa``: the image tower and a text decoder (``--decoder-layers`` / ``--decoder-width``,
+  ``--decoder-heads``: the model.decoder defaults), 75 % of each batch by parallel
+  prediction, the rest autoregressive (``train.objective=cappa``); no text tower.
+
 Rounds interleave the variants (timings swing run to run); medians are reported.
 samples/s is images/s; TFLOP/s counts 3 x the forward FLOPs of ``vitscale.models.flops``
 (what really runs, packing padding included); MFU = TFLOP/s / ``--peak-tflops`` (no
@@ -26,6 +34,8 @@ default: a CPU has no meaningful peak in our table).
 
     python benchmarks/arch.py                                   # tiny and base ViT/16 at 64 px, batch 8
     python benchmarks/arch.py --models vit_large_patch16 --img 224 --batch 32 --peak-tflops 989  # an H100, bf16
+    python benchmarks/arch.py --models --clip-models clip_vit_b16 --img 224 --batch 32 --decoder-layers 6 \
+        --decoder-width 768 --decoder-heads 12                      # CapPa vs CLIP, the paper's B/16 decoder
 """
 from __future__ import annotations
 
@@ -49,7 +59,7 @@ def _variants(tokens: int, img: int) -> dict[str, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["vit_tiny_patch16", "vit_base_patch16"])
+    ap.add_argument("--models", nargs="*", default=["vit_tiny_patch16", "vit_base_patch16"])
     ap.add_argument("--img", type=int, default=64, help="image side, pixels (packing: the largest side)")
     ap.add_argument("--batch", type=int, default=8, help="images (packed: sequences) per step")
     ap.add_argument("--classes", type=int, default=1000)
@@ -57,6 +67,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per variant per round (after one warm-up)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU")
+    ap.add_argument("--clip-models", nargs="*", default=["clip_tiny"], help="CLIP sizes: CapPa against the CLIP")
+    ap.add_argument("--decoder-layers", type=int, default=2, help="CapPa's decoder blocks (model.decoder.layers)")
+    ap.add_argument("--decoder-width", type=int, default=64, help="CapPa's decoder width (model.decoder.width)")
+    ap.add_argument("--decoder-heads", type=int, default=4, help="CapPa's decoder heads (model.decoder.heads)")
     args = ap.parse_args()
 
     import torch
@@ -139,6 +153,8 @@ def main() -> None:
                          run["train_flops"] / args.batch / 1e9))
         del runs
 
+    rows += _caption_rows(args, device, dtype, sync, gen)
+
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} "
           f"({torch.get_num_threads()} threads), {args.precision}, {args.img} px, batch {args.batch}, "
           f"median of {args.rounds} rounds x {args.steps} steps")
@@ -146,6 +162,67 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name, variant, ips, tflops, mfu, params, gflop in rows:
         print(f"| {name} | {variant} | {ips:.1f} | {tflops:.3f} | {mfu} | {params:.1f} | {gflop:.2f} |")
+
+
+def _caption_rows(args, device, dtype, sync, gen) -> list[tuple]:
+    """CapPa against the contrastive CLIP of each ``--clip-models`` size, interleaved rounds, the table's rows."""
+    import torch
+
+    from vitscale.models import create_model
+    from vitscale.models.flops import forward_flops
+    from vitscale.models.losses import create_loss
+    from vitscale.models.noise import sample_keys
+    from vitscale.train.captioning import parallel_share
+
+    rows = []
+    decoder = dict(layers=args.decoder_layers, width=args.decoder_width, heads=args.decoder_heads)
+    for name in args.clip_models:
+        vision = dict(image_size=args.img)
+        with torch.device("meta"):
+            text = create_model(name, vision=vision).cfg.text
+        images = [torch.randint(0, 256, (args.batch, 3, args.img, args.img), dtype=torch.uint8, generator=gen)
+                  for _ in range(4)]
+        tokens = [torch.randint(1, text.vocab_size, (args.batch, text.context_length), generator=gen) for _ in range(4)]
+        parallel = parallel_share(sample_keys(0, torch.arange(args.batch)), 0.75).to(device)
+        clip_loss, caption_loss = create_loss("clip"), create_loss("captioning")
+        runs = {}
+        for variant, model_name, options in (("clip", name, {}),
+                                             ("cappa", "cappa_" + name.removeprefix("clip_"), dict(decoder=decoder))):
+            torch.manual_seed(0)
+            model = create_model(model_name, vision=vision, **options).to(device)
+            inputs = [((x.to(device).to(dtype) / 127.5 - 1.0), t.to(device)) for x, t in zip(images, tokens)]
+            runs[variant] = dict(model=model, opt=torch.optim.AdamW(model.parameters(), lr=1e-4), inputs=inputs,
+                                 flops=forward_flops(model.cfg) * args.batch, times=[])
+
+        def step(variant, run, i):
+            x, t = run["inputs"][i % len(run["inputs"])]
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                if variant == "clip":
+                    image, text_features, scale = run["model"](x, t)
+                    loss = clip_loss(image.float(), text_features.float(), scale.float())
+                else:
+                    loss = caption_loss(run["model"](x, t, parallel), t).mean()
+            loss.backward()
+            run["opt"].step()
+            run["opt"].zero_grad(set_to_none=True)
+
+        for variant, run in runs.items():
+            step(variant, run, 0)
+        for _ in range(args.rounds):
+            for variant, run in runs.items():
+                sync()
+                start = time.perf_counter()
+                for i in range(args.steps):
+                    step(variant, run, i)
+                sync()
+                run["times"].append((time.perf_counter() - start) / args.steps)
+        for variant, run in runs.items():
+            step_s = statistics.median(run["times"])
+            tflops = 3 * run["flops"] / step_s / 1e12
+            mfu = f"{tflops / args.peak_tflops:.1%}" if args.peak_tflops else "n/a"
+            rows.append((name, variant, args.batch / step_s, tflops, mfu,
+                         sum(p.numel() for p in run["model"].parameters()) / 1e6, 3 * run["flops"] / args.batch / 1e9))
+    return rows
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Three launches cover all layouts: one 2-process launch, the single-process refer
 and one 4-process launch, each training several layouts in turn (tests/train/layouts.py). The same matrix
 in bf16, with a tolerance from a measured bf16-vs-fp32 difference, is in tests/train/test_precision.py.
 """
+import math
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,12 @@ TWO = {
 ARCH = ["model.qk_norm=true", "model.parallel_block=true", "model.dual_patchnorm=true", "model.bias=false"]
 ARCH_TWO = {"arch_data2": ARCH + ["parallel.zero=1"], "arch_tensor2": ARCH + ["parallel.tensor=2"],
             "arch_pipe2": ARCH + ["parallel.pipe=2", "parallel.activation_checkpoint=1"]}
+# optim.name (issue 24): Lion is elementwise, so ZeRO-2's flat partitions and tensor shards must train what
+# whole parameters train; LAMB's per-parameter trust ratio must be the same whole or staged.
+OPTIM_TWO = {"lion_data2_zero2": ["optim.name=lion", "parallel.zero=2"],
+             "lion_tensor2": ["optim.name=lion", "parallel.tensor=2", "parallel.zero=0"],
+             "lamb_data2": ["optim.name=lamb", "parallel.zero=0"],
+             "lamb_pipe2": ["optim.name=lamb", "parallel.pipe=2", "parallel.zero=0"]}
 FOUR = {
     "tensor2_data2_zero1": ["parallel.tensor=2", "parallel.zero=1"],
     "tensor2_data2_zero3": ["parallel.tensor=2", "parallel.zero=3"],
@@ -101,7 +108,7 @@ def runs(tmp_path_factory):
     init = root / "init.safetensors"
     save_file(create_model("vit_tiny_patch16", img_size=64, num_classes=10, depth=4, num_heads=4).state_dict(), init)
     seed_two, seed_one = _seed_methods(root, init)
-    _launch_layouts(root, 2, {**seed_two, **TWO, **_with_init(INIT, init), **ARCH_TWO})
+    _launch_layouts(root, 2, {**seed_two, **TWO, **_with_init(INIT, init), **ARCH_TWO, **OPTIM_TWO})
     # The single-process references after it: the distillation reference needs the teacher it trains.
     _launch_layouts(root, 1, {"single": ["parallel.zero=0"], **seed_one})
     _launch_layouts(root, 4, FOUR)
@@ -136,6 +143,14 @@ def test_architecture_options_train_the_same_function_in_every_layout(runs):
     assert ref[0] != pytest.approx(train_losses(runs / "single")[0], rel=1e-3)  # the options changed the model
     for layout in ("arch_tensor2", "arch_pipe2", "arch_pipe2_tensor2"):
         assert_same_function(runs / layout, runs / "arch_data2", layout)
+
+
+def test_lion_and_lamb_train_the_same_function_in_every_layout(runs):
+    adamw = train_losses(runs / "data2_zero2")
+    for ref, other in (("lion_data2_zero2", "lion_tensor2"), ("lamb_data2", "lamb_pipe2")):
+        assert_same_function(runs / other, runs / ref, other)
+        # the optimizer is in use: from the third step (the first with a non-zero LR applied) it is not AdamW
+        assert train_losses(runs / ref)[2:] != pytest.approx(adamw[2:], rel=1e-4), ref
 
 
 def test_initial_weights_load_into_every_layout(runs):
@@ -206,6 +221,12 @@ CLIP_FOUR = {
 
 CLIP_INIT = {"oc_data2": ["parallel.zero=1"], "oc_tensor2": ["parallel.tensor=2"], "oc_pipe2": ["parallel.pipe=2"]}
 
+# CapPa (train.objective=cappa, issue 25) on the same config and launch: its decoder's self- and cross-attention
+# split over tensor ranks, and data 2 with ZeRO-3, against its own single-process run.
+CAPPA = ["train.objective=cappa", "checkpoint.at_end=true"]
+CAPPA_TWO = {"cappa_tensor2": CAPPA + ["parallel.tensor=2", "parallel.zero=1"],
+             "cappa_data2_zero3": CAPPA + ["parallel.zero=3"]}
+
 
 @pytest.fixture(scope="module")
 def clip_runs(tmp_path_factory):
@@ -219,7 +240,9 @@ def clip_runs(tmp_path_factory):
     torch.save(twin.state_dict(), init)
     run_training(root / "single", CLIP_COMMON + ["parallel.zero=0", "checkpoint.at_end=true"], launcher="python",
                  nprocs=1, config=CLIP_TINY)
-    _launch_layouts(root, 2, {**CLIP_TWO, **_with_init(CLIP_INIT, init)}, CLIP_TINY, CLIP_COMMON)
+    run_training(root / "cappa_single", CLIP_COMMON + CAPPA + ["parallel.zero=0"], launcher="python", nprocs=1,
+                 config=CLIP_TINY)
+    _launch_layouts(root, 2, {**CLIP_TWO, **_with_init(CLIP_INIT, init), **CAPPA_TWO}, CLIP_TINY, CLIP_COMMON)
     _launch_layouts(root, 4, CLIP_FOUR, CLIP_TINY, CLIP_COMMON)
     return root
 
@@ -259,3 +282,46 @@ def test_clip_exports_from_any_layout_load_into_open_clip(clip_runs, tmp_path):
         # embedding moves ~3e-5 apart); a wrong merge or slice would be off by the weights' scale (~1e-2).
         for key in ref:
             torch.testing.assert_close(state[key], ref[key], rtol=1e-3, atol=1e-4, msg=f"{layout}: {key}")
+
+
+def _cappa_terms(run_dir) -> dict[str, list[float]]:
+    rows = [r for r in read_metrics(run_dir) if r["kind"] == "train"]
+    return {key: [r[key] for r in rows] for key in ("loss_ar", "loss_parallel", "parallel_share")}
+
+
+def test_cappa_trains_both_branches_and_logs_their_losses(clip_runs):
+    terms = _cappa_terms(clip_runs / "cappa_single")
+    for key in ("loss_ar", "loss_parallel"):
+        assert len(terms[key]) == STEPS and all(map(math.isfinite, terms[key])), terms
+        assert terms[key][-1] < terms[key][0] - 0.5, f"{key} did not fall: {terms[key]}"
+    assert all(0 < share < 1 for share in terms["parallel_share"])  # every step trained both branches
+    rows = [r for r in read_metrics(clip_runs / "cappa_single") if r["kind"] == "throughput" and r["scope"] == "global"]
+    assert rows and rows[-1]["tflops_per_device"] > 0  # the decoder's FLOPs are counted
+
+
+@pytest.mark.parametrize("layout", list(CAPPA_TWO))
+def test_cappa_layout_matches_single_process(clip_runs, layout):
+    assert_same_function(clip_runs / layout, clip_runs / "cappa_single", layout)
+    got, ref = _cappa_terms(clip_runs / layout), _cappa_terms(clip_runs / "cappa_single")
+    assert got["parallel_share"] == ref["parallel_share"]  # the same samples took the same branch
+    assert got["loss_ar"] == pytest.approx(ref["loss_ar"], rel=1e-5)
+    assert got["loss_parallel"] == pytest.approx(ref["loss_parallel"], rel=1e-5)
+
+
+def test_cappa_image_tower_exports_to_timm_from_tensor2(clip_runs, tmp_path):
+    from safetensors.torch import load_file
+
+    from vitscale.models.interop import create_timm_model, library_config
+    from vitscale.train.checkpoint import load_run
+    from vitscale.train.export import export_run
+
+    export_run(clip_runs / "cappa_tensor2", tmp_path / "timm.safetensors", "timm")
+    export_run(clip_runs / "cappa_single", tmp_path / "ours.safetensors", "vitscale")
+    run = load_run(clip_runs / "cappa_single")
+    ours = run.model.create().eval()
+    ours.load_state_dict(load_file(tmp_path / "ours.safetensors"), strict=True)
+    timm_model = create_timm_model(library_config(ours, "timm")).eval()
+    timm_model.load_state_dict(load_file(tmp_path / "timm.safetensors"), strict=True)  # timm's own names
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # tensor 2's merged tower in timm computes the single process's tower
+        torch.testing.assert_close(timm_model(images), ours.encode_image(images), rtol=1e-3, atol=1e-4)

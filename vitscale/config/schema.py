@@ -42,6 +42,18 @@ class AdaTapeConfig:
 
 
 @dataclass
+class DecoderConfig:
+    """CapPa's text decoder (``train.objective=cappa``, Tschannen et al. 2023): pre-norm blocks of causal
+    self-attention, cross-attention to the image tower's tokens and an MLP. Its vocabulary and caption
+    length are the CLIP's text tower's (``model.text``: vocab_size, context_length), the tokenizer's."""
+
+    layers: int = 2  # decoder blocks (sized for clip_tiny; the paper's B/16 decoder has 6 of width 768)
+    width: int = 64  # token width of the decoder
+    heads: int = 4  # attention heads of both the self- and the cross-attention; must divide width
+    mlp_ratio: float = 4.0  # MLP hidden width = int(width * mlp_ratio)
+
+
+@dataclass
 class ModelConfig:
     name: str = "vit_tiny_patch16"  # a registered name: vitscale.models.list_models()
     # Weights to start from: a .safetensors / .pt state dict with our (= timm) names, an open_clip
@@ -75,6 +87,7 @@ class ModelConfig:
     # embed_dim is the joint embedding, patch_size the image tower's.
     vision: dict | None = None
     text: dict | None = None
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)  # CapPa's text decoder (train.objective=cappa)
 
 
 @dataclass
@@ -134,7 +147,11 @@ class ParallelConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw"] = "adamw"
+    # adamw; lion (Chen et al. 2023: sign of an interpolated momentum, one state: use a 3-10x smaller
+    # train.lr and a 3-10x larger weight_decay than AdamW's); lamb (You et al. 2019: Adam with a
+    # per-parameter trust ratio, for large batches; needs whole parameters: parallel.zero=0, tensor 1).
+    # DeepSpeed's kernels where it has one (FusedLion / CPU Lion, FusedLamb in fp16), timm's otherwise.
+    name: Literal["adamw", "lamb", "lion"] = "adamw"
     weight_decay: float = 0.05  # not applied to biases, norms, position embeddings, class token
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -164,6 +181,16 @@ class DistillConfig:
 
 
 @dataclass
+class CapPaConfig:
+    """Captioning pre-training (CapPa, Tschannen et al. 2023), ``train.objective=cappa``."""
+
+    # Share of the samples trained by parallel prediction (every decoder input a [MASK] token, no causal
+    # mask, all tokens predicted at once); the rest by autoregressive captioning. Chosen per sample from
+    # its noise key, so every layout splits a batch alike. The paper: 0.75.
+    parallel_fraction: float = 0.75
+
+
+@dataclass
 class TrainConfig:
     steps: int = 300  # optimizer steps
     seed: int = 0  # weights, data order and augmentation all derive from it
@@ -186,6 +213,11 @@ class TrainConfig:
     # loss scaler skips such steps itself and lowers the scale). No checkpoint of them is written.
     max_bad_steps: int = 3
     distill: DistillConfig = field(default_factory=DistillConfig)  # a frozen teacher's predictions as targets too
+    # None = what the model's kind trains with (a classifier's labels, a CLIP's contrastive loss); cappa:
+    # captioning pre-training of a CLIP config's image tower with a text decoder (model.decoder, train.cappa)
+    # in place of the text tower, on the same image-text data.
+    objective: Literal["cappa"] | None = None
+    cappa: CapPaConfig = field(default_factory=CapPaConfig)
     ema: float = 0.0  # decay of an EMA of the weights (timm's ModelEmaV3, e.g. 0.9998), evaluated on data.test; 0 = off
 
 

@@ -46,6 +46,14 @@ def check_config(cfg: Config) -> None:
         _fail(f"data.mean and data.std need 3 values (RGB), got {d.mean} and {d.std}")
     if len(o.betas) != 2:
         _fail(f"optim.betas={o.betas} needs two values, e.g. [0.9, 0.999]")
+    if o.name == "lamb" and (p.zero > 0 or p.tensor > 1):
+        # LAMB scales each parameter's update by ||w|| / ||update||. ZeRO 1-3 hand the optimizer one flat
+        # partition per group (and a tensor rank holds a slice of a parameter), so the ratio would be
+        # taken over the wrong vector; Lion is elementwise and runs in every layout.
+        _fail(f"optim.name=lamb needs whole parameters in the optimizer: parallel.zero=0 and parallel.tensor=1 "
+              f"(now zero={p.zero}, tensor={p.tensor}); LAMB's per-parameter trust ratio is wrong over ZeRO's flat "
+              "partitions and tensor shards. Use optim.name=lion (elementwise: any layout) or adamw, or drop ZeRO "
+              "and tensor parallelism (bf16 needs ZeRO, so LAMB trains in fp32 or fp16)")
     _check_data(cfg)
     _check_eval(cfg)
     _check_monitors(cfg)
@@ -63,6 +71,7 @@ def check_config(cfg: Config) -> None:
     _check_model_options(cfg)
     _check_distill(cfg)
     _check_adatape(cfg)
+    _check_cappa(cfg)
     if p.activation_checkpoint < 0:
         _fail(f"parallel.activation_checkpoint={p.activation_checkpoint} must be >= 0 (blocks per recomputed "
              "chunk; 0 turns it off)")
@@ -234,6 +243,32 @@ def _check_adatape(cfg: Config) -> None:
     if m.moe.blocks:
         _fail("model.adatape with model.moe is not supported: Soft MoE slots would mix in the unused tape slots; "
               "set model.moe.blocks=0")
+def _check_cappa(cfg: Config) -> None:
+    """Captioning pre-training (``train.objective=cappa``): its decoder and batch split, and the layouts it runs in."""
+    t, dec, p = cfg.train, cfg.model.decoder, cfg.parallel
+    if t.objective != "cappa":
+        return
+    if not 0 <= t.cappa.parallel_fraction <= 1:
+        _fail(f"train.cappa.parallel_fraction={t.cappa.parallel_fraction} must be in [0, 1] (the share of samples "
+              "trained by parallel prediction; the paper uses 0.75)")
+    for key in ("layers", "width", "heads"):
+        if getattr(dec, key) < 1:
+            _fail(f"model.decoder.{key}={getattr(dec, key)} must be >= 1")
+    if dec.width % dec.heads:
+        ok = [h for h in range(1, min(dec.width, 64) + 1) if dec.width % h == 0]
+        _fail(f"model.decoder.width={dec.width} must be divisible by model.decoder.heads={dec.heads}; use "
+              f"model.decoder.heads in {ok}")
+    if dec.mlp_ratio <= 0:
+        _fail(f"model.decoder.mlp_ratio={dec.mlp_ratio} must be > 0")
+    if p.pipe > 1:
+        _fail(f"CapPa under parallel.pipe>1 is not supported yet (parallel.pipe={p.pipe}): the pipeline layers "
+              "(models/pipeline.py) pass one image and one text stream between stages, and the decoder's every "
+              "block needs the image tower's output tokens besides its own; use parallel.pipe=1 with "
+              "parallel.tensor and ZeRO instead")
+    if cfg.eval.every:
+        _fail(f"eval.every={cfg.eval.every}: a CapPa run has no text tower for zero-shot / retrieval; set eval.every=0 "
+              "and evaluate the image tower after training (vitscale-export RUN --to timm, then vitscale-eval "
+              "--task linear-probe or a fine-tuning run with model.init)")
 
 
 def _is_checkpoint_dir(path: str) -> bool:

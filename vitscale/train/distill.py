@@ -67,8 +67,9 @@ def resolve_teacher(exp: Experiment) -> Teacher | None:
     if d.teacher is None:
         return None
     if exp.model.kind != "classifier":
-        raise ConfigError(f"train.distill distils a ViT classifier; model.name={cfg.model.name} is a CLIP, whose "
-                          "contrastive loss has no class probabilities to match (unset train.distill.teacher)")
+        raise ConfigError(f"train.distill distils a ViT classifier; model.name={cfg.model.name} trains as a "
+                          f"{exp.model.kind} (a CLIP / CapPa objective has no class probabilities to match a "
+                          "teacher's): unset train.distill.teacher")
     path = Path(d.teacher)
     if path.is_dir():
         run_dir = path if (path / "config.yaml").is_file() else path.parent.parent
@@ -167,7 +168,7 @@ class Distillation(Objective):
     """The student's loss: ``alpha`` x the label loss (the model's own: ``train.loss``, label smoothing,
     Mixup's soft targets) + (1 - ``alpha``) x ``distill_loss``, on targets (labels, teacher logits)
     (``with_teacher``). Both terms of this step's micro-batches are kept for the train record
-    (``logged``: ``loss_label``, ``loss_distill``).
+    (``metrics``: ``loss_label``, ``loss_distill``).
 
     Args:
         base: the student's objective without a teacher (``objective.build_objective``).
@@ -187,6 +188,10 @@ class Distillation(Objective):
         self._parts.append(torch.stack([label.detach().float(), distill.detach()]))
         return nonfinite_spreads(self.alpha * label + (1 - self.alpha) * distill)
 
-    def logged(self) -> dict[str, torch.Tensor]:
+    def metrics(self, dims) -> dict:
+        """Collective over the data ranks: the last step's ``loss_label`` and ``loss_distill``, averaged."""
         parts = torch.stack(list(self._parts)).mean(dim=0)
-        return {"loss_label": parts[0], "loss_distill": parts[1]}
+        if dims is not None and dims.data > 1:
+            torch.distributed.all_reduce(parts, group=dims.data_group())
+            parts = parts / dims.data
+        return {"loss_label": float(parts[0]), "loss_distill": float(parts[1])}

@@ -90,12 +90,11 @@ def _log(run: Run, step: int, loss: torch.Tensor, lr: float, skipped: bool) -> d
     loss_mean, norm = run.steps.mean_loss(loss), run.steps.grad_norm()
     record = {"kind": "train", "step": step, "samples": step * t.global_batch, "loss": loss_mean, "lr": lr,
               "grad_norm": float(norm) if norm is not None else None, "skipped": skipped}
-    for name, part in run.objective.logged().items():  # e.g. distillation's loss_label / loss_distill
-        record[name] = run.steps.mean_loss(part)
     if (tape := getattr(run.engine.module, "adatape", None)) is not None:  # AdaTape (models/adatape.py)
         record["tape_tokens"] = _tape_tokens(tape, dims)
     if t.precision == "fp16":
         record["loss_scale"] = run.engine.optimizer.cur_scale
+    record.update(run.objective.metrics(dims))  # an objective's own terms (CapPa: loss_ar, loss_parallel)
     rows = run.meter.records(step)
     if run.source_cls.counters:
         rows += data_records(run.source_cls, run.source if run.reports_data else None, dims, step)

@@ -39,6 +39,7 @@ from vitscale.models.parallelize import pipeline_takes_noise, stage_flops, stage
 from vitscale.train import checkpoint
 from vitscale.train.batches import make_prepare, noise_keys
 from vitscale.train.distill import Distillation, Teacher, build_teacher, resolve_teacher, with_teacher
+from vitscale.train.captioning import split_batches
 from vitscale.train.ema import build_ema, restore_ema
 from vitscale.train.engine import build_engine, compute_dtype
 from vitscale.train.faults import hang_at, poisoned, stop_signals_blocked
@@ -234,6 +235,8 @@ def start_run(plan: Plan, dims: ParallelDims) -> Run:
             batch = next(batches)
         return (*prepare(batch), keys)
 
+    if exp.model.kind == "cappa":  # each sample's branch, autoregressive or parallel prediction
+        fetch = split_batches(fetch, t.cappa.parallel_fraction)
     ema = build_ema(engine.module, t.ema) if t.ema else None
     if ema is not None and start:  # the EMA resumes exactly as the weights do
         restore_ema(ema, client, start, dims.is_main)
