@@ -13,6 +13,11 @@ random uint8 batches:
 - ``packed``: NaViT packing: sequences of the plain model's token count filled with images
   whose longest side is sampled in [img/2, img] (aspect kept), factorized positions,
   average pooling. Equal FLOPs per sequence; images/s counts the images the sequences hold.
+- ``adatape``: AdaTape (issue 25) with an input bank (the image in 8 px patches) and 8 tape slots;
+  FLOPs count every slot (read or masked: the blocks run on all of them).
+- ``distill``: the plain model as a student of a frozen teacher of the same size (issue 25,
+  ``train.distill``: soft KL, alpha 0.5); the teacher's forward (no backward) runs every step, and
+  TFLOP/s / GFLOP per sample count it (3 x student + 1 x teacher forward).
 
 And for each CLIP size (``--clip-models``), captioning pre-training against the contrastive CLIP
 it replaces (issue 25), on the same random images and random captions:
@@ -40,13 +45,15 @@ import statistics
 import time
 
 
-def _variants(tokens: int) -> dict[str, dict]:
+def _variants(tokens: int, img: int) -> dict[str, dict]:
     slots = math.ceil(tokens / 8)
     return {
         "plain": {},
         "vit22b": dict(parallel_block=True, qk_norm=True, qkv_bias=False, norm_bias=False),
         "soft_moe": dict(moe_experts=8, moe_slots=slots),  # moe_blocks is set per model: the last half
         "packed": dict(pos_embed="factorized", class_token=False, global_pool="avg"),
+        "adatape": dict(adatape_bank="input", adatape_bank_size=(img // 8) ** 2, adatape_max_tokens=8),
+        "distill": {},  # the plain student; its teacher is added below
     }
 
 
@@ -88,7 +95,7 @@ def main() -> None:
         with torch.device("meta"):
             probe = create_model(name, **base).cfg
         runs = {}
-        for variant, options in _variants(probe.seq_len).items():
+        for variant, options in _variants(probe.seq_len, args.img).items():
             torch.manual_seed(0)
             if variant == "soft_moe":
                 options = {**options, "moe_blocks": probe.depth // 2}
@@ -105,7 +112,10 @@ def main() -> None:
             else:
                 inputs = [(((x.to(device).to(dtype) / 127.5 - 1.0),), y.to(device)) for x, y in images]
                 per_step, flops = args.batch, forward_flops(model.cfg) * args.batch
-            runs[variant] = dict(model=model, opt=opt, inputs=inputs, images=per_step, flops=flops, times=[])
+            runs[variant] = dict(model=model, opt=opt, inputs=inputs, images=per_step, train_flops=3 * flops, times=[])
+            if variant == "distill":  # a frozen teacher of the same size: forward only
+                teacher = create_model(name, **base).to(device).to(dtype).eval().requires_grad_(False)
+                runs[variant].update(teacher=teacher, train_flops=4 * flops)
 
         def step(run, i):
             x, y = run["inputs"][i % len(run["inputs"])]
@@ -114,7 +124,13 @@ def main() -> None:
             if out.dim() == 3:  # packed: per image slot
                 y = y[:, :out.shape[1]].flatten()
                 out, y = out.flatten(0, 1)[y >= 0], y[y >= 0]
-            F.cross_entropy(out.float(), y).backward()
+            loss = F.cross_entropy(out.float(), y)
+            if "teacher" in run:  # train.distill's soft loss, T = 1, alpha = 0.5
+                with torch.no_grad():
+                    target = run["teacher"](*x).float()
+                kl = F.kl_div(out.float().log_softmax(-1), target.log_softmax(-1), reduction="batchmean", log_target=True)
+                loss = 0.5 * loss + 0.5 * kl
+            loss.backward()
             run["opt"].step()
             run["opt"].zero_grad(set_to_none=True)
 
@@ -130,11 +146,11 @@ def main() -> None:
                 run["times"].append((time.perf_counter() - start) / args.steps)
         for variant, run in runs.items():
             step_s = statistics.median(run["times"])
-            tflops = 3 * run["flops"] / step_s / 1e12
+            tflops = run["train_flops"] / step_s / 1e12
             mfu = f"{tflops / args.peak_tflops:.1%}" if args.peak_tflops else "n/a"
             rows.append((name, variant, run["images"] / step_s, tflops, mfu,
                          sum(p.numel() for p in run["model"].parameters()) / 1e6,
-                         3 * run["flops"] / args.batch / 1e9))
+                         run["train_flops"] / args.batch / 1e9))
         del runs
 
     rows += _caption_rows(args, device, dtype, sync, gen)

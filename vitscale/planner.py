@@ -184,7 +184,8 @@ def model_shape(exp: Experiment) -> ModelShape:
         blocks = [-1] + [0] * v.layers + [1] * t.layers + [-1]
     else:
         a = spec.arch
-        stacks = ((a.seq_len, a.embed_dim, a.num_heads, a.mlp_hidden / a.embed_dim, bool(a.parallel_block)),)
+        stacks = ((a.seq_len + a.tape_tokens, a.embed_dim, a.num_heads, a.mlp_hidden / a.embed_dim,  # AdaTape's slots
+                   bool(a.parallel_block)),)
         blocks = [-1] + [0] * a.depth + [-1]
     replicated, split, cache = [], [], {}
     for _, layer in layers:

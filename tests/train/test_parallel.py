@@ -7,8 +7,8 @@ gradient norm DeepSpeed clips with within 1e-5 too. The norms are compared becau
 active (norms ~8 against a clip of 1): a uniform gradient-scale error (gradients summed instead
 of averaged over data ranks, a replicated parameter's gradient counted twice under tensor
 parallelism) cancels in the clipped update and leaves the losses of the first steps unchanged.
-Three launches cover all layouts: the single-process reference, one 2-process launch and one
-4-process launch that each train several layouts in turn (tests/train/layouts.py). The same matrix
+Three launches cover all layouts: one 2-process launch, the single-process references (plain python)
+and one 4-process launch, each training several layouts in turn (tests/train/layouts.py). The same matrix
 in bf16, with a tolerance from a measured bf16-vs-fp32 difference, is in tests/train/test_precision.py.
 """
 import math
@@ -83,14 +83,40 @@ def _with_init(layouts: dict, path) -> dict:
     return {name: overrides + [f"model.init={path}"] for name, overrides in layouts.items()}
 
 
+# Issue 25's distillation and AdaTape in the same launches. The teacher is a ZeRO-1 run of depth 2 trained in the
+# 2-process launch (a run folder of another layout and depth than its students); alpha=1 must give the losses of
+# the run without a teacher bit for bit; tensor 2 and ZeRO-3 must train what one process trains (a 1-process
+# launch holds both references); the tensor-2 student checks its teacher stays frozen (test_distill.py's probe).
+DISTILL = ["train.distill.temperature=2", "train.distill.alpha=0.5"]
+ADATAPE = ["model.adatape.bank=input", "model.adatape.max_tokens=4", "model.adatape.threshold=0.3"]
+
+
+def _seed_methods(root: Path, init: Path) -> tuple[dict, dict]:
+    """(2-process layouts, 1-process references) of distillation and AdaTape. alpha=1 comes right after
+    the run it must equal bit for bit (data2_zero0, the launch's first): later in the same launch the
+    plain run's losses differ in the last bit (2e-7 relative, seen after the other layouts ran)."""
+    teacher = [f"train.distill.teacher={root / 'distill_teacher'}", *DISTILL]
+    two = {"data2_zero0": TWO["data2_zero0"],
+           "distill_alpha1": ["parallel.zero=0", f"train.distill.teacher={init}", "train.distill.alpha=1"],
+           "distill_teacher": ["parallel.zero=1", "model.depth=2", "checkpoint.at_end=true"],
+           "distill_tensor2": {"overrides": ["parallel.tensor=2", *teacher],
+                               "call": "tests.train.test_distill:train_with_frozen_check"},
+           "distill_zero3": ["parallel.zero=3", *teacher],
+           "adatape_tensor2": ["parallel.tensor=2", *ADATAPE]}
+    one = {"distill_single": ["parallel.zero=0", *teacher], "adatape_single": ["parallel.zero=0", *ADATAPE]}
+    return two, one
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
     torch.manual_seed(123)
     init = root / "init.safetensors"
     save_file(create_model("vit_tiny_patch16", img_size=64, num_classes=10, depth=4, num_heads=4).state_dict(), init)
-    run_training(root / "single", COMMON + ["parallel.zero=0"], launcher="python", nprocs=1)
-    _launch_layouts(root, 2, {**TWO, **_with_init(INIT, init), **ARCH_TWO, **OPTIM_TWO, **COMPILE_TWO})
+    seed_two, seed_one = _seed_methods(root, init)
+    _launch_layouts(root, 2, {**seed_two, **TWO, **_with_init(INIT, init), **ARCH_TWO, **OPTIM_TWO, **COMPILE_TWO})
+    # The single-process references after it: the distillation reference needs the teacher it trains.
+    _launch_layouts(root, 1, {"single": ["parallel.zero=0"], **seed_one})
     _launch_layouts(root, 4, FOUR)
     return root
 
@@ -171,6 +197,33 @@ def test_initial_weights_load_into_every_layout(runs):
     for layout in INIT:
         assert train_losses(runs / layout) == pytest.approx(ref, rel=1e-5), layout
     assert ref[0] != pytest.approx(train_losses(runs / "single")[0], rel=1e-3)  # the file, not the seed
+
+
+def test_distillation_trains_the_same_function_in_every_layout(runs):
+    ref = read_metrics(runs / "distill_single")
+    train = [r for r in ref if r["kind"] == "train"]
+    assert all("loss_label" in r and "loss_distill" in r for r in train) and len(train) == STEPS
+    assert train[0]["loss"] == pytest.approx(0.5 * train[0]["loss_label"] + 0.5 * train[0]["loss_distill"], rel=1e-6)
+    assert train[-1]["loss_distill"] < train[0]["loss_distill"]  # the student moves toward the teacher
+    for layout in ("distill_tensor2", "distill_zero3"):
+        assert_same_function(runs / layout, runs / "distill_single", layout)
+    # The teacher's FLOPs are counted apart: a depth-2 teacher's forward, beside the student's own MFU figures.
+    rows = [r for r in read_metrics(runs / "distill_tensor2") if r["kind"] == "throughput" and r["scope"] == "global"]
+    teacher_share = rows[-1]["teacher_tflops_per_device"] / rows[-1]["tflops_per_device"]
+    assert rows[-1]["teacher_flops_per_sample"] > 0 and 0 < teacher_share < 1
+
+
+def test_distillation_with_alpha_one_is_the_run_without_a_teacher(runs):
+    assert train_losses(runs / "distill_alpha1") == train_losses(runs / "data2_zero0")  # bit for bit
+    assert [r["loss_distill"] for r in read_metrics(runs / "distill_alpha1") if r["kind"] == "train"][0] > 0
+
+
+def test_adatape_under_tensor_parallelism_trains_what_one_process_trains(runs):
+    assert_same_function(runs / "adatape_tensor2", runs / "adatape_single", "adatape_tensor2")
+    ref = read_metrics(runs / "adatape_single")
+    assert train_losses(runs / "adatape_single")[0] != pytest.approx(train_losses(runs / "single")[0], rel=1e-3)
+    tape = [r["tape_tokens"] for r in ref if r["kind"] == "train"]
+    assert len(tape) == STEPS and all(1 <= t <= 4 for t in tape)
 
 
 def test_records_name_the_layout(runs):

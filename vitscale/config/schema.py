@@ -30,6 +30,18 @@ class PackingConfig:
 
 
 @dataclass
+class AdaTapeConfig:
+    """AdaTape (Xue et al. 2023): per sample, the Adaptive Tape Reader picks tape tokens from a bank and
+    appends them to the sequence (vitscale/models/adatape.py); harder samples may read more of them."""
+
+    bank: Literal["learnable", "input"] | None = None  # learnable: a bank_size x width parameter; input: the
+    # image's own patches at a finer patch size (bank_size of them); None = no AdaTape
+    bank_size: int = 64  # tokens in the bank; input: a square number whose side divides data.image_size
+    max_tokens: int = 8  # tape slots per sample: the most tape tokens a sample reads (FLOPs count all of them)
+    threshold: float = 0.5  # a sample reads tokens by descending score until their softmax scores sum to this
+
+
+@dataclass
 class DecoderConfig:
     """CapPa's text decoder (``train.objective=cappa``, Tschannen et al. 2023): pre-norm blocks of causal
     self-attention, cross-attention to the image tower's tokens and an MLP. Its vocabulary and caption
@@ -63,6 +75,7 @@ class ModelConfig:
     dual_patchnorm: bool | None = None  # LayerNorm before and after the patch embedding
     pos_embed: Literal["learned", "factorized"] | None = None  # factorized: row + column tables (NaViT, packing)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    adatape: AdaTapeConfig = field(default_factory=AdaTapeConfig)  # adaptive tape tokens (a ViT classifier)
     init_values: float | None = None  # LayerScale init; None = no LayerScale
     class_token: bool | None = None
     global_pool: Literal["token", "avg"] | None = None
@@ -152,6 +165,22 @@ class OptimConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation (Hinton et al. 2015; ViT-22B's students): a frozen teacher runs forward on every
+    batch and the student also learns its predictions (vitscale/train/distill.py). A ViT classifier student."""
+
+    # The teacher: a vitscale run / checkpoint folder of any layout (its config.yaml gives the architecture),
+    # or a .safetensors / .pt state dict with our (= timm's) names; None = no distillation.
+    teacher: str | None = None
+    # A weights-file teacher's architecture: model-section keys replacing the student's, e.g.
+    # {name: vit_small_patch16, depth: 12}; None = the student's own. A run folder brings its own.
+    model: dict | None = None
+    kind: Literal["soft", "hard"] = "soft"  # soft: KL to the teacher's softened probabilities x T^2; hard: CE to its argmax
+    temperature: float = 1.0  # soft: T, dividing both models' logits
+    alpha: float = 0.5  # loss = alpha * label loss + (1 - alpha) * distillation loss; 1 = the label loss alone
+
+
+@dataclass
 class CapPaConfig:
     """Captioning pre-training (CapPa, Tschannen et al. 2023), ``train.objective=cappa``."""
 
@@ -183,6 +212,7 @@ class TrainConfig:
     # rank (the weights stay as they were); this many such steps in a row stop the run (fp16's
     # loss scaler skips such steps itself and lowers the scale). No checkpoint of them is written.
     max_bad_steps: int = 3
+    distill: DistillConfig = field(default_factory=DistillConfig)  # a frozen teacher's predictions as targets too
     # None = what the model's kind trains with (a classifier's labels, a CLIP's contrastive loss); cappa:
     # captioning pre-training of a CLIP config's image tower with a text decoder (model.decoder, train.cappa)
     # in place of the text tower, on the same image-text data.

@@ -73,6 +73,8 @@ def check_config(cfg: Config) -> None:
              f"supports only ZeRO 0 and 1; set parallel.zero=1 or parallel.pipe=1")
     _check_precision(cfg)
     _check_model_options(cfg)
+    _check_distill(cfg)
+    _check_adatape(cfg)
     _check_cappa(cfg)
     if p.activation_checkpoint < 0:
         _fail(f"parallel.activation_checkpoint={p.activation_checkpoint} must be >= 0 (blocks per recomputed "
@@ -196,6 +198,55 @@ def _check_model_options(cfg: Config) -> None:
              f"model.moe.slots={m.moe.slots} >= 1")
 
 
+def _check_distill(cfg: Config) -> None:
+    """``train.distill`` (train/distill.py); the teacher's architecture is checked against the student later."""
+    d, p = cfg.train.distill, cfg.parallel
+    if d.teacher is None:
+        if d.model is not None:
+            _fail("train.distill.model describes the teacher's architecture, but train.distill.teacher is not set")
+        return
+    if not (Path(d.teacher).is_file() or _is_checkpoint_dir(d.teacher)):
+        _fail(f"train.distill.teacher='{d.teacher}' is not a file or a vitscale run / checkpoint folder; give a run "
+              "folder of the teacher's training, or a .safetensors / .pt state dict with timm's names")
+    if d.model is not None and Path(d.teacher).is_dir():
+        _fail("train.distill.model describes a weights file's architecture; a run folder teacher brings its own "
+              "(its config.yaml): remove train.distill.model")
+    if d.temperature <= 0:
+        _fail(f"train.distill.temperature={d.temperature} must be > 0 (1 = the teacher's own probabilities)")
+    if not 0 <= d.alpha <= 1:
+        _fail(f"train.distill.alpha={d.alpha} must be in [0, 1]: the label loss's weight, (1 - alpha) the teacher's")
+    if p.pipe > 1:
+        _fail(f"train.distill with parallel.pipe={p.pipe} is not supported: the loss lives on the last stage, which "
+              "would need the whole teacher and the images; set parallel.pipe=1 (tensor and ZeRO 0-3 work)")
+    if cfg.data.packing.seq_len:
+        _fail("train.distill with data.packing is not supported (the teacher takes whole images); set "
+              "data.packing.seq_len=0")
+
+
+def _check_adatape(cfg: Config) -> None:
+    """``model.adatape`` (models/adatape.py)."""
+    a, p, m = cfg.model.adatape, cfg.parallel, cfg.model
+    if a.bank is None:
+        return
+    if a.bank_size < 1 or not 1 <= a.max_tokens <= a.bank_size:
+        _fail(f"model.adatape: bank_size={a.bank_size} must be >= 1 and max_tokens={a.max_tokens} in [1, bank_size]")
+    if not 0 < a.threshold <= 1:
+        _fail(f"model.adatape.threshold={a.threshold} must be in (0, 1]: the share of the bank's softmax score a "
+              "sample reads (1 = always max_tokens)")
+    if a.bank == "input":
+        side = round(a.bank_size ** 0.5)
+        if side * side != a.bank_size or cfg.data.image_size % side:
+            _fail(f"model.adatape.bank=input cuts the image into bank_size={a.bank_size} patches: it must be a square "
+                  f"number whose side divides data.image_size={cfg.data.image_size}, e.g. "
+                  f"{(cfg.data.image_size // 8) ** 2} (8 px patches)")
+    if p.pipe > 1:
+        _fail(f"model.adatape with parallel.pipe={p.pipe} is not supported: the stages pass one tensor, the tape "
+              "needs its mask in every stage; set parallel.pipe=1 (tensor and data parallelism work)")
+    if cfg.data.packing.seq_len:
+        _fail("model.adatape with data.packing is not supported; set data.packing.seq_len=0")
+    if m.moe.blocks:
+        _fail("model.adatape with model.moe is not supported: Soft MoE slots would mix in the unused tape slots; "
+              "set model.moe.blocks=0")
 def _check_cappa(cfg: Config) -> None:
     """Captioning pre-training (``train.objective=cappa``): its decoder and batch split, and the layouts it runs in."""
     t, dec, p = cfg.train, cfg.model.decoder, cfg.parallel

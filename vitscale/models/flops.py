@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from vitscale.models.adatape import adatape_flops
 from vitscale.models.cappa import CapPaConfig
 from vitscale.models.clip import CLIPConfig
 from vitscale.models.vit import ViTConfig
@@ -46,7 +47,20 @@ def vit_forward_flops(cfg: ViTConfig) -> int:
         FLOPs per image (2 per multiply-add).
     """
     head = 2 * cfg.embed_dim * cfg.num_classes  # one pooled vector per image; 0 classes = no head
-    return _patch_embed_flops(cfg, cfg.num_patches) + _blocks_flops(cfg, cfg.seq_len) + head
+    return _patch_embed_flops(cfg, cfg.num_patches) + _tape_flops(cfg) + _blocks_flops(cfg, _block_tokens(cfg)) + head
+
+
+def _block_tokens(cfg: ViTConfig) -> int:
+    """Tokens per image in the blocks: AdaTape's tape slots counted at max_tokens, the upper bound
+    (the blocks run on every slot, read or masked: a mask saves no work)."""
+    return cfg.seq_len + cfg.tape_tokens
+
+
+def _tape_flops(cfg: ViTConfig) -> int:
+    if not cfg.adatape_bank:
+        return 0
+    return adatape_flops(cfg.embed_dim, cfg.adatape_bank, cfg.adatape_bank_size, cfg.adatape_max_tokens,
+                         cfg.in_chans, cfg.img_size)
 
 
 def packed_forward_flops(cfg: ViTConfig, seq_len: int, images: int) -> int:
@@ -150,11 +164,11 @@ def vit_layer_flops(cfg: ViTConfig) -> list[int]:
     """Forward FLOPs of one image through each pipeline layer of a ViT (``models/pipeline.py``'s
     ``vit_layers``: the embedding, each block, the head), in order; they sum to ``vit_forward_flops``."""
     first_moe = cfg.depth - cfg.moe_blocks  # the last moe_blocks blocks are Soft MoE
-    d, n = cfg.embed_dim, cfg.seq_len
+    d, n = cfg.embed_dim, _block_tokens(cfg)
     blocks = [_block_flops(n, d, cfg.mlp_hidden) if i < first_moe else
               _attention_flops(n, d) + soft_moe_flops(n, d, cfg.mlp_hidden, cfg.moe_experts * cfg.moe_slots)
               for i in range(cfg.depth)]
-    return [_patch_embed_flops(cfg, cfg.num_patches), *blocks, 2 * d * cfg.num_classes]
+    return [_patch_embed_flops(cfg, cfg.num_patches) + _tape_flops(cfg), *blocks, 2 * d * cfg.num_classes]
 
 
 def clip_layer_flops(cfg: CLIPConfig) -> list[int]:

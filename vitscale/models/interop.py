@@ -232,6 +232,7 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], to: Format, model: nn.
 # Options timm's VisionTransformer cannot express: (config field, value that is fine, why).
 _NOT_IN_TIMM = [("dual_patchnorm", False, "has no LayerNorm on the pixels before the patch embedding"),
                 ("moe_blocks", 0, "has no Soft MoE layer"),
+                ("adatape_bank", None, "has no AdaTape tape reader"),
                 ("pos_embed", "learned", "has no factorized (row + column) position embedding")]
 # Names in timm_kwargs for timm objects that JSON cannot hold; create_timm_model resolves them.
 _TIMM_BLOCK = "ParallelScalingBlock(fuse_out_proj=True)"

@@ -36,7 +36,7 @@ SIGLIP_INIT = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}
 # Model keys that only a ViT classifier has; a CLIP states its towers in model.vision / model.text.
 VIT_ONLY = ("depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm", "init_values", "class_token", "global_pool",
             "drop_rate", "attn_drop_rate", "drop_path_rate", "bias", "parallel_block", "dual_patchnorm", "pos_embed",
-            "moe")
+            "moe", "adatape")
 
 
 # Embedding parameters, by a component of their name: the patch embedding (a ViT's patch_embed, a CLIP
@@ -201,13 +201,17 @@ def resolve_model(model: ModelConfig, image_size: int, num_classes: int, loss: s
 def _classifier_kwargs(m: ModelConfig, image_size: int, num_classes: int) -> dict:
     """A ViT's options: the model section's fields are ViTConfig's, None keeping the size's default."""
     kwargs = {f.name: getattr(m, f.name) for f in dataclasses.fields(ModelConfig)
-              if f.name not in ("name", "init", "vision", "text", "bias", "moe", "decoder")
+              if f.name not in ("name", "init", "vision", "text", "bias", "moe", "decoder", "adatape")
               and getattr(m, f.name) is not None}
     if m.bias is not None:  # one switch for the QKV and LayerNorm biases, as ViT-22B drops both
         kwargs.setdefault("qkv_bias", m.bias)
         kwargs["norm_bias"] = m.bias
     if m.moe.blocks:
         kwargs.update(moe_blocks=m.moe.blocks, moe_experts=m.moe.experts, moe_slots=m.moe.slots)
+    if m.adatape.bank is not None:
+        a = m.adatape
+        kwargs.update(adatape_bank=a.bank, adatape_bank_size=a.bank_size, adatape_max_tokens=a.max_tokens,
+                      adatape_threshold=a.threshold)
     kwargs.update(img_size=image_size, num_classes=num_classes)
     return kwargs
 
