@@ -21,13 +21,7 @@ from tests.conftest import ROOT, TINY
 SMALL = ["data.image_size=32", "model.depth=4", "model.patch_size=8", "model.embed_dim=64"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    # Tiny tensors: one thread is as fast as many and stays fast on a shared CPU (as tests/models/conftest.py).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tiny tensors (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
