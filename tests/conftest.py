@@ -119,11 +119,27 @@ def launch_layouts(root: Path, nprocs: int, layouts: dict, common: list[str], co
                    env: dict | None = None) -> None:
     """Train ``config`` in several layouts in one deepspeed launch (tests/train/layouts.py):
     ``layouts`` is {name: overrides} (or {name: {"overrides": [...], "call": "module:function"}}
-    for a probe that trains the run); each run goes to ``root/name``. ``env``: extra variables
+    for a probe that trains the run); each run goes to ``root/name``; one process runs under plain
+    python, like ``python -m vitscale.train``. ``env``: extra variables
     (e.g. a fault-injection hook) for every layout."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     env.pop("RANK", None)
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(free_port()),
-           str(ROOT / "tests" / "train" / "layouts.py"), config, str(root), json.dumps(common), json.dumps(layouts)]
+    script = [str(ROOT / "tests" / "train" / "layouts.py"), config, str(root), json.dumps(common), json.dumps(layouts)]
+    if nprocs == 1:  # one process needs no launcher (as ``python -m vitscale.train``), and starts faster
+        cmd = [sys.executable, *script]
+    else:
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(free_port()), *script]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{nprocs}-process layouts failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """One intra-op thread for a module of tiny tensors: as fast as many, and it stays fast when the
+    CPU is shared (OpenMP workers spin-wait for busy cores; 3x slower under load here)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,7 +23,7 @@ from vitscale.models.sparsity import check_sparsity
 from vitscale.models.spec import ModelSpec, resolve_model
 
 # What each kind of model learns from: the data task its sources must serve.
-TASKS: dict[str, Task] = {"classifier": "classification", "clip": "image_text"}
+TASKS: dict[str, Task] = {"classifier": "classification", "clip": "image_text", "cappa": "image_text"}
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] = ()) -
 
 def resolve(cfg: Config) -> Experiment:
     """``cfg`` (already checked by ``load_config``) resolved and checked against the model and the data."""
-    model = resolve_model(cfg.model, cfg.data.image_size, cfg.data.num_classes, cfg.train.loss)
+    model = resolve_model(cfg.model, cfg.data.image_size, cfg.data.num_classes, cfg.train.loss, cfg.train.objective)
     task = TASKS[model.kind]
     name = source_name(cfg, task)
     source = source_class(name)
@@ -75,6 +75,9 @@ def resolve(cfg: Config) -> Experiment:
 
 def _check_eval(cfg: Config, model: ModelSpec) -> None:
     e, clip = cfg.eval, model.kind == "clip"
+    if e.every and model.kind == "cappa":
+        raise ConfigError(f"eval.every={e.every}: {model.name} has no text tower for zero-shot / retrieval; set "
+                          "eval.every=0 and evaluate its image tower after training (vitscale-export RUN --to timm)")
     if e.every and not clip and not cfg.data.test:
         raise ConfigError(f"eval.every={e.every} evaluates a classifier on its test split: set data.test (digits, "
                           "an image folder or labelled shards)")
@@ -86,7 +89,7 @@ def _check_eval(cfg: Config, model: ModelSpec) -> None:
 
 
 def _check_finetune(cfg: Config, model: ModelSpec) -> None:
-    d, p, clip = cfg.data, cfg.parallel, model.kind == "clip"
+    d, p, clip = cfg.data, cfg.parallel, model.kind in ("clip", "cappa")
     if (d.mixup > 0 or d.cutmix > 0 or d.random_erasing or d.rand_augment) and (clip or d.packing.seq_len):
         raise ConfigError("data.rand_augment / random_erasing / mixup / cutmix fine-tune a ViT classifier on whole "
                           "images; turn them off for a CLIP or with data.packing")

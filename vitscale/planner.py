@@ -53,6 +53,7 @@ from vitscale.models.parallelize import check_layout, pipeline_layers
 
 GIB = 2**30
 OFFLOADS = ("none", "optimizer", "all")
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "lamb": 8, "lion": 4}  # fp32 states per parameter (optim.name)
 # Adam's step reads gradient, fp32 master, both moments and writes master, moments and the 16-bit
 # copy: 4 x 4 + 3 x 4 bytes + the weight (apex / DeepSpeed fused Adam: one pass over each).
 ADAM_BYTES = 28
@@ -171,14 +172,20 @@ def model_shape(exp: Experiment) -> ModelShape:
     spec = exp.model
     layers = pipeline_layers(spec)
     flops = layer_flops(spec.arch)
-    if spec.kind == "clip":
+    if spec.kind == "cappa":  # the decoder's blocks counted as self-attention blocks (cross-attention left out)
+        v, dec = spec.arch.vision, spec.arch.decoder
+        stacks = ((v.vit.seq_len, v.width, v.heads, v.mlp_ratio, False),
+                  (dec.context_length, dec.width, dec.heads, dec.mlp_ratio, False))
+        blocks = [-1] + [0] * v.layers + [1] * dec.layers + [-1]
+    elif spec.kind == "clip":
         v, t = spec.arch.vision, spec.arch.text
         stacks = ((v.vit.seq_len, v.width, v.heads, v.mlp_ratio, False),
                   (t.context_length, t.width, t.heads, t.mlp_ratio, False))
         blocks = [-1] + [0] * v.layers + [1] * t.layers + [-1]
     else:
         a = spec.arch
-        stacks = ((a.seq_len, a.embed_dim, a.num_heads, a.mlp_hidden / a.embed_dim, bool(a.parallel_block)),)
+        stacks = ((a.seq_len + a.tape_tokens, a.embed_dim, a.num_heads, a.mlp_hidden / a.embed_dim,  # AdaTape's slots
+                   bool(a.parallel_block)),)
         blocks = [-1] + [0] * a.depth + [-1]
     replicated, split, cache = [], [], {}
     for _, layer in layers:
@@ -297,10 +304,11 @@ def plan_layout(exp: Experiment, machine: Machine, shape: ModelShape, pipe: int,
         grads = 4 * p_dev + 4 * p_dev / data
     else:  # fp32 accumulation buffer (bf16: BF16_Optimizer's whole fp32 copy), unpartitioned
         grads = 4 * p_dev
-    # Adam's moments (8 B) and, under ZeRO, an fp32 master partition (4 B): DeepSpeed's ZeRO optimizers
-    # clone one even from fp32 weights (stage_1_and_2.py / stage3.py); without ZeRO an fp32 run's Adam
-    # steps the weights themselves.
-    optimizer = 0.0 if host_optimizer else (8 if w == 4 and zero == 0 else 12) * p_dev / (data if zero >= 1 else 1)
+    # Adam's / LAMB's moments (8 B; Lion keeps one, 4 B) and, under ZeRO, an fp32 master partition (4 B):
+    # DeepSpeed's ZeRO optimizers clone one even from fp32 weights (stage_1_and_2.py / stage3.py); without
+    # ZeRO an fp32 run's optimizer steps the weights themselves.
+    moments = OPTIMIZER_STATE_BYTES[cfg.optim.name]
+    optimizer = 0.0 if host_optimizer else (moments + (0 if w == 4 and zero == 0 else 4)) * p_dev / (data if zero >= 1 else 1)
     in_flight = min(pipe, accum) if pipe > 1 else 1
     acts = 0.0
     for st in stages:  # the stage that keeps the most
@@ -420,7 +428,7 @@ def _check_parallel(cfg: Config) -> None:
     rest of the config is the same for every layout, and only whether pipe / tensor exceed 1 changes
     which rules apply (the exact degrees are checked again, for the message, where one fails)."""
     p = cfg.parallel
-    rest = (p.zero, p.offload, cfg.train.micro_batch, p.activation_checkpoint)
+    rest = (p.zero, p.offload, cfg.train.micro_batch, p.activation_checkpoint, cfg.train.precision, cfg.optim.name)
     for key, variant in (((p.pipe > 1, p.tensor > 1) + rest, dataclasses.replace(
             cfg, parallel=dataclasses.replace(p, pipe=min(p.pipe, 2), tensor=min(p.tensor, 2)))),
             ((p.pipe, p.tensor) + rest, cfg)):

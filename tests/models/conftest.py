@@ -1,12 +1,6 @@
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    # These tensors are tiny: one thread is as fast as many, and it stays fast when the
-    # CPU is shared (OpenMP workers spin-wait for busy cores; 3x slower under load here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _tiny_tensors_one_thread(one_intra_op_thread):  # tests/conftest.py
     yield
-    torch.set_num_threads(threads)

@@ -47,6 +47,7 @@ def test_quick_recipe_writes_the_table_from_its_runs(recipe):
         assert float(row["top5"]) == pytest.approx(last_eval["top5"]) and last_eval["top5"] >= last_eval["top1"]
         assert last_eval["test_samples"] == 360 and last_eval["step"] == int(row["finetune_steps"]) == FINE
         assert len([r for r in tuned if r["kind"] == "eval"]) == 2  # during (half-way) and after training
+        assert 0 < last_eval["loss"] < 2 * 2.303  # the test cross-entropy (the sweep's eval_loss); ln 10 = chance
         assert f"| {row['pretraining']} | {float(row['top1']):.1f} | {float(row['top5']):.1f} |" in markdown
         if row["source"] == "scratch":
             assert row["pretrain_steps"] == "0" and row["pretrain_loss"] == ""
@@ -56,6 +57,31 @@ def test_quick_recipe_writes_the_table_from_its_runs(recipe):
             assert float(row["pretrain_loss"]) == pytest.approx(pre[-1]["loss"])
     with Image.open(out / "fdsl_transfer.png") as png:
         assert png.format == "PNG" and png.width > 200 and png.height > 100
+
+
+def test_seeds_give_a_mean_and_a_t_interval_and_the_order_is_compared_with_the_paper():
+    from scipy import stats
+
+    from vitscale.tools.fdsl_transfer import aggregate, order_against_published
+
+    def row(source, top1, loss):
+        return {"pretraining": source, "source": source, "top1": top1, "top5": 99.0, "pretrain_loss": loss}
+
+    fractal = aggregate([row("fractal", 80.0, 1.0), row("fractal", 84.0, 2.0), row("fractal", 88.0, 4.5)], classes=100)
+    assert fractal["top1"] == pytest.approx(84.0) and fractal["seeds"] == 3
+    # an independent interval: scipy's t-interval of the three values
+    low, high = stats.t.interval(0.95, 2, loc=84.0, scale=stats.sem([80.0, 84.0, 88.0]))
+    assert (fractal["top1_ci95_low"], fractal["top1_ci95_high"]) == pytest.approx((low, high))
+    assert fractal["left_chance"] is False  # one seed's 4.5 is above 0.9 x ln 100 = 4.14
+    scratch = aggregate([row("scratch", 60.0, None), row("scratch", 62.0, None), row("scratch", 61.0, None)], 100)
+    assert scratch["left_chance"] is None and scratch["pretrain_loss"] is None
+    perlin = aggregate([row("perlin", 90.0, 0.1), row("perlin", 70.0, 0.1), row("perlin", 83.0, 0.2)], 100)
+    (line,) = order_against_published([scratch, perlin, fractal])
+    # the paper: scratch < perlin < fractal; here perlin (81.0) < fractal (84.0), both above scratch
+    # scratch [58.5, 63.5] and fractal [74.1, 93.9] are separated; perlin's wide interval overlaps both
+    assert "3 of 3 ordered pairs agree; 2 of them are not separated" in line and "reversed" not in line
+    (line,) = order_against_published([scratch, {**perlin, "top1": 85.0}, fractal])
+    assert "2 of 3 ordered pairs agree" in line and "reversed here: fractal < perlin (within the intervals)." in line
 
 
 @pytest.mark.parametrize("steps, message", [("5", "give two integers"), ("0,10", "at least 1")])

@@ -1,16 +1,16 @@
 """End-to-end training on CPU with 2 processes (gloo).
 
-One launch per ZeRO stage covers: the loss falls on the learnable task, the four loss
-sequences agree within fp32 round-off, the throughput records are complete and
-consistent, and (ZeRO-3) a mid-run checkpoint resumes into the identical trajectory.
-Launches are the expensive part (13-18 s each), so each one is asserted on many ways.
+One launch (tests/train/layouts.py) trains the four ZeRO stages and a resumed run, which cover: the
+loss falls on the learnable task, the four loss sequences agree within fp32 round-off, the throughput
+records are complete and consistent, and (ZeRO-3) a mid-run checkpoint resumes into the identical
+trajectory. Launches are the expensive part (13-18 s each), so each one is asserted on many ways.
 """
 import json
 
 import pytest
 import yaml
 
-from tests.conftest import read_metrics, run_training, train_losses
+from tests.conftest import TINY, launch_layouts, read_metrics, train_losses
 
 pytestmark = pytest.mark.distributed
 
@@ -23,13 +23,13 @@ COMMON = [f"train.steps={STEPS}", "log.every=1", "model.depth=4", "data.source=g
 
 @pytest.fixture(scope="module")
 def zero_runs(tmp_path_factory):
-    runs = {}
-    for stage in (0, 1, 2, 3):
-        run_dir = tmp_path_factory.mktemp(f"zero{stage}")
-        extra = ["checkpoint.every=10", "checkpoint.keep=2"] if stage == 3 else []
-        run_training(run_dir, COMMON + [f"parallel.zero={stage}"] + extra)
-        runs[stage] = run_dir
-    return runs
+    """The four ZeRO stages, then a run resumed from the ZeRO-3 run's step-30 checkpoint, in one launch."""
+    root = tmp_path_factory.mktemp("zero")
+    layouts = {f"zero{stage}": [f"parallel.zero={stage}"] for stage in (0, 1, 2)}
+    layouts["zero3"] = ["parallel.zero=3", "checkpoint.every=10", "checkpoint.keep=2"]
+    layouts["zero3_resumed"] = ["parallel.zero=3", f"checkpoint.resume={root / 'zero3' / 'checkpoints' / 'step00000030'}"]
+    launch_layouts(root, 2, layouts, COMMON + ["log.progress=false"], TINY)
+    return {stage: root / f"zero{stage}" for stage in (0, 1, 2, 3)}
 
 
 def test_loss_falls_on_the_synthetic_task(zero_runs):
@@ -91,13 +91,12 @@ def test_run_folder_holds_resolved_configs(zero_runs):
     assert ds["gradient_accumulation_steps"] == 2  # 32 / (8 x 2 ranks)
 
 
-def test_resume_continues_the_same_trajectory(zero_runs, tmp_path):
+def test_resume_continues_the_same_trajectory(zero_runs):
     """ZeRO-3 checkpoints every 10 steps, 2 kept -> a new run from step 30 reproduces steps 31-40."""
     root = zero_runs[3] / "checkpoints"
     assert sorted(p.name for p in root.glob("step*")) == ["step00000030", "step00000040"]
     assert (root / "latest").read_text().strip() == "step00000040"
-    run_training(tmp_path, COMMON + ["parallel.zero=3", f"checkpoint.resume={root / 'step00000030'}"])
-    resumed = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
+    resumed = [r for r in read_metrics(zero_runs[3].parent / "zero3_resumed") if r["kind"] == "train"]
     assert [r["step"] for r in resumed] == list(range(31, STEPS + 1))
     full = train_losses(zero_runs[3])[30:]
     assert [r["loss"] for r in resumed] == pytest.approx(full, rel=1e-5, abs=1e-6)

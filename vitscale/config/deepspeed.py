@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from vitscale.config.schema import Config, ConfigError
@@ -114,15 +115,55 @@ def compose_ds_config(cfg: Config, data_parallel: int, check_batch: bool = True,
         # DeepSpeed splits what stages send over the tensor ranks only when a single float
         # tensor travels (runtime/pipe/engine.py asserts it).
         ds["pipeline"] = {**ds.get("pipeline", {}), "pipe_partitioned": False, "grad_partitioned": False}
-    ds["optimizer"] = {"type": "AdamW", "params": {
-        "lr": t.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
-        "torch_adam": o.torch_adam}}
+    ds["optimizer"] = optimizer_section(cfg)
     # The LR schedule is ours (vitscale.train.optim.lr_lambda) and handed to
     # deepspeed.initialize: DeepSpeed's WarmupCosineLR runs its first two steps at lr 0
     # and never applies the peak lr itself. DeepSpeed still checkpoints its state.
     ds.setdefault("steps_per_print", 10**9)  # we log ourselves; silence DeepSpeed's own step prints
     ds.setdefault("wall_clock_breakdown", False)
     return copy.deepcopy(ds)
+
+
+# DeepSpeed's optimizer type and the parameters it takes, per optim.name (runtime/engine.py
+# _configure_basic_optimizer). train/optim.py builds timm's optimizer with the same parameters
+# where DeepSpeed has no kernel for the run (client_optimizer).
+OPTIMIZER_TYPES = {"adamw": "AdamW", "lion": "Lion", "lamb": "Lamb"}
+
+
+def optimizer_section(cfg: Config) -> dict:
+    """The DeepSpeed config's ``optimizer`` section for ``optim.*`` and ``train.lr``."""
+    o, lr = cfg.optim, cfg.train.lr
+    params = {"lr": lr, "betas": list(o.betas), "weight_decay": o.weight_decay}
+    if o.name == "adamw":
+        params.update(eps=o.eps, torch_adam=o.torch_adam)
+    elif o.name == "lamb":  # the clip is ours (gradient_clipping): FusedLamb's own max_grad_norm stays off
+        params.update(eps=o.eps, bias_correction=True)
+    return {"type": OPTIMIZER_TYPES[o.name], "params": params}
+
+
+@dataclass(frozen=True)
+class OptimizerSection:
+    """What the composed DeepSpeed config says of the optimizer, read back for ``train/optim.py``."""
+
+    kind: str  # DeepSpeed's type name: AdamW, Lion, Lamb
+    params: dict
+    offload: bool  # ZeRO-Offload of the optimizer (DeepSpeed's CPU optimizers)
+    fp16: bool
+
+
+def optimizer_of(ds: dict) -> OptimizerSection:
+    """The optimizer section of a composed DeepSpeed config."""
+    section = ds.get("optimizer", {})
+    return OptimizerSection(kind=section.get("type", ""), params=dict(section.get("params", {})),
+                            offload=ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu",
+                            fp16=bool(ds.get("fp16", {}).get("enabled", False)))
+
+
+def with_client_optimizer(ds: dict) -> dict:
+    """The config ``deepspeed.initialize`` gets with an optimizer we built: no optimizer section (DeepSpeed
+    would build its own), and ZeRO allowed to step ours on its flat partitions, right for elementwise
+    rules (Lion); LAMB, per parameter, never runs under ZeRO (``config/validation.py`` refuses it)."""
+    return {**{k: v for k, v in ds.items() if k != "optimizer"}, "zero_allow_untested_optimizer": True}
 
 
 def _bf16_as_large_stacks_do(ds: dict, cfg: Config, preset: str) -> None:

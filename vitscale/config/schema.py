@@ -48,6 +48,30 @@ class PackingConfig:
 
 
 @dataclass
+class AdaTapeConfig:
+    """AdaTape (Xue et al. 2023): per sample, the Adaptive Tape Reader picks tape tokens from a bank and
+    appends them to the sequence (vitscale/models/adatape.py); harder samples may read more of them."""
+
+    bank: Literal["learnable", "input"] | None = None  # learnable: a bank_size x width parameter; input: the
+    # image's own patches at a finer patch size (bank_size of them); None = no AdaTape
+    bank_size: int = 64  # tokens in the bank; input: a square number whose side divides data.image_size
+    max_tokens: int = 8  # tape slots per sample: the most tape tokens a sample reads (FLOPs count all of them)
+    threshold: float = 0.5  # a sample reads tokens by descending score until their softmax scores sum to this
+
+
+@dataclass
+class DecoderConfig:
+    """CapPa's text decoder (``train.objective=cappa``, Tschannen et al. 2023): pre-norm blocks of causal
+    self-attention, cross-attention to the image tower's tokens and an MLP. Its vocabulary and caption
+    length are the CLIP's text tower's (``model.text``: vocab_size, context_length), the tokenizer's."""
+
+    layers: int = 2  # decoder blocks (sized for clip_tiny; the paper's B/16 decoder has 6 of width 768)
+    width: int = 64  # token width of the decoder
+    heads: int = 4  # attention heads of both the self- and the cross-attention; must divide width
+    mlp_ratio: float = 4.0  # MLP hidden width = int(width * mlp_ratio)
+
+
+@dataclass
 class ModelConfig:
     name: str = "vit_tiny_patch16"  # a registered name: vitscale.models.list_models()
     # Weights to start from: a .safetensors / .pt state dict with our (= timm) names, an open_clip
@@ -70,6 +94,7 @@ class ModelConfig:
     pos_embed: Literal["learned", "factorized"] | None = None  # factorized: row + column tables (NaViT, packing)
     moe: MoEConfig = field(default_factory=MoEConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)  # n:m / unstructured weight sparsity
+    adatape: AdaTapeConfig = field(default_factory=AdaTapeConfig)  # adaptive tape tokens (a ViT classifier)
     init_values: float | None = None  # LayerScale init; None = no LayerScale
     class_token: bool | None = None
     global_pool: Literal["token", "avg"] | None = None
@@ -81,6 +106,7 @@ class ModelConfig:
     # embed_dim is the joint embedding, patch_size the image tower's.
     vision: dict | None = None
     text: dict | None = None
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)  # CapPa's text decoder (train.objective=cappa)
 
 
 @dataclass
@@ -140,7 +166,11 @@ class ParallelConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw"] = "adamw"
+    # adamw; lion (Chen et al. 2023: sign of an interpolated momentum, one state: use a 3-10x smaller
+    # train.lr and a 3-10x larger weight_decay than AdamW's); lamb (You et al. 2019: Adam with a
+    # per-parameter trust ratio, for large batches; needs whole parameters: parallel.zero=0, tensor 1).
+    # DeepSpeed's kernels where it has one (FusedLion / CPU Lion, FusedLamb in fp16), timm's otherwise.
+    name: Literal["adamw", "lamb", "lion"] = "adamw"
     weight_decay: float = 0.05  # not applied to biases, norms, position embeddings, class token
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -151,6 +181,32 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine ends at min_lr_ratio * lr
     torch_adam: bool = False  # torch.optim.AdamW instead of DeepSpeed's fused / CPU Adam kernel
     layer_decay: float = 1.0  # layer-wise LR decay (BEiT / DeiT fine-tuning, timm's param_groups_layer_decay); 1 = off
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation (Hinton et al. 2015; ViT-22B's students): a frozen teacher runs forward on every
+    batch and the student also learns its predictions (vitscale/train/distill.py). A ViT classifier student."""
+
+    # The teacher: a vitscale run / checkpoint folder of any layout (its config.yaml gives the architecture),
+    # or a .safetensors / .pt state dict with our (= timm's) names; None = no distillation.
+    teacher: str | None = None
+    # A weights-file teacher's architecture: model-section keys replacing the student's, e.g.
+    # {name: vit_small_patch16, depth: 12}; None = the student's own. A run folder brings its own.
+    model: dict | None = None
+    kind: Literal["soft", "hard"] = "soft"  # soft: KL to the teacher's softened probabilities x T^2; hard: CE to its argmax
+    temperature: float = 1.0  # soft: T, dividing both models' logits
+    alpha: float = 0.5  # loss = alpha * label loss + (1 - alpha) * distillation loss; 1 = the label loss alone
+
+
+@dataclass
+class CapPaConfig:
+    """Captioning pre-training (CapPa, Tschannen et al. 2023), ``train.objective=cappa``."""
+
+    # Share of the samples trained by parallel prediction (every decoder input a [MASK] token, no causal
+    # mask, all tokens predicted at once); the rest by autoregressive captioning. Chosen per sample from
+    # its noise key, so every layout splits a batch alike. The paper: 0.75.
+    parallel_fraction: float = 0.75
 
 
 @dataclass
@@ -175,7 +231,17 @@ class TrainConfig:
     # rank (the weights stay as they were); this many such steps in a row stop the run (fp16's
     # loss scaler skips such steps itself and lowers the scale). No checkpoint of them is written.
     max_bad_steps: int = 3
+    distill: DistillConfig = field(default_factory=DistillConfig)  # a frozen teacher's predictions as targets too
+    # None = what the model's kind trains with (a classifier's labels, a CLIP's contrastive loss); cappa:
+    # captioning pre-training of a CLIP config's image tower with a text decoder (model.decoder, train.cappa)
+    # in place of the text tower, on the same image-text data.
+    objective: Literal["cappa"] | None = None
+    cappa: CapPaConfig = field(default_factory=CapPaConfig)
     ema: float = 0.0  # decay of an EMA of the weights (timm's ModelEmaV3, e.g. 0.9998), evaluated on data.test; 0 = off
+    # torch.compile each transformer block (regional compilation, as torchtitan does: one graph reused by
+    # every block), in every layout but ZeRO-3 (whose parameter hooks run inside each block's forward)
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: the graphs without code generation)
 
 
 @dataclass

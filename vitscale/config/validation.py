@@ -47,6 +47,18 @@ def check_config(cfg: Config) -> None:
         _fail(f"data.mean and data.std need 3 values (RGB), got {d.mean} and {d.std}")
     if len(o.betas) != 2:
         _fail(f"optim.betas={o.betas} needs two values, e.g. [0.9, 0.999]")
+    if t.compile and p.zero == 3:
+        _fail("train.compile=true cannot run with parallel.zero=3: ZeRO-3 gathers and frees each layer's parameters "
+              "in hooks that run inside every block's forward, which torch.compile would trace; use parallel.zero "
+              "0-2 (with parallel.offload=optimizer for memory) or train.compile=false")
+    if o.name == "lamb" and (p.zero > 0 or p.tensor > 1):
+        # LAMB scales each parameter's update by ||w|| / ||update||. ZeRO 1-3 hand the optimizer one flat
+        # partition per group (and a tensor rank holds a slice of a parameter), so the ratio would be
+        # taken over the wrong vector; Lion is elementwise and runs in every layout.
+        _fail(f"optim.name=lamb needs whole parameters in the optimizer: parallel.zero=0 and parallel.tensor=1 "
+              f"(now zero={p.zero}, tensor={p.tensor}); LAMB's per-parameter trust ratio is wrong over ZeRO's flat "
+              "partitions and tensor shards. Use optim.name=lion (elementwise: any layout) or adamw, or drop ZeRO "
+              "and tensor parallelism (bf16 needs ZeRO, so LAMB trains in fp32 or fp16)")
     _check_data(cfg)
     _check_eval(cfg)
     _check_monitors(cfg)
@@ -63,6 +75,9 @@ def check_config(cfg: Config) -> None:
     _check_precision(cfg)
     _check_model_options(cfg)
     _check_sparsity(cfg)
+    _check_distill(cfg)
+    _check_adatape(cfg)
+    _check_cappa(cfg)
     if p.activation_checkpoint < 0:
         _fail(f"parallel.activation_checkpoint={p.activation_checkpoint} must be >= 0 (blocks per recomputed "
              "chunk; 0 turns it off)")
@@ -225,6 +240,83 @@ def _check_sparsity(cfg: Config) -> None:
               "so no rank holds the whole rows (n:m groups, magnitude thresholds) its mask is computed from; use "
               "parallel.zero=1 or 2 (optimizer states and gradients still sharded) or parallel.tensor to split "
               "the weights")
+
+
+def _check_distill(cfg: Config) -> None:
+    """``train.distill`` (train/distill.py); the teacher's architecture is checked against the student later."""
+    d, p = cfg.train.distill, cfg.parallel
+    if d.teacher is None:
+        if d.model is not None:
+            _fail("train.distill.model describes the teacher's architecture, but train.distill.teacher is not set")
+        return
+    if not (Path(d.teacher).is_file() or _is_checkpoint_dir(d.teacher)):
+        _fail(f"train.distill.teacher='{d.teacher}' is not a file or a vitscale run / checkpoint folder; give a run "
+              "folder of the teacher's training, or a .safetensors / .pt state dict with timm's names")
+    if d.model is not None and Path(d.teacher).is_dir():
+        _fail("train.distill.model describes a weights file's architecture; a run folder teacher brings its own "
+              "(its config.yaml): remove train.distill.model")
+    if d.temperature <= 0:
+        _fail(f"train.distill.temperature={d.temperature} must be > 0 (1 = the teacher's own probabilities)")
+    if not 0 <= d.alpha <= 1:
+        _fail(f"train.distill.alpha={d.alpha} must be in [0, 1]: the label loss's weight, (1 - alpha) the teacher's")
+    if p.pipe > 1:
+        _fail(f"train.distill with parallel.pipe={p.pipe} is not supported: the loss lives on the last stage, which "
+              "would need the whole teacher and the images; set parallel.pipe=1 (tensor and ZeRO 0-3 work)")
+    if cfg.data.packing.seq_len:
+        _fail("train.distill with data.packing is not supported (the teacher takes whole images); set "
+              "data.packing.seq_len=0")
+
+
+def _check_adatape(cfg: Config) -> None:
+    """``model.adatape`` (models/adatape.py)."""
+    a, p, m = cfg.model.adatape, cfg.parallel, cfg.model
+    if a.bank is None:
+        return
+    if a.bank_size < 1 or not 1 <= a.max_tokens <= a.bank_size:
+        _fail(f"model.adatape: bank_size={a.bank_size} must be >= 1 and max_tokens={a.max_tokens} in [1, bank_size]")
+    if not 0 < a.threshold <= 1:
+        _fail(f"model.adatape.threshold={a.threshold} must be in (0, 1]: the share of the bank's softmax score a "
+              "sample reads (1 = always max_tokens)")
+    if a.bank == "input":
+        side = round(a.bank_size ** 0.5)
+        if side * side != a.bank_size or cfg.data.image_size % side:
+            _fail(f"model.adatape.bank=input cuts the image into bank_size={a.bank_size} patches: it must be a square "
+                  f"number whose side divides data.image_size={cfg.data.image_size}, e.g. "
+                  f"{(cfg.data.image_size // 8) ** 2} (8 px patches)")
+    if p.pipe > 1:
+        _fail(f"model.adatape with parallel.pipe={p.pipe} is not supported: the stages pass one tensor, the tape "
+              "needs its mask in every stage; set parallel.pipe=1 (tensor and data parallelism work)")
+    if cfg.data.packing.seq_len:
+        _fail("model.adatape with data.packing is not supported; set data.packing.seq_len=0")
+    if m.moe.blocks:
+        _fail("model.adatape with model.moe is not supported: Soft MoE slots would mix in the unused tape slots; "
+              "set model.moe.blocks=0")
+def _check_cappa(cfg: Config) -> None:
+    """Captioning pre-training (``train.objective=cappa``): its decoder and batch split, and the layouts it runs in."""
+    t, dec, p = cfg.train, cfg.model.decoder, cfg.parallel
+    if t.objective != "cappa":
+        return
+    if not 0 <= t.cappa.parallel_fraction <= 1:
+        _fail(f"train.cappa.parallel_fraction={t.cappa.parallel_fraction} must be in [0, 1] (the share of samples "
+              "trained by parallel prediction; the paper uses 0.75)")
+    for key in ("layers", "width", "heads"):
+        if getattr(dec, key) < 1:
+            _fail(f"model.decoder.{key}={getattr(dec, key)} must be >= 1")
+    if dec.width % dec.heads:
+        ok = [h for h in range(1, min(dec.width, 64) + 1) if dec.width % h == 0]
+        _fail(f"model.decoder.width={dec.width} must be divisible by model.decoder.heads={dec.heads}; use "
+              f"model.decoder.heads in {ok}")
+    if dec.mlp_ratio <= 0:
+        _fail(f"model.decoder.mlp_ratio={dec.mlp_ratio} must be > 0")
+    if p.pipe > 1:
+        _fail(f"CapPa under parallel.pipe>1 is not supported yet (parallel.pipe={p.pipe}): the pipeline layers "
+              "(models/pipeline.py) pass one image and one text stream between stages, and the decoder's every "
+              "block needs the image tower's output tokens besides its own; use parallel.pipe=1 with "
+              "parallel.tensor and ZeRO instead")
+    if cfg.eval.every:
+        _fail(f"eval.every={cfg.eval.every}: a CapPa run has no text tower for zero-shot / retrieval; set eval.every=0 "
+              "and evaluate the image tower after training (vitscale-export RUN --to timm, then vitscale-eval "
+              "--task linear-probe or a fine-tuning run with model.init)")
 
 
 def _is_checkpoint_dir(path: str) -> bool:

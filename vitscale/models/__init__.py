@@ -9,6 +9,7 @@ importing this package.
 from vitscale.models.registry import create_model, list_models, model_kind, register_model
 from vitscale.models import vit  # noqa: F401  (importing registers the ViT sizes)
 from vitscale.models import clip  # noqa: F401  (importing registers the CLIP sizes)
+from vitscale.models import cappa  # noqa: F401  (importing registers a CapPa per CLIP size)
 from vitscale.models.spec import ModelSpec, resolve_model
 from vitscale.models.vit import ViTConfig, VisionTransformer
 

@@ -64,7 +64,8 @@ from vitscale.models.vit import Block, ViTConfig, init_by_name, patchify
 
 __all__ = ["CLIPVisionConfig", "CLIPTextConfig", "CLIPConfig", "CLIP", "CLIPBlock", "VisionTower", "TextTower",
            "QuickGELU", "CLIP_SIZES", "OPEN_CLIP_NAMES", "LOGIT_SCALE_MAX", "clip_config", "build_clip",
-           "clip_init_weights", "to_open_clip_state_dict", "from_open_clip_state_dict"]
+           "clip_init_weights", "clip_initial_value", "run_blocks", "to_open_clip_state_dict",
+           "from_open_clip_state_dict"]
 
 LOGIT_SCALE_MAX = math.log(100)  # open_clip_train clamps logit_scale to [0, log 100] after each step
 
@@ -237,7 +238,8 @@ class CLIPBlock(Block):
             self.mlp.act = QuickGELU()  # a Soft MoE's experts too: they call self.mlp.act
 
 
-def _run_blocks(blocks: nn.Sequential, x: torch.Tensor, every: int, training: bool) -> torch.Tensor:
+def run_blocks(blocks: nn.Sequential, x: torch.Tensor, every: int, training: bool) -> torch.Tensor:
+    """``blocks(x)``, with activation checkpointing in chunks of ``every`` blocks while training (0: none)."""
     # Activation checkpointing in chunks of ``every`` blocks, as VisionTransformer.forward_features.
     if every and training and torch.is_grad_enabled():
         layers = list(blocks)
@@ -297,7 +299,7 @@ class VisionTower(nn.Module):
         return self.ln_post(x[:, 0]) @ self.proj
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = _run_blocks(self.blocks, self.embed(images), self.grad_checkpointing, self.training)
+        x = run_blocks(self.blocks, self.embed(images), self.grad_checkpointing, self.training)
         return self.forward_head(x)
 
 
@@ -342,7 +344,7 @@ class TextTower(nn.Module):
         return self.ln_final(x) @ self.text_projection  # LayerNorm is per token: pooling first is the same
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = _run_blocks(self.blocks, self.embed(tokens), self.grad_checkpointing, self.training)
+        x = run_blocks(self.blocks, self.embed(tokens), self.grad_checkpointing, self.training)
         return self.forward_head(x, self.eot_positions(tokens))
 
 
@@ -423,8 +425,10 @@ class CLIP(nn.Module):
         return out if self.logit_bias is None else (*out, self.logit_bias[0])
 
 
-def _initial_value(name: str, module: nn.Module, shape: tuple[int, ...], gen: torch.Generator,
-                   cfg: CLIPConfig) -> torch.Tensor:
+def clip_initial_value(name: str, module: nn.Module, shape: tuple[int, ...], gen: torch.Generator,
+                       cfg: CLIPConfig) -> torch.Tensor:
+    """The initial value of parameter ``name`` (its name in the whole CLIP) of ``module``, full ``shape``,
+    drawn from ``gen`` (``clip_init_weights``'s rules; CapPa's image tower uses them too)."""
     leaf = name.rsplit(".", 1)[-1]
     if isinstance(module, nn.LayerNorm):
         return torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
@@ -481,7 +485,8 @@ def clip_init_weights(module: nn.Module, cfg: CLIPConfig, seed: int, prefix: str
     Returns:
         ``module``.
     """
-    return init_by_name(module, seed, prefix, lambda name, mod, shape, gen: _initial_value(name, mod, shape, gen, cfg))
+    return init_by_name(module, seed, prefix,
+                        lambda name, mod, shape, gen: clip_initial_value(name, mod, shape, gen, cfg))
 
 
 # ---- open_clip interop: key renames only (see the module docstring) ----

@@ -17,6 +17,13 @@ A CLIP sample is one image and one caption of ``context_length`` tokens: both to
 matrix products as above (the text tower's causal attention counted in full, as the
 unfused kernel computes it) and both projections; the B x B logits of the loss are not
 a per-sample cost and are left out.
+
+A CapPa sample (``models/cappa.py``) is one image through the tower, every output token projected
+to the decoder's width, and one caption of ``context_length`` tokens through the decoder: per block
+the self-attention (causal counted in full, as for the text tower), the cross-attention (q on the
+caption tokens, k and v on the image tokens, scores and weighted values caption x image tokens,
+proj) and the MLP, then the vocabulary head on every position. Both of its branches (autoregressive
+and parallel prediction) run the same products.
 """
 from __future__ import annotations
 
@@ -24,6 +31,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from vitscale.models.adatape import adatape_flops
+from vitscale.models.cappa import CapPaConfig
 from vitscale.models.clip import CLIPConfig
 from vitscale.models.vit import ViTConfig
 
@@ -38,7 +47,20 @@ def vit_forward_flops(cfg: ViTConfig) -> int:
         FLOPs per image (2 per multiply-add).
     """
     head = 2 * cfg.embed_dim * cfg.num_classes  # one pooled vector per image; 0 classes = no head
-    return _patch_embed_flops(cfg, cfg.num_patches) + _blocks_flops(cfg, cfg.seq_len) + head
+    return _patch_embed_flops(cfg, cfg.num_patches) + _tape_flops(cfg) + _blocks_flops(cfg, _block_tokens(cfg)) + head
+
+
+def _block_tokens(cfg: ViTConfig) -> int:
+    """Tokens per image in the blocks: AdaTape's tape slots counted at max_tokens, the upper bound
+    (the blocks run on every slot, read or masked: a mask saves no work)."""
+    return cfg.seq_len + cfg.tape_tokens
+
+
+def _tape_flops(cfg: ViTConfig) -> int:
+    if not cfg.adatape_bank:
+        return 0
+    return adatape_flops(cfg.embed_dim, cfg.adatape_bank, cfg.adatape_bank_size, cfg.adatape_max_tokens,
+                         cfg.in_chans, cfg.img_size)
 
 
 def packed_forward_flops(cfg: ViTConfig, seq_len: int, images: int) -> int:
@@ -105,15 +127,48 @@ def clip_forward_flops(cfg: CLIPConfig) -> int:
     return image + text
 
 
+def cappa_forward_flops(cfg: CapPaConfig) -> int:
+    """Forward FLOPs of one image-caption pair through CapPa (the tower, the projection of every image
+    token, the decoder, the vocabulary head).
+
+    Args:
+        cfg: the architecture.
+
+    Returns:
+        FLOPs per pair (2 per multiply-add).
+    """
+    v, dec = cfg.vision, cfg.decoder
+    m, n, d = v.vit.seq_len, dec.context_length, dec.width  # image tokens, caption tokens, decoder width
+    image = vit_forward_flops(v.vit) + 2 * m * v.width * d  # the ViT without head, then proj on every token
+    cross = (2 * n * d * d  # q
+             + 2 * m * d * 2 * d  # k and v of the image tokens
+             + 2 * n * m * d  # Q K^T
+             + 2 * n * m * d  # A V
+             + 2 * n * d * d)  # proj
+    block = _block_flops(n, d, dec.mlp_hidden) + cross
+    return image + dec.layers * block + 2 * n * d * dec.vocab_size
+
+
+def cappa_layer_flops(cfg: CapPaConfig) -> list[int]:
+    """Forward FLOPs of one image-caption pair through each layer of ``cappa.cappa_layers`` (the
+    embeddings, the image blocks, the decoder blocks, the head: every image token's projection and the
+    vocabulary head), in order; they sum to ``cappa_forward_flops``."""
+    v, dec = cfg.vision, cfg.decoder
+    image = vit_layer_flops(v.vit)  # [patch embedding, blocks..., no head]
+    m, n, d = v.vit.seq_len, dec.context_length, dec.width
+    block = _block_flops(n, d, dec.mlp_hidden) + 2 * n * d * d + 2 * m * d * 2 * d + 4 * n * m * d + 2 * n * d * d
+    return [image[0], *image[1:-1], *[block] * dec.layers, 2 * m * v.width * d + 2 * n * d * dec.vocab_size]
+
+
 def vit_layer_flops(cfg: ViTConfig) -> list[int]:
     """Forward FLOPs of one image through each pipeline layer of a ViT (``models/pipeline.py``'s
     ``vit_layers``: the embedding, each block, the head), in order; they sum to ``vit_forward_flops``."""
     first_moe = cfg.depth - cfg.moe_blocks  # the last moe_blocks blocks are Soft MoE
-    d, n = cfg.embed_dim, cfg.seq_len
+    d, n = cfg.embed_dim, _block_tokens(cfg)
     blocks = [_block_flops(n, d, cfg.mlp_hidden) if i < first_moe else
               _attention_flops(n, d) + soft_moe_flops(n, d, cfg.mlp_hidden, cfg.moe_experts * cfg.moe_slots)
               for i in range(cfg.depth)]
-    return [_patch_embed_flops(cfg, cfg.num_patches), *blocks, 2 * d * cfg.num_classes]
+    return [_patch_embed_flops(cfg, cfg.num_patches) + _tape_flops(cfg), *blocks, 2 * d * cfg.num_classes]
 
 
 def clip_layer_flops(cfg: CLIPConfig) -> list[int]:
@@ -133,6 +188,8 @@ def layer_flops(cfg_or_model: nn.Module | ViTConfig) -> list[int]:
     cfg = getattr(cfg_or_model, "cfg", cfg_or_model)
     if isinstance(cfg, CLIPConfig):
         return clip_layer_flops(cfg)
+    if isinstance(cfg, CapPaConfig):
+        return cappa_layer_flops(cfg)
     if isinstance(cfg, ViTConfig):
         return vit_layer_flops(cfg)
     forward_flops(cfg)  # raises the error that names the known families
@@ -143,6 +200,7 @@ def layer_flops(cfg_or_model: nn.Module | ViTConfig) -> list[int]:
 _FORMULAS: dict[type, Callable[[Any], int]] = {
     ViTConfig: vit_forward_flops,
     CLIPConfig: clip_forward_flops,
+    CapPaConfig: cappa_forward_flops,
 }
 
 

@@ -27,11 +27,13 @@ from typing import Literal, Mapping, Sequence
 import torch
 from torch import nn
 
-from vitscale.models.clip import CLIP, to_open_clip_state_dict
+from vitscale.models.cappa import CapPa
+from vitscale.models.clip import CLIP, CLIPVisionConfig, to_open_clip_state_dict
 from vitscale.models.vit import VisionTransformer, ViTConfig
 
 __all__ = ["FORMATS", "merge_tensor_parallel", "shard_state_dict", "pipeline_to_whole", "to_timm", "to_open_clip",
-           "convert_state_dict", "timm_kwargs", "create_timm_model", "library_config", "check_state_dict"]
+           "convert_state_dict", "timm_kwargs", "create_timm_model", "library_config", "check_state_dict",
+           "visual_timm_kwargs", "visual_to_timm"]
 
 logger = logging.getLogger(__name__)
 
@@ -196,9 +198,12 @@ def check_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module, what: 
                          f"{unexpected[:5]}, shape mismatch {shapes[:3]}")
 
 
-def to_timm(state: Mapping[str, torch.Tensor]) -> StateDict:
+def to_timm(state: Mapping[str, torch.Tensor], model: nn.Module | None = None) -> StateDict:
     """Our ViT's state dict for timm: the names already are timm's (``vit.py``), so this only
-    checks that it is a ViT's. Build the timm model with ``timm_kwargs(cfg)``."""
+    checks that it is a ViT's. Build the timm model with ``timm_kwargs(cfg)``. A CapPa's (``model``
+    the CapPa, on the meta device): its image tower, converted by ``visual_to_timm``."""
+    if isinstance(model, CapPa):
+        return visual_to_timm(state, library_config(model, "timm"))
     if "patch_embed.proj.weight" not in state or any(k.startswith(("visual.", "text.")) for k in state):
         raise ValueError("to_timm: not a ViT state dict (a CLIP exports with --to open_clip)")
     return dict(state)
@@ -211,11 +216,12 @@ def to_open_clip(state: Mapping[str, torch.Tensor]) -> StateDict:
     return to_open_clip_state_dict(dict(state))
 
 
-def convert_state_dict(state: Mapping[str, torch.Tensor], to: Format) -> StateDict:
-    """Our whole-model state dict in the naming of ``to``: ``timm`` (a ViT), ``open_clip`` (a
-    CLIP) or ``vitscale`` (ours, unchanged: ``model.init`` and ``shard_state_dict`` read it)."""
+def convert_state_dict(state: Mapping[str, torch.Tensor], to: Format, model: nn.Module | None = None) -> StateDict:
+    """Our whole-model state dict in the naming of ``to``: ``timm`` (a ViT, or a CapPa's image tower:
+    pass the ``model``, meta-built), ``open_clip`` (a CLIP) or ``vitscale`` (ours, unchanged:
+    ``model.init`` and ``shard_state_dict`` read it)."""
     if to == "timm":
-        return to_timm(state)
+        return to_timm(state, model)
     if to == "open_clip":
         return to_open_clip(state)
     if to == "vitscale":
@@ -226,10 +232,13 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], to: Format) -> StateDi
 # Options timm's VisionTransformer cannot express: (config field, value that is fine, why).
 _NOT_IN_TIMM = [("dual_patchnorm", False, "has no LayerNorm on the pixels before the patch embedding"),
                 ("moe_blocks", 0, "has no Soft MoE layer"),
+                ("adatape_bank", None, "has no AdaTape tape reader"),
                 ("pos_embed", "learned", "has no factorized (row + column) position embedding")]
 # Names in timm_kwargs for timm objects that JSON cannot hold; create_timm_model resolves them.
 _TIMM_BLOCK = "ParallelScalingBlock(fuse_out_proj=True)"
 _TIMM_NORM = "LayerNorm(bias=False)"
+_TIMM_CLIP_NORM = "LayerNorm(eps=1e-5)"  # torch's LayerNorm, as open_clip's and timm's own *_clip_* models
+_TIMM_QUICK_GELU = "quick_gelu"  # timm's activation name
 
 
 def timm_kwargs(cfg: ViTConfig) -> dict:
@@ -272,7 +281,44 @@ def create_timm_model(kwargs: dict | ViTConfig) -> nn.Module:
         kwargs["block_fn"] = partial(ParallelScalingBlock, fuse_out_proj=True)
     if kwargs.get("norm_layer") == _TIMM_NORM:
         kwargs["norm_layer"] = partial(LayerNorm, bias=False)
+    if kwargs.get("norm_layer") == _TIMM_CLIP_NORM:
+        kwargs["norm_layer"] = partial(nn.LayerNorm, eps=1e-5)
     return TimmViT(**kwargs)
+
+
+def visual_timm_kwargs(vision: CLIPVisionConfig, out_dim: int, quick_gelu: bool = False) -> dict:
+    """timm ``VisionTransformer`` kwargs of a CLIP image tower (as timm's ``vit_*_clip_*`` models:
+    ``pre_norm`` for ``ln_pre``, no patch-embedding bias, LayerNorm eps 1e-5, the class token
+    pooled after the final norm), its ``proj`` as the head of ``out_dim`` classes (zero bias).
+
+    Raises:
+        ValueError: for tower options timm's ViT has not (Dual PatchNorm, Soft MoE, q/k norms).
+    """
+    if vision.options():
+        raise ValueError(f"timm's CLIP-style VisionTransformer has no {', '.join(vision.options())}; export "
+                         "this model with --to vitscale")
+    kwargs = dict(img_size=vision.image_size, patch_size=vision.patch_size, in_chans=3, num_classes=out_dim,
+                  global_pool="token", embed_dim=vision.width, depth=vision.layers, num_heads=vision.heads,
+                  mlp_ratio=vision.mlp_ratio, qkv_bias=True, class_token=True, pre_norm=True, fc_norm=False,
+                  norm_layer=_TIMM_CLIP_NORM)
+    if quick_gelu:
+        kwargs["act_layer"] = _TIMM_QUICK_GELU
+    return kwargs
+
+
+def visual_to_timm(state: Mapping[str, torch.Tensor], kwargs: dict) -> StateDict:
+    """A CLIP / CapPa image tower (the ``visual.*`` keys of ``state``) -> timm's ``VisionTransformer``
+    built from ``kwargs`` (``visual_timm_kwargs``): renamed to open_clip's names, then converted by
+    timm's own open_clip loader (``checkpoint_filter_fn``: conv1 -> patch_embed.proj, ln_pre ->
+    norm_pre, ln_post -> norm, proj -> head, transposed), so timm, not we, decides its names."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    visual = {k: v for k, v in state.items() if k.startswith("visual.")}
+    if "visual.conv1.weight" not in visual:
+        raise ValueError("visual_to_timm: the state dict has no image tower (visual.*)")
+    with torch.device("meta"):
+        model = create_timm_model(kwargs)
+    return dict(checkpoint_filter_fn(to_open_clip_state_dict(visual), model))
 
 
 def library_config(model: nn.Module, to: Format) -> dict:
@@ -280,6 +326,8 @@ def library_config(model: nn.Module, to: Format) -> dict:
     open_clip's model-config JSON (``CLIP(**cfg)``), or nothing for ``vitscale``."""
     if to == "timm" and isinstance(model, VisionTransformer):
         return timm_kwargs(model.cfg)
+    if to == "timm" and isinstance(model, CapPa):  # its image tower
+        return visual_timm_kwargs(model.cfg.vision, model.cfg.decoder.width, model.cfg.quick_gelu)
     if to == "open_clip" and isinstance(model, CLIP):
         if model.cfg.vision.options():
             raise ValueError(f"open_clip's image tower has no {', '.join(model.cfg.vision.options())}; export this "

@@ -1,5 +1,5 @@
 """The losses, each registered by name (``create_loss``): a classifier's softmax and sigmoid
-cross-entropy, and the contrastive (CLIP, Radford et al. 2021) and sigmoid (SigLIP, Zhai et al.
+cross-entropy, a captioner's next-token cross-entropy (CapPa), and the contrastive (CLIP, Radford et al. 2021) and sigmoid (SigLIP, Zhai et al.
 2023) image-text losses over the data-parallel group.
 
 Both losses exchange features between the ranks of one process group, the data-parallel
@@ -39,7 +39,7 @@ from torch import nn
 
 from vitscale.registry import Registry
 
-__all__ = ["ClipLoss", "SigLipLoss", "SoftmaxCrossEntropy", "SigmoidCrossEntropy", "sigmoid_cross_entropy",
+__all__ = ["ClipLoss", "SigLipLoss", "SoftmaxCrossEntropy", "SigmoidCrossEntropy", "CaptioningLoss", "sigmoid_cross_entropy",
            "all_gather_with_grad", "neighbour_exchange_with_grad", "create_loss", "list_losses", "register_loss"]
 
 LOSSES: Registry[nn.Module] = Registry("loss", "list_losses()")
@@ -389,3 +389,30 @@ class SigmoidCrossEntropy(nn.Module):
         logits, labels = _per_image(logits, labels)
         return sigmoid_cross_entropy(logits.float(), labels, self.label_smoothing)
 
+
+
+# -- a captioner's loss ------------------------------------------------------------------------------
+
+@register_loss("captioning")
+class CaptioningLoss(nn.Module):
+    """Next-token cross-entropy of a captioner (CapPa), per sample (computed in fp32).
+
+    Position t of the logits predicts token t + 1 of the caption; the first token (start of text) is
+    never a target, and padding targets are ignored. Each sample's loss is the mean over its caption's
+    targets, so a sample counts alike whatever its length, and the mean over samples of equal-sized
+    micro-batches is the batch's whatever the layout.
+
+    Args:
+        pad_id: the padding token id (``data.captions.CaptionTokenizer``: 0).
+    """
+
+    def __init__(self, pad_id: int = 0):
+        super().__init__()
+        self.pad_id = pad_id
+
+    def forward(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (B, L, V) and the caption's token ids (B, L) -> per-sample losses (B,)."""
+        targets = tokens[:, 1:]
+        per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")  # (B, L - 1)
+        kept = (targets != self.pad_id).to(per_token.dtype)
+        return (per_token * kept).sum(1) / kept.sum(1).clamp(min=1.0)

@@ -1,7 +1,7 @@
 """Parallelism applied to a built model from outside, as torchtitan's ``parallelize_*`` functions do:
 tensor parallelism (``tensor_parallel.py``: Megatron column / row sharding of every block),
 pipeline stages (``pipeline.py``: the model's layers as a DeepSpeed ``PipelineModule``),
-activation checkpointing; and the checks, run before any process starts, that a layout fits a model.
+activation checkpointing, torch.compile of each block (``compile_blocks``); and the checks, run before any process starts, that a layout fits a model.
 
 The model classes (``vit.py``, ``clip.py``) know none of this: they are single-device modules, built
 on the meta device here, split, and only then materialised and initialised, each parameter from
@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from vitscale.config.schema import ConfigError
+from vitscale.models.cappa import DecoderBlock, cappa_init_weights, cappa_layers
 from vitscale.models.clip import clip_init_weights
 from vitscale.models.flops import layer_flops
 from vitscale.models.spec import ModelSpec
 from vitscale.models.tensor_parallel import parallelize_vit
-from vitscale.models.vit import init_weights
+from vitscale.models.vit import Block, ParallelBlock, init_weights
 
 if TYPE_CHECKING:  # the process groups come from vitscale.distributed; models never create any
     from vitscale.distributed import ParallelDims
@@ -37,6 +38,10 @@ def check_layout(spec: ModelSpec, tensor: int, pipe: int) -> None:
         if stack.mlp_hidden % tensor:
             raise ConfigError(f"parallel.tensor={tensor} must divide the MLP width {stack.mlp_hidden} of "
                               f"{stack.where}{spec.name}")
+    if spec.kind == "cappa" and pipe > 1:
+        raise ConfigError(f"CapPa under parallel.pipe>1 is not supported yet (parallel.pipe={pipe}): the pipeline "
+                          "layers pass one image and one text stream between stages, and every decoder block needs the "
+                          "image tower's output tokens besides its own; use parallel.pipe=1 with tensor and ZeRO")
     blocks = sum(stack.blocks for stack in spec.stacks)
     if pipe > blocks:
         raise ConfigError(f"parallel.pipe={pipe} is more stages than the {blocks} blocks of {spec.name}; "
@@ -58,6 +63,8 @@ def stage_tensors(spec: ModelSpec) -> int:
 def pipeline_layers(spec: ModelSpec) -> list[tuple[str, nn.Module]]:
     """The model as ``(name prefix in the whole model, layer)`` pairs on the meta device: the layers a
     pipeline is made of, in order (what checkpoints of pipeline runs are keyed by)."""
+    if spec.kind == "cappa":  # no pipeline runs it yet: its layers as one would cut them (the planner's counts)
+        return cappa_layers(spec.meta())
     from vitscale.models.pipeline import clip_layers, vit_layers
 
     return (clip_layers if spec.kind == "clip" else vit_layers)(spec.meta())
@@ -97,7 +104,7 @@ def parallelize(spec: ModelSpec, dims: ParallelDims | None, seed: int, loss_fn: 
 
     Returns:
         pipe = tensor = 1: the whole model. tensor > 1: every block's linears sharded over the
-        tensor ranks (both CLIP towers alike). pipe > 1: this rank's stage as a ``PipelineModule``.
+        tensor ranks (both CLIP towers alike; a CapPa decoder's cross-attention too). pipe > 1: this rank's stage as a ``PipelineModule``.
         No process ever holds more than its share.
     """
     model = spec.meta()
@@ -116,7 +123,28 @@ def parallelize(spec: ModelSpec, dims: ParallelDims | None, seed: int, loss_fn: 
     model.to_empty(device=device)
     if spec.kind == "clip":
         clip_init_weights(model, model.cfg, seed)
+    elif spec.kind == "cappa":
+        cappa_init_weights(model, model.cfg, seed)
     else:
         init_weights(model, seed)
     model.set_grad_checkpointing(activation_checkpoint)
     return model
+
+
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
+    """``torch.compile`` every transformer block of this rank's part of the model in place (regional
+    compilation, as torchtitan applies it: the names, state dict and hooks around each block stay; the
+    embedding, heads and losses stay eager). Returns the number of blocks compiled.
+
+    Blocks differ only in their weights and in Python numbers: a block's noise ``site`` (``models/noise.py``)
+    and its drop-path rate. Dynamo would specialise every compiled block on its own numbers and recompile
+    for each, up to its recompile limit (8), then run the rest eagerly; with ints on modules left
+    unspecialised (floats are by default) the blocks share their graphs.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    blocks = [m for m in model.modules() if isinstance(m, (Block, ParallelBlock, DecoderBlock))]
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)

@@ -1,6 +1,7 @@
 """Model registry: ``register_model`` / ``create_model`` / ``list_models`` (timm-style names), and
 each model's kind: ``classifier`` (images -> logits) or ``clip`` (images and captions -> joint
-embeddings), which decides its loss, its data and its evaluation."""
+embeddings) or ``cappa`` (images and captions -> next-token logits: a CLIP size's image
+tower with a text decoder, ``models/cappa.py``), which decides its loss, its data and its evaluation."""
 from __future__ import annotations
 
 from typing import Literal
@@ -11,8 +12,8 @@ from vitscale.registry import Registry
 
 MODELS: Registry[nn.Module] = Registry("model", "list_models()")
 
-ModelKind = Literal["classifier", "clip"]
-KINDS: tuple[str, ...] = ("classifier", "clip")
+ModelKind = Literal["classifier", "clip", "cappa"]
+KINDS: tuple[str, ...] = ("classifier", "clip", "cappa")
 
 
 def register_model(name: str, kind: ModelKind = "classifier"):

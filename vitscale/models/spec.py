@@ -23,18 +23,20 @@ import torch
 from torch import nn
 
 from vitscale.config.schema import ConfigError, ModelConfig
+from vitscale.models.cappa import CAPPA_NAMES
 from vitscale.models.flops import forward_flops, packed_forward_flops
 from vitscale.models.registry import ModelKind, create_model, list_models, model_kind
 
 # The losses (``models/losses.py``) each kind of model trains with (``train.loss``), its default first.
-LOSSES_BY_KIND: dict[str, tuple[str, ...]] = {"classifier": ("softmax", "sigmoid"), "clip": ("clip", "siglip")}
+LOSSES_BY_KIND: dict[str, tuple[str, ...]] = {"classifier": ("softmax", "sigmoid"), "clip": ("clip", "siglip"),
+                                              "cappa": ("captioning",)}
 # SigLIP's starting logit scale and bias (Zhai et al. 2023; open_clip_train's --siglip).
 SIGLIP_INIT = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}
 
 # Model keys that only a ViT classifier has; a CLIP states its towers in model.vision / model.text.
 VIT_ONLY = ("depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm", "init_values", "class_token", "global_pool",
             "drop_rate", "attn_drop_rate", "drop_path_rate", "bias", "parallel_block", "dual_patchnorm", "pos_embed",
-            "moe")
+            "moe", "adatape")
 
 
 # Embedding parameters, by a component of their name: the patch embedding (a ViT's patch_embed, a CLIP
@@ -65,12 +67,13 @@ class ModelSpec:
     """A registered model with its options resolved (see the module docstring)."""
 
     name: str  # registered name, e.g. vit_tiny_patch16
-    kind: ModelKind  # classifier | clip
+    kind: ModelKind  # classifier | clip | cappa
     kwargs: dict  # create_model(name, **kwargs)
     arch: Any  # the architecture: vit.ViTConfig or clip.CLIPConfig
     parameters: int  # elements of the whole model (all stages and shards)
     no_weight_decay: frozenset[str] = field(default_factory=frozenset)  # the whole model's no_weight_decay()
-    loss: str = ""  # the loss it trains with (resolve_loss): softmax | sigmoid (classifier), clip | siglip (CLIP)
+    loss: str = ""  # the loss it trains with (resolve_loss): softmax | sigmoid (classifier), clip | siglip (CLIP),
+    # captioning (CapPa)
     # Parameters kept in [low, high] after each optimizer step (the whole model's clamped_parameters(),
     # e.g. a CLIP's logit_scale in [0, log 100]), as sorted (name, (low, high)) pairs.
     clamped: tuple[tuple[str, tuple[float, float]], ...] = ()
@@ -94,6 +97,11 @@ class ModelSpec:
     def stacks(self) -> list[TransformerStack]:
         """The transformer stacks in forward order (a CLIP: image tower, then text tower)."""
         a = self.arch
+        if self.kind == "cappa":
+            return [TransformerStack("the image tower of ", a.vision.heads, a.vision.width,
+                                     int(a.vision.width * a.vision.mlp_ratio), a.vision.layers),
+                    TransformerStack("the text decoder of ", a.decoder.heads, a.decoder.width, a.decoder.mlp_hidden,
+                                     a.decoder.layers)]
         if self.kind == "clip":
             return [TransformerStack("the image tower of ", a.vision.heads, a.vision.width,
                                      int(a.vision.width * a.vision.mlp_ratio), a.vision.layers),
@@ -103,8 +111,9 @@ class ModelSpec:
 
     @property
     def text(self):
-        """The text tower's config (vocab_size, context_length, ...) of a CLIP; None for a classifier."""
-        return self.arch.text if self.kind == "clip" else None
+        """The text tower's config (vocab_size, context_length, ...) of a CLIP, a CapPa's decoder's; None for a
+        classifier."""
+        return self.arch.text if self.kind in ("clip", "cappa") else None
 
     def forward_flops(self, packed_seq_len: int = 0, packed_images: int = 0) -> int:
         """Forward FLOPs of one sample: an image, an image-caption pair, or (``packed_seq_len`` > 0) a
@@ -127,6 +136,9 @@ def resolve_loss(loss: str | None, kind: str) -> str:
     own = LOSSES_BY_KIND[kind]
     if loss is None or (kind == "clip" and loss == "softmax"):
         return own[0]
+    if kind == "cappa":
+        raise ConfigError(f"train.loss={loss} does not apply to train.objective=cappa, which minimises the captions' "
+                          "next-token cross-entropy; remove train.loss")
     if loss not in own:
         other = "a CLIP" if kind == "classifier" else "a classifier"
         fix = {"sigmoid": "siglip", "clip": "softmax", "siglip": "sigmoid"}.get(loss)
@@ -135,9 +147,12 @@ def resolve_loss(loss: str | None, kind: str) -> str:
     return loss
 
 
-def resolve_model(model: ModelConfig, image_size: int, num_classes: int, loss: str | None = None) -> ModelSpec:
+def resolve_model(model: ModelConfig, image_size: int, num_classes: int, loss: str | None = None,
+                  objective: str | None = None) -> ModelSpec:
     """The model ``model.*`` describes at ``image_size`` px with ``num_classes`` classes, to train
     with ``train.loss=loss`` (``resolve_loss``; ``siglip`` gives the CLIP its logit bias).
+    ``objective="cappa"`` (``train.objective``) turns a CLIP size into its CapPa twin (``models/cappa.py``:
+    the image tower, a text decoder from ``model.decoder``, no text tower).
 
     Raises:
         ConfigError: an unknown name, an option the model family does not have, a loss it does not
@@ -148,26 +163,35 @@ def resolve_model(model: ModelConfig, image_size: int, num_classes: int, loss: s
         raise ConfigError(f"model.name='{model.name}' is not a registered model"
                           + (f"; did you mean {', '.join(near)}?" if near else "")
                           + " (vitscale.models.list_models() lists them all)")
-    kind = model_kind(model.name)
+    kind, name = model_kind(model.name), model.name
+    if objective == "cappa" and kind == "classifier":
+        raise ConfigError(f"train.objective=cappa trains a CLIP size's image tower with a text decoder on image-text "
+                          f"data; model.name={model.name} is a ViT classifier: use a clip_* model (e.g. clip_tiny)")
+    if objective == "cappa" and kind == "clip":
+        kind, name = "cappa", CAPPA_NAMES[model.name]
     loss = resolve_loss(loss, kind)
-    if kind == "clip":
+    if kind in ("clip", "cappa"):
         defaults = ModelConfig()
         stated = [k for k in VIT_ONLY if getattr(model, k) != getattr(defaults, k)]
         if stated:
             raise ConfigError(f"model.{stated[0]} is a ViT option; a CLIP states its towers in model.vision / "
                               f"model.text (open_clip's names, e.g. model.vision={{layers: 2}} model.text={{heads: 4}})")
         kwargs = _clip_kwargs(model, image_size, loss)
+        if kind == "cappa":
+            kwargs.pop("embed_dim", None)  # no joint embedding: the image tower projects to the decoder's width
+            kwargs["text"] = {k: v for k, v in kwargs["text"].items() if k in ("vocab_size", "context_length")}
+            kwargs["decoder"] = dataclasses.asdict(model.decoder)
     else:
         if model.vision or model.text:
             raise ConfigError(f"model.vision / model.text configure CLIP towers; {model.name} is a ViT classifier")
         kwargs = _classifier_kwargs(model, image_size, num_classes)
     try:
         with torch.device("meta"):
-            built = create_model(model.name, **kwargs)
+            built = create_model(name, **kwargs)
     except ValueError as e:  # the model's own checks (e.g. image size vs patch size)
-        raise ConfigError(f"model {model.name} with data.image_size={image_size}: {e}") from None
+        raise ConfigError(f"model {name} with data.image_size={image_size}: {e}") from None
     clamped = getattr(built, "clamped_parameters", dict)()
-    return ModelSpec(name=model.name, kind=kind, kwargs=kwargs, arch=built.cfg,
+    return ModelSpec(name=name, kind=kind, kwargs=kwargs, arch=built.cfg,
                      parameters=sum(p.numel() for p in built.parameters()),
                      embedding_parameters=sum(p.numel() for n, p in built.named_parameters() if is_embedding(n)),
                      no_weight_decay=frozenset(built.no_weight_decay()), loss=loss,
@@ -177,12 +201,17 @@ def resolve_model(model: ModelConfig, image_size: int, num_classes: int, loss: s
 def _classifier_kwargs(m: ModelConfig, image_size: int, num_classes: int) -> dict:
     """A ViT's options: the model section's fields are ViTConfig's, None keeping the size's default."""
     kwargs = {f.name: getattr(m, f.name) for f in dataclasses.fields(ModelConfig)
-              if f.name not in ("name", "init", "vision", "text", "bias", "moe", "sparsity") and getattr(m, f.name) is not None}
+              if f.name not in ("name", "init", "vision", "text", "bias", "moe", "decoder", "adatape", "sparsity")
+              and getattr(m, f.name) is not None}
     if m.bias is not None:  # one switch for the QKV and LayerNorm biases, as ViT-22B drops both
         kwargs.setdefault("qkv_bias", m.bias)
         kwargs["norm_bias"] = m.bias
     if m.moe.blocks:
         kwargs.update(moe_blocks=m.moe.blocks, moe_experts=m.moe.experts, moe_slots=m.moe.slots)
+    if m.adatape.bank is not None:
+        a = m.adatape
+        kwargs.update(adatape_bank=a.bank, adatape_bank_size=a.bank_size, adatape_max_tokens=a.max_tokens,
+                      adatape_threshold=a.threshold)
     kwargs.update(img_size=image_size, num_classes=num_classes)
     return kwargs
 

@@ -294,7 +294,8 @@ def parallelize_vit(model: nn.Module, rank: int, world: int, group) -> nn.Module
     """Shard every transformer block of ``model`` over ``world`` tensor ranks, in place.
 
     qkv and fc1 become column-parallel (heads / hidden units split), proj and fc2
-    row-parallel; each attention keeps ``num_heads / world`` heads, and per-head q/k norms
+    row-parallel (a CapPa decoder block's cross-attention: q and kv column-parallel, proj
+    row-parallel); each attention keeps ``num_heads / world`` heads, and per-head q/k norms
     sum their gradients over the ranks (``SharedLayerNorm``). A ``vit.ParallelBlock`` splits
     its fused input projection (MLP hidden, q, k, v) by columns and its fused output
     projection (attention, MLP hidden) by rows: one all-reduce forward, one backward. Soft
@@ -324,6 +325,13 @@ def parallelize_vit(model: nn.Module, rank: int, world: int, group) -> nn.Module
         attn.num_heads //= world
         attn.heads = HeadSlice(rank * attn.num_heads, attn.num_heads * world)  # for keyed attention dropout
         _share_qk_norms(attn, group)
+        cross = getattr(module, "cross_attn", None)  # a CapPa decoder block: q, kv and proj split by heads too
+        if cross is not None:
+            cross.q = _column(cross.q, rank, world, group)
+            cross.kv = _column(cross.kv, rank, world, group, chunks=2)  # rows (k heads, v heads)
+            cross.proj = _row(cross.proj, rank, world, group)
+            cross.num_heads //= world
+            cross.heads = HeadSlice(rank * cross.num_heads, cross.num_heads * world)
         if isinstance(mlp, SoftMoE):
             continue  # experts stay whole on every tensor rank (identical inputs, identical gradients)
         hidden = mlp.fc1.out_features

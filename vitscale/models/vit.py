@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vitscale.models.adatape import AdaptiveTapeReader, adatape_check
 from vitscale.models.moe import SoftMoE
 from vitscale.models.noise import KeyedDropout, assign_noise_sites, keyed_dropout, keyed_uniform
 from vitscale.models.registry import register_model
@@ -50,6 +51,11 @@ class ViTConfig:
     moe_blocks: int = 0  # the last N blocks get a Soft MoE instead of the MLP (Puigcerver et al. 2024); 0 = none
     moe_experts: int = 8  # experts per Soft MoE layer, each an MLP of width mlp_hidden
     moe_slots: int = 1  # slots per expert
+    # AdaTape (Xue et al. 2023; models/adatape.py): tape tokens read per sample from a bank, appended to the sequence.
+    adatape_bank: Literal["learnable", "input"] | None = None  # None = off
+    adatape_bank_size: int = 64  # bank tokens (input: the image in this many finer patches)
+    adatape_max_tokens: int = 8  # tape slots per sample
+    adatape_threshold: float = 0.5  # a sample reads tokens by descending softmax score until they sum to this
     init_values: float | None = None  # LayerScale init (CaiT, Touvron et al. 2021); None = off
     class_token: bool = True
     global_pool: Literal["token", "avg"] = "token"
@@ -92,6 +98,8 @@ class ViTConfig:
         if self.moe_blocks and self.parallel_block:
             raise ValueError("ViT options moe_blocks and parallel_block cannot be combined: a parallel block fuses "
                              "the MLP into the attention's input projection; set one of them off")
+        adatape_check(self.adatape_bank, self.adatape_bank_size, self.adatape_max_tokens, self.adatape_threshold,
+                      self.img_size)
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("ViT option global_pool='token' needs class_token=True; "
                              "set class_token=True or global_pool='avg'")
@@ -109,6 +117,11 @@ class ViTConfig:
     def seq_len(self) -> int:
         """Tokens per image: patches plus the class token."""
         return self.num_patches + int(self.class_token)
+
+    @property
+    def tape_tokens(self) -> int:
+        """AdaTape's tape slots appended to every sequence (0 without AdaTape)."""
+        return self.adatape_max_tokens if self.adatape_bank else 0
 
     @property
     def mlp_hidden(self) -> int:
@@ -404,6 +417,9 @@ class VisionTransformer(nn.Module):
         self.fc_norm = _layer_norm(dim, cfg.norm_bias) if cfg.use_fc_norm else nn.Identity()
         self.head_drop = KeyedDropout(cfg.drop_rate)
         self.head = nn.Linear(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.adatape = None if cfg.adatape_bank is None else AdaptiveTapeReader(
+            dim, cfg.adatape_bank, cfg.adatape_bank_size, cfg.adatape_max_tokens, cfg.adatape_threshold, cfg.img_size,
+            cfg.in_chans)
         self.grad_checkpointing = 0
         assign_noise_sites(self)
         self.reset_parameters()
@@ -462,7 +478,10 @@ class VisionTransformer(nn.Module):
                          noise: torch.Tensor | None = None) -> torch.Tensor:
         """Images (B, C, H, W) -> normed tokens (B, N, D); with ``attn_mask``, ``x`` are tokens
         already embedded (``embed_packed``)."""
-        x = self.embed(x, noise) if attn_mask is None else x
+        images, x = x, self.embed(x, noise) if attn_mask is None else x
+        n = x.shape[1]
+        if self.adatape is not None and attn_mask is None:  # AdaTape: the tape after the tokens, unread slots masked
+            x, attn_mask = self.adatape(x, images)
         every = self.grad_checkpointing
         blocks = list(self.blocks)
         if every and self.training and torch.is_grad_enabled():
@@ -471,7 +490,7 @@ class VisionTransformer(nn.Module):
                 x = checkpoint(_run_blocks, blocks[i:i + every], x, attn_mask, noise, use_reentrant=False)
         else:
             x = _run_blocks(blocks, x, attn_mask, noise)
-        return self.norm(x)
+        return self.norm(x[:, :n])  # the tape's outputs are not pooled
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False,
                      noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -541,12 +560,12 @@ def _initial_value(name: str, module: nn.Module, shape: tuple[int, ...], gen: to
         return torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
     if isinstance(module, LayerScale):
         return torch.full(shape, module.init_values)
-    if isinstance(module, SoftMoE):
+    if isinstance(module, (SoftMoE, AdaptiveTapeReader)):
         return module.initial_value(leaf, shape, gen)
     if leaf in ("bias", "mlp_bias"):
         return torch.zeros(shape)
     out = torch.empty(shape)
-    if name.endswith("patch_embed.proj.weight"):  # a linear map of the flattened patch, LeCun-style
+    if name.endswith(("patch_embed.proj.weight", "adatape.bank_embed.weight")):  # a linear map of the flattened patch, LeCun-style
         return nn.init.trunc_normal_(out, std=1.0 / math.sqrt(math.prod(shape[1:])), generator=gen)
     if leaf == "cls_token":
         return nn.init.normal_(out, std=1e-6, generator=gen)

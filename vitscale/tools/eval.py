@@ -133,13 +133,14 @@ def _report(result: dict, out: Path | None) -> None:
 
 
 def _linear_probe(args, model, run) -> dict:
-    """A linear probe on the frozen pooled features (a CLIP: its image embeddings)."""
+    """A linear probe on the frozen pooled features (a CLIP: its image embeddings; a CapPa: its image tower's
+    class token, projected to the decoder's width)."""
     from vitscale.train.evaluate import linear_probe
 
     if args.test_data is None and args.data != "digits":
         raise ValueError("--task linear-probe needs --test-data (the test split) unless --data is digits")
     model.to(args.device)
-    embed = (model.encode_image if run.model.kind == "clip"
+    embed = (model.encode_image if run.model.kind in ("clip", "cappa")
              else (lambda x: model.forward_head(model.forward_features(x), True)))
     d = run.cfg.data
     with progress_bar(None, "eval: features (train, then test)", "img", args.progress) as bar:

@@ -233,7 +233,7 @@ def sbatch_array(config: str, overrides: list[str], points: list[Point], out: Pa
              f"# vitscale-sweep grid: {len(points)} points as one array job; index i trains point i into {out}/<point>.",
              f"#   sbatch [--nodes=N --account=...] THIS_FILE        (written by: {command})",
              "# A finished point (its done.json) exits at once: resubmit to resume the rest. When all are done,",
-             "# the same vitscale-sweep command without --emit-sbatch skips them all and writes sweep.csv.",
+             "# the same command without --emit-sbatch skips them all and writes sweep.csv (and its report).",
              *header,
              "#SBATCH --job-name=vitscale-grid",
              f"#SBATCH --array=0-{len(points) - 1}",

@@ -1,208 +1,19 @@
-"""``vitscale-recipe fdsl-transfer``: formula-driven pre-training against scratch, end to end.
+"""``vitscale-recipe``: recipes made of runs, one sub-command each.
 
-    vitscale-recipe fdsl-transfer [--minutes M | --steps PRE,FINE] [--quick] [--out DIR] [--seed S]
-                                  [--generators scratch,perlin,dead_leaves,bezier,rcdb,fractal]
-
-For each pre-training source, the same tiny ViT is pre-trained on that synthetic dataset
-(rendered on the fly, ``configs/vit_tiny.yaml``) for the same number of steps at the same
-batch and resolution (the same compute), then fine-tuned on scikit-learn's handwritten
-digits (built in, fixed train/test split) with the same DeiT recipe and seed
-(``configs/vit_tiny_finetune.yaml``: RandAugment, Mixup/CutMix, label smoothing, random
-erasing, layer-wise LR decay); ``scratch`` fine-tunes from random weights. Writes into
-``--out``, every number read from the runs' ``metrics.jsonl``:
-
-- ``fdsl_transfer.md``: ``Pre-training | top-1 | top-5 | pre-train steps | pre-train loss``
-  (the form of the FDSL papers' tables), with the command that produced it,
-- ``fdsl_transfer.csv``: the same numbers unrounded,
-- ``fdsl_transfer.png``: top-1 per pre-training source as a bar chart,
-- ``runs/pretrain_<source>/``, ``runs/finetune_<source>/``: the run folders.
-
-``--minutes`` is the wall-clock budget of the whole recipe: a few probe steps per source
-measure the step times, and the pre-training and fine-tuning step counts are chosen to fit
-(55 % pre-training, 35 % fine-tuning), so a faster machine buys more steps; ``--steps PRE,FINE``
-fixes the step counts instead (the same compute anywhere: compare tables across machines).
-``--quick`` runs fixed tiny step counts (about two minutes on 2 CPU cores, for CI). All runs
-share one process group (one process by default; under a launcher each run uses all of its
-processes).
+- ``fdsl-transfer`` (``tools/fdsl_transfer.py``): formula-driven pre-training against scratch, end to end;
+- ``vit-l-search`` (``tools/lr_search.py``): the hyper-parameter search over a ViT size ladder;
+- ``synthetic-scaling`` (``tools/synthetic_scaling.py``): synthetic images seen against downstream loss, fitted.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import logging
 import shlex
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from vitscale.config import find_config
-
-logger = logging.getLogger(__name__)
-
-# The published FDSL tables' names for each source (Kataoka et al. 2020/2022, Baradad et al. 2021).
-SOURCE_NAMES = {"scratch": "Scratch", "perlin": "Perlin noise", "dead_leaves": "Dead leaves",
-                "bezier": "Bezier curves", "rcdb": "RCDB", "fractal": "FractalDB", "exfractal": "ExFractalDB",
-                "visual_atom": "VisualAtom", "gratings": "Gratings"}
-DEFAULT_SOURCES = "scratch,perlin,dead_leaves,bezier,rcdb,fractal"
-QUICK_SOURCES = "scratch,dead_leaves,fractal"
-COLUMNS = ["pretraining", "top1", "top5", "pretrain_steps", "pretrain_images", "pretrain_loss", "finetune_steps",
-           "source"]
-PRETRAIN_CLASSES = 100  # FractalDB-100-like; a class count other than the digits' 10, so the head is replaced
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Sizes of one recipe run (everything but the step counts is the same for every source)."""
-
-    image_size: int
-    patch_size: int
-    depth: int
-    batch: int
-    pretrain_steps: int
-    finetune_steps: int
-
-
-QUICK = Plan(image_size=32, patch_size=8, depth=2, batch=32, pretrain_steps=30, finetune_steps=40)
-FULL = Plan(image_size=32, patch_size=8, depth=6, batch=64, pretrain_steps=0, finetune_steps=0)  # steps from --minutes
-
-
-def _model_overrides(plan: Plan) -> list[str]:
-    return [f"data.image_size={plan.image_size}", f"model.patch_size={plan.patch_size}", f"model.depth={plan.depth}",
-            "model.num_heads=3", f"train.micro_batch={plan.batch}", f"train.global_batch={plan.batch}",
-            "log.progress=false", "data.num_workers=1", "checkpoint.keep=1", "checkpoint.resume=never"]
-
-
-def pretrain_overrides(plan: Plan, source: str, steps: int, run_dir: Path, seed: int) -> list[str]:
-    return _model_overrides(plan) + [
-        f"data.source={source}", f"data.num_classes={PRETRAIN_CLASSES}", f"train.steps={steps}",
-        f"train.seed={seed}", f"optim.warmup_steps={max(1, steps // 10)}", f"log.every={max(1, min(10, steps // 3))}",
-        f"run.dir={run_dir}"]
-
-
-def finetune_overrides(plan: Plan, init: Path | None, steps: int, run_dir: Path, seed: int) -> list[str]:
-    return _model_overrides(plan) + [
-        f"model.init={init if init is not None else 'null'}", f"train.steps={steps}", f"train.seed={seed}",
-        f"optim.warmup_steps={max(1, steps // 10)}", f"eval.every={max(1, steps // 2)}",
-        f"log.every={max(1, min(10, steps // 3))}", f"run.dir={run_dir}"]
-
-
-class Runner:
-    """Trains configs one after another in one process group."""
-
-    def __init__(self):
-        from vitscale.distributed import configure_cpu_threads, init_distributed
-
-        self.dims = init_distributed()
-        configure_cpu_threads(self.dims)
-
-    def train(self, config: Path, overrides: list[str]) -> Path:
-        from vitscale.train.loop import train
-        from vitscale.train.setup import plan_run, start_run
-
-        plan = plan_run(config, overrides, self.dims.world_size)
-        if self.dims.is_main:
-            logger.info("recipe: train %s %s", config.name, " ".join(overrides))
-        train(start_run(plan, self.dims))
-        return Path(plan.exp.cfg.run.dir)
-
-
-def read_records(run_dir: Path, kind: str) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-            if r.get("kind") == kind]
-
-
-def step_time_s(run_dir: Path) -> float:
-    """Seconds per optimizer step from a run's last global throughput record."""
-    rec = [r for r in read_records(run_dir, "throughput") if r.get("scope") == "global"][-1]
-    return rec["global_batch"] / rec["samples_per_s"]
-
-
-def budget_steps(minutes: float, pretrain_s: list[float], finetune_s: float, sources: int) -> tuple[int, int]:
-    """Pre-training and fine-tuning step counts that fit ``minutes``: 55 % of it for the
-    pre-trainings (the same step count for each, so the same compute), 35 % for the
-    ``sources`` fine-tunings; the rest is start-up and evaluation."""
-    pre = int(0.55 * minutes * 60 / sum(pretrain_s)) if pretrain_s else 0
-    fine = int(0.35 * minutes * 60 / (finetune_s * sources))
-    return max(pre, 10) if pretrain_s else 0, max(fine, 10)
-
-
-def write_table(rows: list[dict], out: Path, command: str) -> dict[str, Path]:
-    """``fdsl_transfer.md`` / ``.csv`` / ``.png`` into ``out``; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out / f"fdsl_transfer.{ext}" for ext in ("md", "csv", "png")}
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = [f"Fine-tuned on scikit-learn digits (1,437 train / 360 test images); `{command}`", "",
-             "| Pre-training | top-1 | top-5 | pre-train steps | pre-train images | pre-train loss |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        loss = "–" if r["pretrain_loss"] is None else f"{r['pretrain_loss']:.3f}"
-        lines.append(f"| {r['pretraining']} | {r['top1']:.1f} | {r['top5']:.1f} | {r['pretrain_steps']} | "
-                     f"{r['pretrain_images']} | {loss} |")
-    paths["md"].write_text("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 3.5))
-    bars = ax.bar([r["pretraining"] for r in rows], [r["top1"] for r in rows], color="tab:blue")
-    ax.bar_label(bars, fmt="%.1f")
-    ax.set_ylabel("top-1 on digits test (%)")
-    ax.set_title("Fine-tuning after formula-driven pre-training")
-    ax.set_ylim(0, 100)
-    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
-    fig.tight_layout()
-    fig.savefig(paths["png"], dpi=120)
-    plt.close(fig)
-    return paths
-
-
-def fdsl_transfer(sources: list[str], out: Path, plan: Plan, minutes: float | None, seed: int,
-                  command: str) -> list[dict]:
-    """Run the recipe (module docstring) and write its table; returns the rows."""
-    runner, runs = Runner(), out / "runs"
-    pretrain_cfg, finetune_cfg = find_config("vit_tiny"), find_config("vit_tiny_finetune")
-    synthetic = [s for s in sources if s != "scratch"]
-    if minutes is not None:  # probe each source's step time, then fit the budget
-        started = time.monotonic()
-        probe = dict(pretrain_steps=6, finetune_steps=6)
-        times = [step_time_s(runner.train(pretrain_cfg, pretrain_overrides(plan, s, probe["pretrain_steps"],
-                                                                           runs / f"probe_{s}", seed)
-                                          + ["log.every=2", "log.warmup_steps=2", "checkpoint.at_end=false"]))
-                 for s in synthetic]
-        fine = step_time_s(runner.train(finetune_cfg, finetune_overrides(plan, None, probe["finetune_steps"],
-                                                                         runs / "probe_finetune", seed)
-                                        + ["log.every=2", "log.warmup_steps=2", "checkpoint.at_end=false",
-                                           "data.test=null", "eval.every=0"]))
-        left = minutes - (time.monotonic() - started) / 60
-        pre_steps, fine_steps = budget_steps(left, times, fine, len(sources))
-        plan = Plan(**{**plan.__dict__, "pretrain_steps": pre_steps, "finetune_steps": fine_steps})
-        logger.info("recipe: %d pre-training and %d fine-tuning steps fit %.1f minutes", pre_steps, fine_steps, left)
-    rows = []
-    for source in sources:
-        init, loss = None, None
-        if source != "scratch":
-            init = runner.train(pretrain_cfg, pretrain_overrides(plan, source, plan.pretrain_steps,
-                                                                 runs / f"pretrain_{source}", seed))
-            loss = read_records(init, "train")[-1]["loss"]
-        tuned = runner.train(finetune_cfg, finetune_overrides(plan, init, plan.finetune_steps,
-                                                              runs / f"finetune_{source}", seed))
-        last = read_records(tuned, "eval")[-1]
-        steps = plan.pretrain_steps if init is not None else 0
-        rows.append({"pretraining": SOURCE_NAMES.get(source, source), "top1": last["top1"], "top5": last["top5"],
-                     "pretrain_steps": steps, "pretrain_images": steps * plan.batch, "pretrain_loss": loss,
-                     "finetune_steps": plan.finetune_steps, "source": source})
-    if runner.dims.is_main:
-        paths = write_table(rows, out, command)
-        print(paths["md"].read_text())
-        logger.info("recipe: wrote %s", ", ".join(map(str, paths.values())))
-    return rows
+from vitscale.tools import lr_search, synthetic_scaling
+from vitscale.tools.fdsl_transfer import DEFAULT_SOURCES, FULL, PRETRAIN_CLASSES, QUICK, QUICK_SOURCES, Plan, fdsl_transfer
 
 
 def parser() -> argparse.ArgumentParser:
@@ -218,6 +29,12 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--quick", action="store_true", help="fixed tiny step counts (a few minutes on 2 CPU cores, CI)")
     f.add_argument("--out", type=Path, default=Path("runs/fdsl_transfer"), help="output folder")
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seeds", type=int, default=1, help="repeat every row with seeds --seed .. --seed+S-1; the table "
+                   "gives the mean and 95%% interval (--minutes is then the budget of all seeds)")
+    f.add_argument("--classes", type=int, default=PRETRAIN_CLASSES, help="pre-training classes per synthetic source "
+                   f"(default {PRETRAIN_CLASSES}; fewer classes leave chance sooner)")
+    lr_search.add_parser(sub)
+    synthetic_scaling.add_parser(sub)
     return p
 
 
@@ -225,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.recipe == "vit-l-search":
+        return lr_search.main_args(args)
+    if args.recipe == "synthetic-scaling":
+        return synthetic_scaling.main_args(args)
     from vitscale.data.synthetic import list_generators
 
     sources = [s.strip() for s in (args.generators or (QUICK_SOURCES if args.quick else DEFAULT_SOURCES)).split(",")
@@ -244,8 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         if pre < 1 or fine < 1:
             parser().error(f"--steps={args.steps}: both step counts must be at least 1")
         plan, minutes = Plan(**{**plan.__dict__, "pretrain_steps": pre, "finetune_steps": fine}), None
+    if args.seeds < 1 or args.classes < 2 or args.classes == 10:
+        parser().error(f"--seeds={args.seeds} must be at least 1 and --classes={args.classes} at least 2 and not 10 "
+                       "(the digits' count: the pre-trained head would be kept instead of replaced)")
+    plan = Plan(**{**plan.__dict__, "classes": args.classes})
     command = "vitscale-recipe " + " ".join(shlex.quote(a) for a in argv)
-    fdsl_transfer(sources, args.out, plan, minutes, args.seed, command)
+    fdsl_transfer(sources, args.out, plan, minutes, args.seed, command, args.seeds)
     from vitscale.distributed import shutdown
 
     shutdown()

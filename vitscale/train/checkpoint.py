@@ -295,11 +295,12 @@ _MP_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
 _ZERO3_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 _OPTIM_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 
-# Keys of config.yaml that only say where the run's data and starting weights were, or how
-# to resume: the model and layout do not depend on them, and they need not exist where
+# Keys of config.yaml that only say where the run's data, starting weights and distillation teacher
+# were, or how to resume: the model and layout do not depend on them, and they need not exist where
 # the export runs.
 _PATHS_NEUTRAL = ["checkpoint.resume=never", "model.init=null", "data.source=gratings", "data.shards=null",
-                  "data.params={}", "data.test=null", "eval.every=0"]
+                  "data.params={}", "data.test=null", "eval.every=0", "train.distill.teacher=null",
+                  "train.distill.model=null"]
 
 
 def load_run(run_dir: str | Path) -> Experiment:

@@ -12,12 +12,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from vitscale.config import own_clipping
+from vitscale.config.deepspeed import optimizer_of, own_clipping, with_client_optimizer
 from vitscale.experiment import Experiment
-from vitscale.models.parallelize import layer_prefixes, parallelize
+from vitscale.models.parallelize import compile_blocks, layer_prefixes, parallelize
 from vitscale.train.faults import skip_nonfinite_steps
 from vitscale.train.initial_weights import load_initial_weights
-from vitscale.train.optim import clamp_in_step, clip_in_step, layer_decay_groups, lr_schedule, param_groups
+from vitscale.train.optim import (clamp_in_step, client_optimizer, clip_in_step, layer_decay_groups, lr_schedule,
+                                  param_groups)
 from vitscale.train.safe_load import safe_deepspeed_loads
 from vitscale.train.sparsity import Sparsity, sparsify_in_step
 
@@ -49,6 +50,10 @@ def build_model(exp: Experiment, dims=None, loss_fn: Callable | None = None) -> 
             load_initial_weights(model, cfg.model.init, layer_prefixes(exp.model), whole=exp.model.meta(), dims=dims)
         else:
             load_initial_weights(model, cfg.model.init, dims=dims)
+    if cfg.train.compile:
+        compiled = compile_blocks(model, cfg.train.compile_backend)
+        logger.info("torch.compile (%s): %d blocks of this rank, compiled at their first forward",
+                    cfg.train.compile_backend, compiled)
     return model
 
 
@@ -80,8 +85,13 @@ def build_engine(exp: Experiment, dims, ds_config: dict, loss_fn: Callable | Non
     # refuses a second one as mpu.
     mpu = None if dims.pipe > 1 else dims.grid
     schedule = lr_schedule(t.steps, o.warmup_steps, o.schedule, o.warmup_init_ratio, o.min_lr_ratio)
+    from deepspeed.accelerator import get_accelerator
+
+    optimizer = client_optimizer(optimizer_of(ds_config), groups, get_accelerator().device_name())
+    if optimizer is not None:  # timm's Lion / LAMB (train/optim.py)
+        ds_config = with_client_optimizer(ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, mpu=mpu, lr_scheduler=schedule,
-                                           model_parameters=groups)
+                                           model_parameters=groups, optimizer=optimizer)
     safe_deepspeed_loads(engine)  # resume unpickles with weights_only=True, as every other load (safe_load.py)
     skip_nonfinite_steps(engine)  # first: our clipping (below) wraps the step that may skip
     if own_clipping(cfg):

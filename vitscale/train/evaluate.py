@@ -329,16 +329,20 @@ def classify(model, data: str, image_size: int, mean, std, device="cpu", dtype=t
     mean, std = torch.tensor(mean, device=device), torch.tensor(std, device=device)
     dummy = (torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8), torch.zeros(1, dtype=torch.long))
     top1 = top5 = n = 0
+    loss = 0.0
     for (images, labels), real in _lockstep(heldout_batches(data, image_size, batch_size, rank, world), dummy, device):
         logits = model(normalize(images.to(device), mean, std, dtype)).float()
         if real:
-            hits1, hits5 = _topk_hits(logits, labels.to(device))
+            labels = labels.to(device)
+            hits1, hits5 = _topk_hits(logits, labels)
             top1, top5, n = top1 + hits1, top5 + hits5, n + len(labels)
+            loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
     model.train(was_training)
-    top1, top5, n = _dist_sum([top1, top5, n], device, contribute)
+    top1, top5, n, loss = _dist_sum([top1, top5, n, loss], device, contribute)
     if n == 0:
         raise ValueError(f"data.test={data}: no test sample could be read")
-    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "test_samples": int(n)}
+    # loss: the softmax cross-entropy per test sample (the sweep's eval_loss, what scaling-law fits read)
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "test_samples": int(n)}
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import torch
 
 from vitscale.data.captions import CaptionTokenizer
 from vitscale.files import replacing, replacing_folder
-from vitscale.models.interop import FORMATS, convert_state_dict, library_config, timm_kwargs
+from vitscale.models.interop import FORMATS, convert_state_dict, library_config
 from vitscale.progress import progress_bar
 from vitscale.train.checkpoint import find_checkpoint, load_run, read_checkpoint
 from vitscale.train.safe_load import watching_reads
@@ -115,10 +115,11 @@ def timm_folder_config(run, step: int) -> dict:
     mean / std the run trained with, timm's test transform (bicubic, crop 0.875, as our
     classifier evaluation, ``data.downstream.timm_transform``)."""
     model = run.model.meta()
-    args = timm_kwargs(model.cfg)  # raises for options timm's ViT has not
+    args = library_config(model, "timm")  # raises for options timm's ViT has not
     if "block_fn" in args or "norm_layer" in args:
         raise ValueError(f"timm's config.json cannot name {args.get('block_fn') or args.get('norm_layer')} (a "
-                         "parallel block / bias-free norm); export a .safetensors file and build the model with "
+                         "parallel block / bias-free norm / a CLIP-style tower's LayerNorm); export a .safetensors "
+                         "file and build the model with "
                          "vitscale.models.interop.create_timm_model(metadata['timm_config'])")
     d, size = run.cfg.data, args["img_size"]
     pretrained = {"tag": f"vitscale_step{step}", "custom_load": False, "input_size": [args["in_chans"], size, size],
@@ -184,7 +185,7 @@ def export_run(run_dir: str | Path, out: str | Path, to: str = "vitscale", step:
         out: the file to write, ``.safetensors`` or ``.pt``; or, for ``timm`` / ``open_clip``, a
             folder (an existing one, or a name without a suffix) that the library opens with one
             call (module docstring; README "Export").
-        to: ``timm`` (a ViT), ``open_clip`` (a CLIP) or ``vitscale`` (our names; what
+        to: ``timm`` (a ViT, or a CapPa's image tower), ``open_clip`` (a CLIP) or ``vitscale`` (our names; what
             ``model.init`` and ``interop.shard_state_dict`` read).
         step: a step number or ``"latest"``.
         show_progress: bars on stderr (reading the files, copying the tensors); None: where
@@ -208,7 +209,7 @@ def export_run(run_dir: str | Path, out: str | Path, to: str = "vitscale", step:
     if is_folder(out):  # the configs first: a model they cannot describe fails before the read
         folder_config, rows = ((timm_folder_config(run, step_n), None) if to == "timm" else
                                open_clip_folder_config(run, step_n))
-    state = convert_state_dict(_read(folder, run, show_progress), to)
+    state = convert_state_dict(_read(folder, run, show_progress), to, run.model.meta())
     metadata = {"format": "pt", "vitscale_model": cfg.model.name,
                 "vitscale_model_kwargs": json.dumps(run.model.kwargs),
                 "step": str(step_n), "names": to, f"{to}_config": json.dumps(library_config(run.model.meta(), to))}

@@ -91,10 +91,13 @@ def _log(run: Run, step: int, loss: torch.Tensor, lr: float, skipped: bool) -> d
     loss_mean, norm = run.steps.mean_loss(loss), run.steps.grad_norm()
     record = {"kind": "train", "step": step, "samples": step * t.global_batch, "loss": loss_mean, "lr": lr,
               "grad_norm": float(norm) if norm is not None else None, "skipped": skipped}
+    if (tape := getattr(run.engine.module, "adatape", None)) is not None:  # AdaTape (models/adatape.py)
+        record["tape_tokens"] = _tape_tokens(tape, dims)
     if t.precision == "fp16":
         record["loss_scale"] = run.engine.optimizer.cur_scale
     if getattr(run.engine, "vitscale_sparsity", None) is not None:  # collective over the model-parallel ranks
         record.update(run.engine.vitscale_sparsity.record(dims.device))
+    record.update(run.objective.metrics(dims))  # an objective's own terms (CapPa: loss_ar, loss_parallel)
     rows = run.meter.records(step)
     if run.source_cls.counters:
         rows += data_records(run.source_cls, run.source if run.reports_data else None, dims, step)
@@ -111,6 +114,14 @@ def _log(run: Run, step: int, loss: torch.Tensor, lr: float, skipped: bool) -> d
         speed = next((r["samples_per_s"] for r in rows if r["kind"] == "throughput"), float("nan"))
         run.progress.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.1f}")
     return record
+
+
+def _tape_tokens(tape, dims) -> float:
+    """Collective over the data ranks: the mean tape tokens per sample read since the last record
+    (every forward pass of those steps; the tensor ranks of a replica read alike)."""
+    counts = tape.take_counts().to(dims.device)
+    torch.distributed.all_reduce(counts, group=dims.data_group())
+    return float(counts[0] / counts[1]) if counts[1] > 0 else float("nan")
 
 
 def _checkpoint(run: Run, step: int, bad: bool):

@@ -5,6 +5,8 @@ The loss is the one ``train.loss`` names for the model's kind (``models.spec.res
 
 - a classifier: ``softmax`` or ``sigmoid`` cross-entropy (``train.label_smoothing``), per image slot
   of packed sequences, soft targets from Mixup / CutMix;
+- a CapPa (``train.objective=cappa``): the captions' next-token cross-entropy per sample, by
+  autoregressive or parallel prediction as each sample's target says (``CaptioningObjective``);
 - a CLIP: the ``clip`` contrastive loss (each rank's images against all texts and vice versa,
   gathered with gradients) or SigLIP's ``siglip`` sigmoid loss (big_vision's chunked exchange of
   texts around the ring, with the model's ``logit_bias``), both over the data-parallel group and over
@@ -45,6 +47,47 @@ class Objective:
 
     def train(self) -> None:
         """End the collecting pass: the next calls compute the loss with gradients."""
+
+    def metrics(self, dims) -> dict:
+        """Collective over the data ranks where the objective logs terms of its own: extra fields of
+        the train record (of the last step). None here."""
+        return {}
+
+
+class CaptioningObjective(Objective):
+    """CapPa's loss (Tschannen et al. 2023): the captions' next-token cross-entropy, each sample by the
+    branch its target names (``train/captioning.py``: autoregressive or parallel prediction; the model
+    ran it so). The loss is the mean of the per-sample losses; each branch's mean is kept for the log
+    (``loss_ar``, ``loss_parallel`` over the last step's samples of every data rank).
+
+    Args:
+        loss: ``(logits, tokens) -> per-sample losses`` (``models.losses.CaptioningLoss``).
+        accum: micro-batches per optimizer step on this rank.
+    """
+
+    def __init__(self, loss: Callable, accum: int):
+        super().__init__(loss)
+        self.accum, self._calls = accum, 0
+        self._sums = torch.zeros(4, dtype=torch.float64)  # AR loss sum, AR samples, parallel loss sum, parallel samples
+
+    def __call__(self, outputs, target) -> torch.Tensor:
+        tokens, parallel = target
+        per_sample = self.loss(outputs, tokens)  # (B,)
+        if self._calls % self.accum == 0:  # a new step: its micro-batches' sums start afresh
+            self._sums = torch.zeros(4, dtype=torch.float64, device=per_sample.device)
+        self._calls += 1
+        losses, parallel = per_sample.detach().double(), parallel.to(per_sample.device, torch.bool)
+        self._sums += torch.stack([losses[~parallel].sum(), (~parallel).sum().double(), losses[parallel].sum(),
+                                   parallel.sum().double()])
+        return nonfinite_spreads(per_sample.mean())
+
+    def metrics(self, dims) -> dict:
+        sums = self._sums.clone()
+        if dims is not None and dims.data > 1:
+            torch.distributed.all_reduce(sums, group=dims.data_group())
+        ar, n_ar, par, n_par = sums.tolist()
+        return {"loss_ar": ar / n_ar if n_ar else None, "loss_parallel": par / n_par if n_par else None,
+                "parallel_share": n_par / (n_ar + n_par) if n_ar + n_par else None}
 
 
 class WholeBatchContrastive(Objective):
@@ -119,11 +162,13 @@ def build_objective(cfg, kind: str, dims=None, accum: int = 1) -> Objective:
 
     Args:
         cfg: the experiment's config (``train.loss``, ``train.label_smoothing``).
-        kind: ``classifier`` or ``clip``.
+        kind: ``classifier``, ``clip`` or ``cappa``.
         dims: the layout (a CLIP's loss exchanges features over its data-parallel group); None: one process.
         accum: micro-batches per optimizer step on this rank.
     """
     name = resolve_loss(cfg.train.loss, kind)
+    if kind == "cappa":
+        return CaptioningObjective(create_loss(name), accum)
     if kind == "clip":
         group = dims.data_group() if dims is not None and dims.data > 1 else None
         loss = create_loss("clip", local_loss=True, group=group) if name == "clip" else create_loss(name, group=group)

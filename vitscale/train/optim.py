@@ -3,8 +3,8 @@ the warm-up + cosine LR schedule, the gradient norm and clipping where DeepSpeed
 around its step, the clamp of parameters that live in an interval (a CLIP's logit scale); and
 this rank's fp32 master copy of a parameter, wherever the optimizer keeps it.
 
-The optimizer itself is DeepSpeed's (``ds_config["optimizer"]``, composed in ``vitscale.config``);
-its state lives wherever the ZeRO stage puts it. Where the module trains in bf16 / fp16, or under
+The optimizer itself is DeepSpeed's (``ds_config["optimizer"]``, composed in ``vitscale.config``)
+where DeepSpeed has a kernel for the run, timm's otherwise (``client_optimizer``); its state lives wherever the ZeRO stage puts it. Where the module trains in bf16 / fp16, or under
 ZeRO 1-3, the optimizer steps an fp32 master copy of each parameter and copies it into the module
 after the step; a parameter changed only in the module is overwritten at the next step, so the
 clamp and resharding write both (``master_views``, ``set_master_``).
@@ -20,6 +20,7 @@ from deepspeed.pipe import PipelineModule
 from torch import nn
 from torch._utils import _unflatten_dense_tensors
 
+from vitscale.config.deepspeed import OptimizerSection
 from vitscale.models.interop import whole_name
 
 
@@ -52,6 +53,36 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, lr: float, layer_d
         group["lr"] = lr * group.pop("lr_scale", 1.0)
         group.pop("param_names", None)
     return groups
+
+
+def client_optimizer(section: OptimizerSection, groups: list[dict], device_type: str) -> torch.optim.Optimizer | None:
+    """timm's Lion / LAMB for ``optim.name`` where DeepSpeed has no kernel for this run, else None (the
+    engine builds DeepSpeed's from the config's optimizer section; with ours, the caller hands
+    ``deepspeed.initialize`` ``with_client_optimizer(ds_config)``).
+
+    DeepSpeed's ``FusedLion`` and ``FusedLamb`` are CUDA kernels; its CPU Lion runs only for ZeRO-Offload,
+    and ``FusedLamb`` only under fp16's dynamic loss scale (``_do_sanity_check``), where the engine wraps it
+    in ``FP16_UnfusedOptimizer``, which keeps whole parameters as LAMB needs. Elsewhere timm's
+    implementations (the same update rules, per parameter) run as DeepSpeed's client optimizer.
+    """
+    params = section.params
+    if section.kind == "Lion" and not (device_type == "cuda" or section.offload):
+        from timm.optim import Lion
+
+        return Lion(groups, lr=params["lr"], betas=tuple(params["betas"]), weight_decay=params["weight_decay"])
+    if section.kind == "Lamb":
+        if section.fp16:
+            if device_type != "cuda":
+                raise ValueError("optim.name=lamb with train.precision=fp16 runs DeepSpeed's FusedLamb, a CUDA "
+                                 f"kernel; this device is {device_type}: set train.precision=fp32")
+            return None
+        from timm.optim import Lamb
+
+        # max_grad_norm=None: the gradient is clipped once, by DeepSpeed / clip_in_step (optim.grad_clip).
+        return Lamb(groups, lr=params["lr"], betas=tuple(params["betas"]), eps=params["eps"],
+                    weight_decay=params["weight_decay"], bias_correction=params.get("bias_correction", True),
+                    max_grad_norm=None)
+    return None
 
 
 def lr_lambda(i: int, steps: int, warmup: int, schedule: str = "cosine", init_ratio: float = 0.0,

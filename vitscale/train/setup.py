@@ -38,6 +38,8 @@ from vitscale.models.noise import sample_keys
 from vitscale.models.parallelize import pipeline_takes_noise, stage_flops, stage_tensors
 from vitscale.train import checkpoint
 from vitscale.train.batches import make_prepare, noise_keys
+from vitscale.train.distill import Distillation, Teacher, build_teacher, resolve_teacher, with_teacher
+from vitscale.train.captioning import split_batches
 from vitscale.train.ema import build_ema, restore_ema
 from vitscale.train.engine import build_engine, compute_dtype
 from vitscale.train.faults import hang_at, poisoned, stop_signals_blocked
@@ -61,6 +63,7 @@ class Plan:
     ds_config: dict  # what deepspeed.initialize gets (also written to run.dir/ds_config.json)
     monitor_config: dict = field(default_factory=dict)  # DeepSpeed's monitor sections for log.*
     prediction: str = ""  # the planner's memory and step time of this layout (vitscale.planner), "" = none
+    teacher: Teacher | None = None  # train.distill's teacher (train/distill.py), None = no distillation
 
     @property
     def layout_record(self) -> dict:
@@ -98,7 +101,8 @@ def plan_run(path: str | Path | None, overrides: list[str] = (), world_size: int
     layout = validate_layout(exp.cfg, world_size_from_env() if world_size is None else world_size)
     ds_config = compose_ds_config(exp.cfg, layout.data, stage_tensors=stage_tensors(exp.model))
     check_precision(exp.cfg.train.precision)
-    plan = Plan(exp, layout, ds_config, compose_monitor_config(exp.cfg), predict_layout(exp, layout.world_size))
+    plan = Plan(exp, layout, ds_config, compose_monitor_config(exp.cfg), predict_layout(exp, layout.world_size),
+                resolve_teacher(exp))
     check_resume(exp, plan.layout_record)
     return plan
 
@@ -145,6 +149,7 @@ class Run:
     progress: Any  # tqdm on global rank 0, or None
     ema: Any  # timm's ModelEmaV3, or None
     stop_request: StopRequest
+    teacher: Any = None  # train.distill's frozen teacher on this rank (train/distill.py), or None
 
     @property
     def exp(self) -> Experiment:
@@ -181,6 +186,9 @@ def start_run(plan: Plan, dims: ParallelDims) -> Run:
 
     accum = plan.ds_config["gradient_accumulation_steps"]
     objective = build_objective(cfg, exp.model.kind, dims, accum)
+    if plan.teacher is not None:
+        d = t.distill
+        objective = Distillation(objective, d.kind, d.temperature, d.alpha, accum)
     engine = build_engine(exp, dims, plan.ds_config, objective)
     stop_request = StopRequest()  # before the loader's workers fork: they inherit its handler
     try:
@@ -193,7 +201,7 @@ def start_run(plan: Plan, dims: ParallelDims) -> Run:
         restore_masks(engine.vitscale_sparsity, client, start, engine.optimizer)
 
     piped = dims.pipe > 1
-    meter = _meter(exp, dims)
+    meter = _meter(exp, dims, plan.teacher)
     if piped:  # pipelines time no forward of their own (throughput.py)
         steps: StepEngine = PipelineSteps(engine, pipeline_takes_noise(exp.model))
     else:
@@ -216,6 +224,10 @@ def start_run(plan: Plan, dims: ParallelDims) -> Run:
         prepare = hang_at(os.environ.get("VITSCALE_FAULT_HANG_AT") or "step", hang_step, prepare, engine, dims,
                           lambda: engine.global_steps + 1 == hang_step)
 
+    teacher = build_teacher(plan.teacher, dims, dtype) if plan.teacher is not None else None
+    if teacher is not None:  # outermost: the teacher sees the images as the student will (distill.py)
+        prepare = with_teacher(prepare, teacher)
+
     micro_batches = itertools.count()  # fetched so far: exactly accum per optimizer step
 
     def fetch() -> tuple:
@@ -226,6 +238,8 @@ def start_run(plan: Plan, dims: ParallelDims) -> Run:
             batch = next(batches)
         return (*prepare(batch), keys)
 
+    if exp.model.kind == "cappa":  # each sample's branch, autoregressive or parallel prediction
+        fetch = split_batches(fetch, t.cappa.parallel_fraction)
     ema = build_ema(engine.module, t.ema) if t.ema else None
     if ema is not None and start:  # the EMA resumes exactly as the weights do
         restore_ema(ema, client, start, dims.is_main)
@@ -238,7 +252,7 @@ def start_run(plan: Plan, dims: ParallelDims) -> Run:
                source_cls=source_cls, source=source, fetch=fetch,
                reports_data=dims.tensor_rank == 0 and (not piped or engine.is_first_stage()), dtype=dtype,
                meter=meter, writer=_writer(plan, run_dir, start) if dims.is_main else None,
-               progress=progress, ema=ema, stop_request=stop_request)
+               progress=progress, ema=ema, stop_request=stop_request, teacher=teacher)
 
 
 def _writer(plan: Plan, run_dir: Path, start: int) -> MetricsWriter:
@@ -272,7 +286,7 @@ def _build_source(exp: Experiment, dims: ParallelDims, start: int, client: dict)
     return source
 
 
-def _meter(exp: Experiment, dims: ParallelDims) -> ThroughputMeter:
+def _meter(exp: Experiment, dims: ParallelDims, teacher: Teacher | None = None) -> ThroughputMeter:
     cfg, t = exp.cfg, exp.cfg.train
     pk = cfg.data.packing
     peak = cfg.log.peak_tflops
@@ -282,6 +296,8 @@ def _meter(exp: Experiment, dims: ParallelDims) -> ThroughputMeter:
                            cfg.log.warmup_steps, peak, recompute=cfg.parallel.activation_checkpoint > 0,
                            straggler_fraction=cfg.log.straggler_fraction,
                            stage_flops=stage_flops(exp.model, dims.pipe, cfg.parallel.partition),
+                           # a replicated teacher: each tensor rank runs it whole (distill.py)
+                           teacher_flops_per_sample=teacher.forward_flops if teacher else 0, teacher_copies=dims.tensor,
                            info={"model": cfg.model.name, "micro_batch": t.micro_batch, "global_batch": t.global_batch,
                                  "precision": t.precision, "layout": {"pipe": dims.pipe, "tensor": dims.tensor,
                                                                       "data": dims.data, "zero": cfg.parallel.zero}})

@@ -40,6 +40,12 @@ timed steps.
 MFU = achieved model FLOP/s per device / peak FLOP/s per device, with model FLOPs
 = 3 x forward FLOPs per sample (forward + backward, PaLM appendix B); HFU also counts
 the recomputed forward of activation checkpointing (4 x).
+
+A distillation teacher (``train/distill.py``) is counted apart: ``mfu``, ``hfu`` and
+``tflops_per_device`` are the student's alone, and the records add the teacher's forward FLOPs per
+sample (``teacher_flops_per_sample``), its FLOP/s per device (``teacher_tflops_per_device``: it runs
+forward only, whole on each of ``teacher_copies`` tensor ranks) and ``mfu_with_teacher``, the
+utilisation of student and teacher work together.
 """
 from __future__ import annotations
 
@@ -93,12 +99,16 @@ class ThroughputMeter:
         recompute: activation checkpointing recomputes the forward (counted in HFU only).
         info: constant fields added to every record (model, layout, batch sizes).
         straggler_fraction: warn about nodes whose pace is below this fraction of the median's; 0 = never.
+        teacher_flops_per_sample: a distillation teacher's forward FLOPs per sample; 0 = none.
+        teacher_copies: ranks that each run the whole teacher on one replica's samples (its tensor ranks).
     """
 
     def __init__(self, dims, global_batch: int, flops_per_sample: int, warmup_steps: int,
                  peak_tflops: float | None, recompute: bool = False, info: dict | None = None,
-                 straggler_fraction: float = 0.8, stage_flops: list[int] | None = None):
+                 straggler_fraction: float = 0.8, stage_flops: list[int] | None = None,
+                 teacher_flops_per_sample: int = 0, teacher_copies: int = 1):
         self.dims, self.global_batch = dims, global_batch
+        self.teacher_flops_per_sample, self.teacher_copies = teacher_flops_per_sample, teacher_copies
         self.flops_per_sample, self.warmup_steps, self.peak_tflops = flops_per_sample, warmup_steps, peak_tflops
         stage_flops = list(stage_flops or [flops_per_sample])
         if len(stage_flops) != dims.pipe or min(stage_flops) < 0 or sum(stage_flops) <= 0:
@@ -268,6 +278,10 @@ class ThroughputMeter:
             "node": node if node is not None else d.node, "nodes": d.num_nodes, "devices": devices,
             "world_size": d.world_size,
         }
+        if self.teacher_flops_per_sample:  # counted apart: mfu / hfu above are the student's alone
+            teacher = per_device * self.teacher_copies * self.teacher_flops_per_sample / 1e12
+            rec.update(teacher_flops_per_sample=self.teacher_flops_per_sample, teacher_tflops_per_device=teacher,
+                       mfu_with_teacher=(tflops + teacher) / self.peak_tflops if self.peak_tflops else None)
         if scope == "node":
             rec["hostname"] = d.node_hosts[node]
         rec.update(self.info)
