@@ -63,6 +63,11 @@ def test_a_rerun_skips_finished_points_and_refuses_bad_axes(tmp_path):
         folder.mkdir(parents=True)
         (folder / "done.json").write_text(json.dumps(r) + "\n")
     assert run(args, "cmd") == 0
+    import torch.distributed as dist
+
+    # nothing trained, so no process group started in this (pytest's) process: one would hold its port and
+    # MASTER_PORT for every later run the tests launch
+    assert not (dist.is_available() and dist.is_initialized())
     assert not any((tmp_path / "runs").glob("*/pretrain")) and not any((tmp_path / "runs").glob("*/finetune"))
     assert "| ti | 0.50 M | fractal | 100 | 10 | 300 |" in (tmp_path / "synthetic_scaling.md").read_text()
     for bad, message in ((dict(classes="10"), "the digits' count"), (dict(images="5,x"), "comma-separated"),

@@ -167,7 +167,7 @@ def run(args, command: str) -> int:
     if not sizes or any(s not in SIZES for s in sizes):
         raise ValueError(f"--sizes {args.sizes}: choose from {', '.join(SIZES)}")
     base = Plan(**{**FULL.__dict__, "depth": args.depth, "finetune_steps": args.finetune_steps})
-    out, runner = Path(args.out), Runner()
+    out, runner = Path(args.out), None  # the process group starts with the first point that trains
     pretrain_cfg, finetune_cfg = find_config("vit_tiny"), find_config("vit_tiny_finetune")
     rows = []
     for k in range(args.seeds):
@@ -181,6 +181,7 @@ def run(args, command: str) -> int:
                 if done.is_file():
                     rows.append(json.loads(done.read_text()))
                     continue
+                runner = runner or Runner()
                 steps = math.ceil(n / base.batch)
                 plan = Plan(**{**base.__dict__, "classes": c or base.classes, "pretrain_steps": steps})
                 init, loss = None, ""
@@ -201,7 +202,8 @@ def run(args, command: str) -> int:
                 if runner.dims.is_main:
                     write_text_atomic(done, json.dumps(row) + "\n")
                 rows.append(row)
-    if runner.dims.is_main:
+    # Every point finished before: no process group; each rank (one, unless launched) writes the same report.
+    if runner is None or runner.dims.is_main:
         fits = fit_curves(rows, out, args.bootstrap)
         path = write_report(out, rows, fits, command)
         print(path.read_text())
