@@ -122,6 +122,10 @@ def rehearse(args: argparse.Namespace) -> int:
     lock, events = threading.Lock(), []
     t0 = time.monotonic()
     old_handlers = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # Ctrl-C removes the cluster even where this process was started with SIGINT ignored (Python then
+    # installs no KeyboardInterrupt handler of its own: a job started in the background, or by a parent
+    # that ignores it, would run on and leave its namespaces).
+    old_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         cluster.build(state)
         shim = write_shim(state)
