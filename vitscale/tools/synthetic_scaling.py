@@ -148,12 +148,11 @@ def write_report(out: Path, rows: list[dict], fits: list[dict], command: str) ->
 
 def run(args, command: str) -> int:
     """The recipe (module docstring)."""
+    from vitscale.config import find_config, load_config
     from vitscale.data.synthetic import list_generators
-    from vitscale.tools.lr_search import SIZES
-    from vitscale.tools.fdsl_transfer import FULL, Plan, Runner, finetune_overrides, pretrain_overrides, read_records
-    from vitscale.config import find_config
     from vitscale.models.spec import resolve_model
-    from vitscale.config import load_config
+    from vitscale.tools.fdsl_transfer import FULL, Plan, Runner, finetune_overrides, pretrain_overrides, read_records
+    from vitscale.tools.lr_search import SIZES
 
     if args.generator not in list_generators():
         raise ValueError(f"--generator {args.generator}: choose one of {', '.join(list_generators())}")
