@@ -21,17 +21,20 @@ from vitscale.train.engine import build_model
 PRE, FINE = 24, 30  # --steps: fixed step counts (the quick plan's model)
 
 
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fdsl")
+def run_recipe(out, *extra):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("RANK", None)
     proc = subprocess.run([str(BIN / "vitscale-recipe"), "fdsl-transfer", "--quick", "--steps", f"{PRE},{FINE}",
-                           "--out", str(out),
-                           "--generators", "scratch,dead_leaves,fractal"],
+                           "--out", str(out), "--generators", "scratch,dead_leaves,fractal", *extra],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return out, proc.stdout
+    return proc
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fdsl")
+    return out, run_recipe(out).stdout
 
 
 def test_quick_recipe_writes_the_table_from_its_runs(recipe):
@@ -130,3 +133,21 @@ def test_linear_probe_on_frozen_features(recipe, tmp_path):
                            "--task", "linear-probe", "--data", str(tmp_path)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 1 and "--test-data" in proc.stderr
+
+
+def test_a_rerun_skips_the_finished_runs_and_retrains_the_rest(recipe):  # last: it retrains two runs
+    out, stdout = recipe
+    runs = out / "runs"
+    first = {p.parent.name: p.read_bytes() for p in runs.glob("*/metrics.jsonl")}
+    assert len(first) == 5  # two pre-trainings, three fine-tunings
+    (runs / "finetune_scratch" / "recipe_done.json").unlink()  # as if it had been interrupted
+    marker = runs / "finetune_fractal" / "recipe_done.json"  # finished, but with other overrides
+    done = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**done, "overrides": [*done["overrides"][:-1], "train.seed=7"]}))
+    again = run_recipe(out)
+    assert again.stdout == stdout  # the same table: the same seed trains the same runs
+    for name, before in first.items():
+        after = (runs / name / "metrics.jsonl").read_bytes()
+        assert (after == before) == (name not in ("finetune_scratch", "finetune_fractal")), name
+        assert json.loads((runs / name / "recipe_done.json").read_text())["overrides"][-1] == f"run.dir={runs / name}"
+    assert again.stderr.count("finished before with these overrides; skipped") == 3

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vitscale.config import find_config
+from vitscale.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ COLUMNS = ["pretraining", "top1", "top5", "pretrain_steps", "pretrain_images", "
 PUBLISHED_CIFAR10 = {"scratch": 78.3, "perlin": 95.0, "dead_leaves": 95.9, "bezier": 96.7, "rcdb": 96.8,
                      "fractal": 96.8}
 LEFT_CHANCE = 0.9  # a pre-training "left chance" when its final loss is below 0.9 x ln(classes)
+DONE_MARKER = "recipe_done.json"  # in a run folder: the run finished with the config and overrides it names
 PRETRAIN_CLASSES = 100  # FractalDB-100-like; a class count other than the digits' 10, so the head is replaced
 
 
@@ -102,14 +104,41 @@ class Runner:
         configure_cpu_threads(self.dims)
 
     def train(self, config: Path, overrides: list[str]) -> Path:
+        """Train ``config`` with ``overrides``; a run whose folder says it finished with the same
+        config and overrides (``recipe_done.json``, written after it ends) is skipped, so a rerun of
+        an interrupted recipe starts at the first unfinished run (which starts over)."""
         from vitscale.train.loop import train
         from vitscale.train.setup import plan_run, start_run
 
         plan = plan_run(config, overrides, self.dims.world_size)
+        run_dir = Path(plan.exp.cfg.run.dir)
+        marker, what = run_dir / DONE_MARKER, {"config": config.name, "overrides": overrides}
+        if self._agreed(self.dims.is_main and marker.exists() and _read_json(marker) == what):
+            logger.info("recipe: %s finished before with these overrides; skipped", run_dir)
+            return run_dir
         if self.dims.is_main:
             logger.info("recipe: train %s %s", config.name, " ".join(overrides))
         train(start_run(plan, self.dims))
-        return Path(plan.exp.cfg.run.dir)
+        if self.dims.is_main:
+            write_text_atomic(marker, json.dumps(what, indent=1) + "\n")
+        return run_dir
+
+    def _agreed(self, decision: bool) -> bool:
+        """The main rank's ``decision``, on every rank (one read of the file, not one per rank)."""
+        import torch.distributed as dist
+
+        if self.dims.world_size > 1 and dist.is_initialized():
+            box = [decision]
+            dist.broadcast_object_list(box, src=0)
+            return bool(box[0])
+        return decision
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def read_records(run_dir: Path, kind: str) -> list[dict]:
