@@ -117,6 +117,59 @@ def test_bubble_shrinks_with_more_micro_batches_and_grows_with_stages(tiny):
     assert bubble(4, 16) > bubble(2, 16)
 
 
+def _deepspeed_1f1b_longest_path(forward, backward, m):
+    """A 1F1B step's length as the longest path through its dependency graph: each stage's forward and
+    backward passes in the order DeepSpeed's own ``TrainSchedule`` issues them, a forward after the
+    previous stage's, a backward after the next stage's."""
+    from graphlib import TopologicalSorter
+
+    from deepspeed.runtime.pipe.schedule import BackwardPass, ForwardPass, TrainSchedule
+
+    p, after = len(forward), {}
+    for i in range(p):
+        counts, previous = {"F": 0, "B": 0}, None
+        for step in TrainSchedule(micro_batches=m, stages=p, stage_id=i).steps():
+            for cmd in step:
+                if isinstance(cmd, (ForwardPass, BackwardPass)):
+                    kind = "F" if isinstance(cmd, ForwardPass) else "B"
+                    node = (i, kind, counts[kind])  # the k-th forward (backward) is micro-batch k's
+                    counts[kind] += 1
+                    peer = (i - 1, "F", node[2]) if kind == "F" else (i + 1, "B", node[2])
+                    after[node] = {n for n in (previous, peer) if n is not None and 0 <= n[0] < p}
+                    previous = node
+    end = {}
+    for node in TopologicalSorter(after).static_order():
+        i, kind, _ = node
+        end[node] = max((end[n] for n in after[node]), default=0.0) + (forward[i] if kind == "F" else backward[i])
+    return max(end.values())
+
+
+@pytest.mark.parametrize("forward, backward", [((1.0, 1.0), (2.0, 2.0)), ((0.54, 0.46), (1.08, 0.92)),
+                                               ((1.0, 3.0, 0.5, 1.0), (2.5, 5.0, 1.0, 1.5)),
+                                               ((3.0, 1.0, 1.0, 1.0, 0.2, 2.0), (6.0, 1.5, 2.0, 2.0, 0.3, 4.5))])
+def test_pipeline_step_is_deepspeeds_1f1b_schedule_timed(forward, backward):
+    from vitscale.planner import SCHEDULE_CAP, one_f_one_b_s
+
+    p, slowest = len(forward), max(f + b for f, b in zip(forward, backward))
+    for m in (1, 2, p, 3 * p + 1, SCHEDULE_CAP + 40):
+        step = one_f_one_b_s(forward, backward, m)
+        assert step == pytest.approx(_deepspeed_1f1b_longest_path(forward, backward, m), rel=1e-3), m
+        assert step <= sum(f + b for f, b in zip(forward, backward)) + (m - 1) * slowest + 1e-9  # DAPPLE's bound
+        if len(set(forward)) == 1 and len(set(backward)) == 1:  # balanced: (m + p - 1) stages' times, by hand
+            assert step == pytest.approx((m + p - 1) * slowest)
+
+
+def test_unbalanced_clip_stages_are_not_charged_the_slowest_stage_each_slot():
+    exp = load_experiment(ROOT / "configs" / "clip_tiny.yaml", ["train.global_batch=32", "train.micro_batch=16"])
+    shape = model_shape(exp)
+    slow = machine_for("a100", 2, 2, 80, peak_tflops=1e-3, latency_us=0.0)  # compute far above communication
+    plan = plan_layout(exp, slow, shape, 2, 1, 1, "none", False, 16)
+    assert plan.grad_accum == 2
+    slowest = plan.times_s["compute"] / plan.grad_accum  # the image tower's stage, per micro-batch
+    pipeline = plan.step_s - plan.times_s["optimizer"] - plan.times_s["data_comm"]
+    assert plan.grad_accum * slowest < pipeline < 0.97 * (plan.grad_accum + 2 - 1) * slowest  # not 3 x the slowest
+
+
 def _cli(args):
     from vitscale.tools.plan import main
 
