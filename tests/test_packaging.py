@@ -68,11 +68,13 @@ for name in sys.argv[2:]:
 # The shipped tiny config (by name), two steps with each shipped preset, in one process group:
 # what `vitscale-train vit_tiny parallel.ds_preset=...` runs (train.setup), from the installed copy.
 TRAIN_INSTALLED = """
-import math, sys
+import math, os, sys
 from vitscale.distributed import init_distributed, shutdown
 from vitscale.train.loop import train
 from vitscale.train.setup import plan_run, start_run
 
+KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+before = {k: os.environ.get(k) for k in KEYS}
 dims = init_distributed()
 for preset in sys.argv[1:]:
     zero = 3 if preset.startswith("zero3") else int(preset[4])
@@ -82,6 +84,9 @@ for preset in sys.argv[1:]:
     last = train(start_run(plan, dims))
     assert last["step"] == 2 and math.isfinite(last["loss"]), (preset, last)
     print("trained", preset, plan.ds_config["zero_optimization"])
+shutdown()
+assert {k: os.environ.get(k) for k in KEYS} == before, "the single-process start left its rank / port in os.environ"
+init_distributed()  # a second start in the same process: a new group
 shutdown()
 """
 

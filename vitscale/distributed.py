@@ -250,11 +250,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Variables a single-process start put into os.environ (for DeepSpeed's env:// start), with what they held
+# before: shutdown() restores them, so a later start in the same process, or a child process, sees no stale
+# rank or port (a leaked MASTER_PORT made later single-process starts collide on it).
+_EXPORTED: dict[str, str | None] = {}
+
+
 def _export_single_env(default_port: int) -> None:
-    env = os.environ
-    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(free_port()))  # so that two single-process runs never collide
+    values = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                  MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))  # two runs never collide
+    for key, value in values.items():
+        _EXPORTED.setdefault(key, os.environ.get(key))
+        os.environ[key] = value
+
+
+def _restore_env() -> None:
+    for key, value in _EXPORTED.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _EXPORTED.clear()
 
 
 @dataclass
@@ -483,6 +499,7 @@ def shutdown() -> None:
         dist.barrier()
         dist.destroy_process_group()
         _remove_shm_buffers()
+    _restore_env()
 
 
 def _remove_shm_buffers() -> None:
