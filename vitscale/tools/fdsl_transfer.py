@@ -118,7 +118,10 @@ class Runner:
             return run_dir
         if self.dims.is_main:
             logger.info("recipe: train %s %s", config.name, " ".join(overrides))
-        train(start_run(plan, self.dims))
+        last = train(start_run(plan, self.dims))
+        if last.get("step") != plan.exp.cfg.train.steps:  # a stop signal ended it early: no marker, no next run
+            raise SystemExit(f"recipe: {run_dir} stopped at step {last.get('step')} of {plan.exp.cfg.train.steps}; "
+                             "rerun the same command to go on (finished runs are skipped, this one starts over)")
         if self.dims.is_main:
             write_text_atomic(marker, json.dumps(what, indent=1) + "\n")
         return run_dir
