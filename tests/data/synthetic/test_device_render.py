@@ -15,11 +15,14 @@ from vitscale.data.synthetic.fractal import splitmix64, uniform01
 from vitscale.data.synthetic_loader import build_synthetic_loader
 from vitscale.experiment import load_experiment
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # small tensors (tests/conftest.py)
+
 CPU = torch.device("cpu")
 SIZE = 64
 DEVICE_NAMES = ["fractal", "exfractal", "rcdb", "visual_atom", "perlin"]
-# A quarter of VisualAtom's orbits keeps its stroke loop short; the rest are the defaults.
-PARAMS = {"visual_atom": {"orbits": 50}}
+# Fewer chaos-game points and a quarter of VisualAtom's orbits keep the tests short; the rest are the
+# defaults (../shared/acceptance/device_synthetic renders 100 default images per generator).
+PARAMS = {"fractal": {"num_points": 30000}, "exfractal": {"num_points": 30000}, "visual_atom": {"orbits": 50}}
 _GENERATORS = {}
 
 
