@@ -223,10 +223,10 @@ def stroke_closed_polylines(xs: torch.Tensor, ys: torch.Tensor, counts: torch.Te
     idx = torch.arange(v, device=device)
     half_all = 0.5 * widths.clamp(min=1.0)
     reach_max = float((half_all + (0.5 if antialias else 0.0)).max()) if widths.numel() else 0.0
-    # A pixel within `reach` of a segment is within reach + spacing / 2 of a sample, and the sample's
-    # rounded pixel within 0.5 of the sample along each axis.
-    radius = int(math.ceil(reach_max + 0.5 * SAMPLE_SPACING_PX + 0.5))
-    off = torch.arange(-radius, radius + 1, device=device)
+    # A pixel within `reach` of a segment is within r = reach + spacing / 2 of one of its samples: along
+    # each axis one of the floor(2 r) + 1 pixel centres from ceil(sample - r) on.
+    radius = reach_max + 0.5 * SAMPLE_SPACING_PX
+    off = torch.arange(int(math.floor(2 * radius)) + 1, device=device)
     oy, ox = torch.meshgrid(off, off, indexing="ij")
     oy, ox = oy.reshape(-1), ox.reshape(-1)
     for p in range(num):
@@ -250,7 +250,7 @@ def stroke_closed_polylines(xs: torch.Tensor, ys: torch.Tensor, counts: torch.Te
         img_of = seg // v
         w = widths[:, p].to(device)[img_of]
         half, strength = 0.5 * w.clamp(min=1.0), (w.clamp(max=1.0) if antialias else torch.ones_like(w))
-        cx, cy = (sax + t * sdx).round().long(), (say + t * sdy).round().long()
+        cx, cy = (sax + t * sdx - radius).ceil().long(), (say + t * sdy - radius).ceil().long()
         px, py = cx[:, None] + ox[None], cy[:, None] + oy[None]  # (S, stencil)
         cov = _segment_coverage(px.float(), py.float(), sax[:, None], say[:, None], sdx[:, None], sdy[:, None],
                                 half[:, None], strength[:, None], antialias)
