@@ -4,8 +4,8 @@ A generator with device kernels offers ``render_batch(labels, instances, device)
 on ``device``: it draws each image's parameters on the host exactly as ``render`` does (``params`` /
 ``_draws``, numpy streams from ``instance_rng``: microseconds per image) and hands them to one of the
 kernels here, which render the whole micro-batch at once as tensor operations. The images agree
-with the numba renderer's in what matters, the occupancy of the attractor / contours / orbits; the
-colour of a pixel several points or strokes land on, and the order of the points, may differ.
+with the numba renderer's in what matters, the occupancy of the attractor / contours / orbits
+(float32 here, float64 there; the colour of a pixel where points or strokes tie may differ).
 
 - ``chaos_game``: the IFS orbits of FractalDB / ExFractalDB as up to ``MAX_CHAINS`` short chains per
   image run side by side instead of one long chain, so every step is one (B, chains) tensor
@@ -21,7 +21,6 @@ colour of a pixel several points or strokes land on, and the order of the points
   coverage rule (distance of the pixel centre to the segment, per-polyline maximum, polylines
   composited in order), the pixels near a segment found from samples every ``SAMPLE_SPACING_PX``
   along it rather than a scan line per segment.
-
 - ``perlin_fields``: ``perlin._render_kernel``'s octaves of gradient noise for every pixel of the
   batch at once, per image min-max normalised and colour-mapped.
 
