@@ -14,6 +14,12 @@ measures instead the shard formats end to end, png against npy (``vitscale-synth
 writing a dataset with vitscale's own writer (render, encode, tar; one process) and reading it
 back through the shard loader (tar, decode, batches; no augmentation, one process), in
 images/s per core, and the bytes per image on disk; the formats interleaved over the rounds.
+
+    python benchmarks/synth_speed.py --device cuda|cpu [--batch 256] [--size 224] [--rounds 3] [GENERATOR ...]
+
+times the device renderers (``render_batch``, ``data.render=device``) beside the numba renderer of the
+loader workers, interleaved over the rounds: on cuda images/s per device (wall clock, synchronised)
+against numba's images/s per core; on cpu both per core (CPU time of the one thread, ``time.thread_time``).
 """
 from __future__ import annotations
 
@@ -98,6 +104,60 @@ def formats(name: str, images: int, size: int, rounds: int) -> None:
           f"read {med['npy']['read'] / med['png']['read']:.2f}x, size {sizes['npy'] / sizes['png']:.2f}x")
 
 
+def device_rates(names: list[str], device: str, batch: int, size: int, rounds: int, seconds: float) -> None:
+    """``render_batch`` on ``device`` against the numba ``render``, per generator (module docstring)."""
+    import torch
+
+    dev = torch.device(device)
+    clock = time.perf_counter if dev.type == "cuda" else time.thread_time  # cpu: CPU time of this (the only) thread
+    torch.set_num_threads(1)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    rows = []
+    for name in names:
+        gen = create_generator(name, CLASSES, size, seed=0)
+        if not hasattr(gen, "render_batch"):
+            print(f"{name}: no render_batch (stays on the workers)", file=sys.stderr)
+            continue
+        labels = torch.arange(batch) % LABELS
+        gen.render_batch(labels[:2], torch.zeros(2, dtype=torch.long), dev)  # warm-up, category set-up
+        for label in range(LABELS):
+            gen.render(label, 0)
+        rates: dict[str, list[float]] = {"device": [], "numba": []}
+        start = {"device": 1, "numba": 1}
+        for _ in range(rounds):
+            n, t0 = 0, clock()
+            while True:  # whole batches, at least one
+                sync()
+                gen.render_batch(labels, torch.full((batch,), start["device"], dtype=torch.long), dev)
+                sync()
+                start["device"] += 1
+                n += batch
+                if clock() - t0 >= seconds:
+                    break
+            rates["device"].append(n / (clock() - t0))
+            n, t0 = 0, time.thread_time()
+            while True:
+                gen.render(n % LABELS, start["numba"] + n // LABELS)
+                n += 1
+                if time.thread_time() - t0 >= seconds and n >= 2:
+                    break
+            start["numba"] += n // LABELS + 1
+            rates["numba"].append(n / (time.thread_time() - t0))
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        rows.append((name, med["device"], med["numba"]))
+        print(f"{name}: render_batch {med['device']:.1f}, numba {med['numba']:.1f} images/s", file=sys.stderr, flush=True)
+    unit = f"img/s per {'device' if dev.type == 'cuda' else 'core'}"
+    print(f"\n{size} px, render_batch at batch {batch} on {device}, medians of {rounds} interleaved rounds\n")
+    print(f"| generator | render_batch on {device} ({unit}) | numba render (img/s per core) | ratio |")
+    print("| --- | --- | --- | --- |")
+    for name, d, c in rows:
+        print(f"| {name} | {d:.0f} | {c:.0f} | {d / c:.2f}x |")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("generators", nargs="*", help="default: every generator with a reference")
@@ -106,7 +166,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=2.0, help="per side, per round")
     ap.add_argument("--formats", action="store_true", help="png against npy shards, end to end (one generator)")
     ap.add_argument("--images", type=int, default=512, help="with --formats: images per round")
+    ap.add_argument("--device", help="cuda or cpu: time render_batch (data.render=device) beside the numba renderer")
+    ap.add_argument("--batch", type=int, default=256, help="with --device: images per render_batch call")
     args = ap.parse_args(argv)
+    if args.device:
+        device_rates(args.generators or ["fractal", "exfractal", "rcdb", "visual_atom", "perlin"], args.device,
+                     args.batch, args.size, args.rounds, args.seconds)
+        return
     if args.formats:
         formats((args.generators or ["fractal"])[0], args.images, args.size, args.rounds)
         return

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from vitscale.config import Config, ConfigError, load_config
 from vitscale.config.validation import check_evaluation_data
-from vitscale.data.sources import Task, check_classes, source_class, source_name
+from vitscale.data.sources import Task, check_classes, check_render, source_class, source_name
 from vitscale.models.parallelize import check_layout
 from vitscale.models.sparsity import check_sparsity
 from vitscale.models.spec import ModelSpec, resolve_model
@@ -59,6 +59,7 @@ def resolve(cfg: Config) -> Experiment:
     name = source_name(cfg, task)
     source = source_class(name)
     source.check(cfg)
+    check_render(cfg, name)
     if source.task != task:
         raise ConfigError(f"data.source={cfg.data.source} yields image-text pairs for a CLIP; model.name="
                           f"{cfg.model.name} is a classifier (use a clip_* model, or synthetic / shard data)")

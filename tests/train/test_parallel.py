@@ -86,6 +86,11 @@ SPARSE_TWO = {
 }
 
 
+# data.render=device (issue 22) in the same launches: FractalDB rendered on each rank's device from the labels and
+# instances of its samples; data 2 must see the single process's images, so train the same function.
+DEVICE_RENDER = ["data.source=fractal", "data.render=device", "data.params={num_points: 20000}"]
+
+
 def _launch_layouts(root: Path, nprocs: int, layouts: dict, config: str = TINY, common: list = COMMON) -> None:
     launch_layouts(root, nprocs, layouts, common, config)
 
@@ -130,9 +135,10 @@ def runs(tmp_path_factory):
     init = root / "init.safetensors"
     save_file(create_model("vit_tiny_patch16", img_size=64, num_classes=10, depth=4, num_heads=4).state_dict(), init)
     seed_two, seed_one = _seed_methods(root, init)
-    _launch_layouts(root, 2, {**seed_two, **TWO, **_with_init(INIT, init), **ARCH_TWO, **OPTIM_TWO, **COMPILE_TWO, **SPARSE_TWO})
+    _launch_layouts(root, 2, {**seed_two, **TWO, **_with_init(INIT, init), **ARCH_TWO, **OPTIM_TWO, **COMPILE_TWO, **SPARSE_TWO,
+                              "device_data2": DEVICE_RENDER + ["parallel.zero=1"]})
     # The single-process references after it: the distillation reference needs the teacher it trains.
-    _launch_layouts(root, 1, {"single": ["parallel.zero=0"], **seed_one})
+    _launch_layouts(root, 1, {"single": ["parallel.zero=0"], **seed_one, "device_single": DEVICE_RENDER + ["parallel.zero=0"]})
     _launch_layouts(root, 4, FOUR)
     return root
 
@@ -157,6 +163,11 @@ def assert_same_function(run_dir, ref_dir, layout: str) -> None:
 def test_layout_matches_single_process(runs, layout):
     assert_same_function(runs / layout, runs / "single", layout)
     assert train_losses(runs / "single")[-1] != train_losses(runs / "single")[0]  # the reference actually trained
+
+
+def test_device_rendering_trains_the_same_function_in_every_layout(runs):
+    assert_same_function(runs / "device_data2", runs / "device_single", "device_data2")
+    assert train_losses(runs / "device_single") != train_losses(runs / "single")  # it read FractalDB, not gratings
 
 
 def test_architecture_options_train_the_same_function_in_every_layout(runs):

@@ -119,6 +119,8 @@ class DataConfig:
     num_classes: int = 10
     instances: int = 1000  # instances per class: one epoch = num_classes * instances samples
     num_workers: int = 2  # DataLoader worker processes per rank
+    render: Literal["workers", "device"] = "workers"  # on the fly: images rendered in the loader workers, or on the
+    # training device right before the forward (generators with render_batch; workers then pass only labels and instances)
     prefetch: int = 4  # batches prefetched per worker
     mean: list = field(default_factory=lambda: [0.5, 0.5, 0.5])  # normalisation, applied on the device
     std: list = field(default_factory=lambda: [0.5, 0.5, 0.5])

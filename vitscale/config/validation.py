@@ -110,6 +110,9 @@ def _check_data(cfg: Config) -> None:
                        or pk.min_size > d.image_size):
         _fail(f"data.packing: max_images={pk.max_images} must be >= 1, token_drop={pk.token_drop} in [0, 1), "
              f"min_size={pk.min_size} between 0 and data.image_size={d.image_size}")
+    if pk.seq_len and d.render == "device":
+        _fail("data.packing with data.render=device is not supported (packing cuts host images into patches in the "
+              "loader); set data.render=workers or data.packing.seq_len=0")
     if pk.seq_len and cfg.parallel.pipe > 1:
         _fail(f"data.packing with parallel.pipe={cfg.parallel.pipe} is not supported (the pipeline sends one "
              "tensor between stages, packed sequences need their segment ids in every stage); set parallel.pipe=1")

@@ -33,7 +33,7 @@ from vitscale.data.laion import BAD, COUNTERS, build_laion_loader, check_filters
 from vitscale.data.packing import pack_batches
 from vitscale.data.shards import is_shard_source, resolve_shards
 from vitscale.data.synthetic import GENERATORS, list_generators
-from vitscale.data.synthetic_loader import build_shard_loader, build_synthetic_loader
+from vitscale.data.synthetic_loader import build_shard_loader, build_synthetic_loader, make_generator
 from vitscale.registry import Registry
 
 Task = Literal["classification", "image_text"]
@@ -45,6 +45,7 @@ class Batch:
 
     images: torch.Tensor | None = None  # uint8 (B, 3, H, W); image-text shards: canvases (B, C, C, 3), see boxes
     labels: torch.Tensor | None = None  # int64 classes (B,); packed sequences: (B, K) per image slot, -1 = empty
+    instances: torch.Tensor | None = None  # data.render=device: int64 (B,), rendered on the device with the labels
     tokens: torch.Tensor | None = None  # int64 caption token ids (B, context_length)
     boxes: torch.Tensor | None = None  # float32 (B, 5): x0, y0, x1, y1, flip of the crop cut from each canvas
     patches: torch.Tensor | None = None  # packed sequences: uint8 (B, L, C * p * p)
@@ -54,7 +55,7 @@ class Batch:
     @property
     def size(self) -> int:
         """Samples (or packed sequences) in the batch."""
-        first = self.images if self.images is not None else self.patches
+        first = self.images if self.images is not None else self.patches if self.patches is not None else self.labels
         return int(first.shape[0])
 
 
@@ -201,7 +202,8 @@ class _Pairs(DataSource):
 @register_source("synthetic")
 class OnTheFly(_Pairs):
     """A generator rendered in the loader workers, in the position-exact order of ``StepSampler``:
-    every layout and every resume sees the same samples in each step."""
+    every layout and every resume sees the same samples in each step. With ``data.render=device``
+    the batches carry labels and instances only, rendered by the training step (``device_renderer``)."""
 
     check = classmethod(lambda cls, cfg: _check_generator_source(cfg))
 
@@ -209,7 +211,46 @@ class OnTheFly(_Pairs):
     def build(cls, cfg: Config, ctx: LoaderContext) -> DataSource:
         d = cfg.data
         return cls(build_synthetic_loader(d.source, d.num_classes, d.image_size, d.instances, num_workers=d.num_workers,
-                                          prefetch=d.prefetch, params=d.params, **_loader_args(cfg, ctx)))
+                                          prefetch=d.prefetch, params=d.params, render=d.render,
+                                          **_loader_args(cfg, ctx)), d.render)
+
+    def __init__(self, loader, render: str = "workers"):
+        super().__init__(loader)
+        self.render = render
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.render != "device":
+            return super().__iter__()
+        return (Batch(labels=labels, instances=instances) for labels, instances in iter(self.loader))
+
+
+def device_generators() -> list[str]:
+    """The generators that can render on the training device (``render_batch``)."""
+    return [name for name in list_generators() if hasattr(GENERATORS.get(name), "render_batch")]
+
+
+def check_render(cfg: Config, name: str) -> None:
+    """``data.render=device`` needs on-the-fly data (source ``name`` synthetic) from a generator with
+    ``render_batch``; raise ConfigError naming the fix otherwise."""
+    d = cfg.data
+    if d.render != "device":
+        return
+    if name != "synthetic":
+        raise ConfigError(f"data.render=device renders synthetic generators on the fly, but data.source={d.source}"
+                          f"{' with data.shards' if d.shards is not None else ''} is read as '{name}' data; set "
+                          "data.render=workers, or data.source to one of " + ", ".join(device_generators()))
+    if d.source not in device_generators():
+        raise ConfigError(f"data.render=device: generator '{d.source}' has no device renderer (render_batch); "
+                          f"those that have one are {', '.join(device_generators())}; set data.render=workers")
+
+
+def device_renderer(cfg: Config) -> Callable[[torch.Tensor, torch.Tensor, torch.device], torch.Tensor] | None:
+    """``render_batch`` of the run's generator when ``data.render=device`` (else None): what the
+    training step calls on a Batch of labels and instances."""
+    d = cfg.data
+    if d.render != "device":
+        return None
+    return make_generator(d.source, d.num_classes, d.image_size, cfg.train.seed, d.params).render_batch
 
 
 @register_source("shards")

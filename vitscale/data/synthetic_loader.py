@@ -29,6 +29,12 @@ and a resumed run continues from ``step * G`` without repeating or skipping samp
 Images leave the workers as uint8 and are normalised on the device
 (``vitscale.data.transforms.normalize``): a quarter of the host-to-device bytes, and
 no per-sample float work on the CPU.
+
+With ``data.render=device`` the on-the-fly path yields no images at all: the loader hands over
+(labels, instances) of the same positions, and the training step renders them on its device
+(``generator.render_batch``, ``vitscale.data.synthetic.device``) before the forward. A sample's
+image depends only on (generator, label, instance, seed), so every layout still sees the same
+images in each step.
 """
 from __future__ import annotations
 
@@ -67,6 +73,28 @@ class SyntheticClassification(Dataset):
         label, instance = index % self.generator.num_classes, index // self.generator.num_classes
         img = self.generator.render(label, instance)  # (H, W, 3) uint8
         return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), label
+
+
+class SyntheticIndices(SyntheticClassification):
+    """``SyntheticClassification``'s index -> (instance, label) without the image: the loader of
+    ``data.render=device``, whose images the training step renders on its device."""
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        return index // self.generator.num_classes, index % self.generator.num_classes
+
+
+def collate_indices(batch: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(instance, label) samples -> (int64 labels (B,), int64 instances (B,))."""
+    return torch.tensor([b[1] for b in batch], dtype=torch.long), torch.tensor([b[0] for b in batch], dtype=torch.long)
+
+
+def make_generator(source: str, num_classes: int, image_size: int, seed: int, params: dict | None = None) -> Generator:
+    """Generator ``source`` with the data config's ``params``; ``categories`` may name a category
+    file (``vitscale-synth search``) instead of holding the list."""
+    params = dict(params or {})
+    if isinstance(params.get("categories"), str):
+        params["categories"] = load_categories(Path(params["categories"]), source, num_classes)
+    return create_generator(source, num_classes, image_size, seed, **params)
 
 
 class StepSampler(Sampler[list[int]]):
@@ -128,8 +156,10 @@ def collate_labelled(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tenso
 def build_synthetic_loader(source: str, num_classes: int, image_size: int, instances: int, seed: int,
                            micro_batch: int, global_batch: int, data_rank: int, data_world: int,
                            start_step: int = 0, num_workers: int = 2, prefetch: int = 4,
-                           pin_memory: bool = False, params: dict | None = None) -> DataLoader:
-    """An endless loader of (uint8 images (B, 3, H, W), int64 labels (B,)) micro-batches.
+                           pin_memory: bool = False, params: dict | None = None,
+                           render: str = "workers") -> DataLoader:
+    """An endless loader of (uint8 images (B, 3, H, W), int64 labels (B,)) micro-batches, or with
+    ``render="device"`` of (int64 labels (B,), int64 instances (B,)) at the same positions.
 
     Args:
         source: generator name (``vitscale.data.synthetic.list_generators()``).
@@ -140,11 +170,16 @@ def build_synthetic_loader(source: str, num_classes: int, image_size: int, insta
         micro_batch, global_batch, data_rank, data_world: see ``StepSampler``.
         start_step: optimizer step to start from (resume).
         num_workers, prefetch, pin_memory: as in ``torch.utils.data.DataLoader``.
+        render: "workers" (images rendered here) or "device" (only labels and instances; no workers,
+            since indexing is all there is to do).
     """
-    params = dict(params or {})
-    if isinstance(params.get("categories"), str):
-        params["categories"] = load_categories(Path(params["categories"]), source, num_classes)
-    dataset = SyntheticClassification(create_generator(source, num_classes, image_size, seed, **params), instances)
+    generator = make_generator(source, num_classes, image_size, seed, params)
+    if render == "device":
+        dataset = SyntheticIndices(generator, instances)
+        sampler = StepSampler(len(dataset), micro_batch, global_batch, data_rank, data_world, seed, start_step)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=0, collate_fn=collate_indices,
+                          pin_memory=pin_memory)
+    dataset = SyntheticClassification(generator, instances)
     sampler = StepSampler(len(dataset), micro_batch, global_batch, data_rank, data_world, seed, start_step)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_labelled,
                       pin_memory=pin_memory, persistent_workers=num_workers > 0,
@@ -365,7 +400,7 @@ def build_train_loader(data_cfg: Any, seed: int, micro_batch: int, global_batch:
     if shards is None:
         return build_synthetic_loader(d.source, d.num_classes, d.image_size, d.instances, seed, micro_batch,
                                       global_batch, data_rank, data_world, start_step, d.num_workers, d.prefetch,
-                                      pin_memory, d.params)
+                                      pin_memory, d.params, d.render)
     return build_shard_loader(shards, d.image_size, seed, micro_batch, global_batch, data_rank, data_world,
                               start_step, d.num_classes, d.num_workers, d.prefetch, pin_memory,
                               d.shuffle_buffer, d.augment, tuple(d.crop_scale), tuple(d.crop_ratio), d.hflip)

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from vitscale.data.packing import normalize_patches
-from vitscale.data.sources import Batch, DataSource
+from vitscale.data.sources import Batch, DataSource, device_renderer
 from vitscale.data.transforms import crop_resize, normalize
 from vitscale.experiment import Experiment
 from vitscale.models.noise import sample_keys
@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 
 def make_prepare(exp: Experiment, device: torch.device, dtype: torch.dtype) -> Callable[[Batch], tuple]:
-    """``Batch`` -> (model inputs (a tuple), loss target) on ``device``: images cut out and resized
+    """``Batch`` -> (model inputs (a tuple), loss target) on ``device``: images rendered here
+    (``data.render=device``: the batch holds labels and instances), or cut out and resized
     (crop boxes of image-text canvases) and normalised, or packed patches normalised (NaViT); then
     DeiT's random erasing and Mixup / CutMix when the config asks (``augment.BatchAugment``).
 
@@ -29,6 +30,7 @@ def make_prepare(exp: Experiment, device: torch.device, dtype: torch.dtype) -> C
     tensor in the target's place, so the tokens stand in."""
     d = exp.cfg.data
     mean, std = torch.tensor(d.mean, device=device), torch.tensor(d.std, device=device)
+    render = device_renderer(exp.cfg)
 
     def prepare(batch: Batch) -> tuple:
         if batch.patches is not None:
@@ -36,7 +38,10 @@ def make_prepare(exp: Experiment, device: torch.device, dtype: torch.dtype) -> C
             inputs = (patches, batch.coords.to(device, non_blocking=True),
                       batch.segments.to(device, non_blocking=True))
             return inputs, batch.labels.to(device, non_blocking=True)
-        images = batch.images.to(device, non_blocking=True)
+        if batch.instances is not None:  # data.render=device: uint8 (B, 3, H, W) made here, no host copy
+            images = render(batch.labels, batch.instances, device)
+        else:
+            images = batch.images.to(device, non_blocking=True)
         if batch.boxes is not None:  # channels-last canvases: cut and resize on the device, float 0-255
             images = crop_resize(images.permute(0, 3, 1, 2), batch.boxes, d.image_size)
         images = normalize(images, mean, std, dtype)

@@ -36,9 +36,11 @@ import math
 from typing import Literal
 
 import numpy as np
+import torch
 from numba import njit
 
 from vitscale.data.synthetic import instance_rng, register_generator
+from vitscale.data.synthetic.device import render_ifs
 from vitscale.data.synthetic.fractal import (BURN_IN, MAX_COORD, Fractal, cdf_of, check_instance_args,
                                              draw_palette, draw_patch, filling_ratio, ifs_probabilities, perturb_one,
                                              pick_map, search_ifs, splat, splitmix64, uniform01)
@@ -262,3 +264,11 @@ class ExFractal(Fractal):
 
     def render(self, label: int, instance: int) -> np.ndarray:
         return self.draw(self.params(label, instance))
+
+    def render_batch(self, labels: torch.Tensor, instances: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """As ``Fractal.render_batch``, through the instances' views and the z-buffer."""
+        ps = [self.params(int(k), int(i)) for k, i in zip(labels.tolist(), instances.tolist())]
+        rot = np.stack([view_rotation(p["azimuth_deg"], p["elevation_deg"]) for p in ps])
+        return render_ifs(ps, [cdf_of(p["probs"]) for p in ps], self.num_points, BURN_IN, self.image_size, self.margin_px, self.color, device,
+                          rotations=rot, camera_distance=CAMERA_DISTANCE if self.projection == "perspective" else None,
+                          shade_min=SHADE_MIN)

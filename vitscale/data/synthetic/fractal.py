@@ -41,9 +41,11 @@ import math
 from typing import Callable, Literal
 
 import numpy as np
+import torch
 from numba import njit
 
 from vitscale.data.synthetic import instance_rng, register_generator
+from vitscale.data.synthetic.device import render_ifs
 
 __all__ = ["Fractal", "evaluate_system", "search_category", 
            "ifs_probabilities"]
@@ -493,3 +495,9 @@ class Fractal:
 
     def render(self, label: int, instance: int) -> np.ndarray:
         return self.draw(self.params(label, instance))
+
+    def render_batch(self, labels: torch.Tensor, instances: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Images ``instances[i]`` of classes ``labels[i]`` rendered together on ``device``
+        (``synthetic.device.render_ifs``, from the same ``params()``): uint8 (B, 3, H, W)."""
+        ps = [self.params(int(k), int(i)) for k, i in zip(labels.tolist(), instances.tolist())]
+        return render_ifs(ps, [cdf_of(p["probs"]) for p in ps], self.num_points, BURN_IN, self.image_size, self.margin_px, self.color, device)

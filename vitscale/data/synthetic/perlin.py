@@ -28,9 +28,11 @@ import math
 from typing import Literal
 
 import numpy as np
+import torch
 from numba import njit
 
 from vitscale.data.synthetic import instance_rng, register_generator
+from vitscale.data.synthetic.device import perlin_fields
 
 Mode = Literal["fbm", "turbulence", "ridged"]
 MODES: tuple[str, ...] = ("fbm", "turbulence", "ridged")
@@ -254,3 +256,19 @@ class Perlin:
         freqs, amps, frame = octave_arrays(p)
         return _render_kernel(self.image_size, perm, grad, frame, freqs, amps, np.asarray(p["offsets"]),
                               MODES.index(p["mode"]), colour_lut(p["colour_stops"]))
+
+    def render_batch(self, labels: torch.Tensor, instances: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Images ``instances[i]`` of classes ``labels[i]`` computed together on ``device``
+        (``synthetic.device.perlin_fields``, the same noise tables and octaves): uint8 (B, 3, H, W)."""
+        ps = [self.params(int(k), int(i)) for k, i in zip(labels.tolist(), instances.tolist())]
+        tables = [noise_tables(p["noise_seed"]) for p in ps]
+        octaves = [octave_arrays(p) for p in ps]
+        b, most = len(ps), max(p["octaves"] for p in ps)
+        freqs, amps, offsets = np.zeros((b, most)), np.zeros((b, most)), np.zeros((b, most, 2))
+        for i, (p, (f, a, _)) in enumerate(zip(ps, octaves)):
+            freqs[i, :len(f)], amps[i, :len(a)], offsets[i, :len(f)] = f, a, p["offsets"]
+        t = lambda a: torch.as_tensor(np.asarray(a), device=device)  # noqa: E731
+        return perlin_fields(t(np.stack([q for q, _ in tables])).long(), t(np.stack([g for _, g in tables])),
+                             t(np.stack([fr for _, _, fr in octaves])), t(freqs), t(amps), t(offsets),
+                             t([MODES.index(p["mode"]) for p in ps]).long(),
+                             t(np.stack([colour_lut(p["colour_stops"]) for p in ps])), self.image_size)

@@ -22,9 +22,11 @@ levels (or colours with ``color=True``).
 from __future__ import annotations
 
 import numpy as np
+import torch
 from numba import njit
 
 from vitscale.data.synthetic import instance_rng, register_generator
+from vitscale.data.synthetic.device import stroke_batch
 from vitscale.data.synthetic.draw import stroke_polylines
 
 __all__ = ["RCDB", "perlin_1d"]
@@ -156,8 +158,8 @@ class RCDB:
     def params(self, label: int, instance: int) -> dict:
         return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in self._draws(label, instance).items()}
 
-    def render(self, label: int, instance: int) -> np.ndarray:
-        p = self._draws(label, instance)
+    def _rings(self, p: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(rings, vertices) x and y of the contours of ``_draws`` dict ``p``."""
         n, radii = p["num_vertices"], p["radii"]
         j = np.arange(n)
         # (rings, n): noise position of vertex j on ring i, moving by `drift` per ring.
@@ -165,8 +167,19 @@ class RCDB:
         noise = perlin_1d(pos.ravel(), p["gradients"]).reshape(pos.shape)
         r = radii[:, None] * (1.0 + p["noise_amplitude"] * noise)
         theta = p["rotation"] + 2 * np.pi * j / n
-        xs, ys = p["center"][0] + r * np.cos(theta), p["center"][1] + r * np.sin(theta)
+        return p["center"][0] + r * np.cos(theta), p["center"][1] + r * np.sin(theta)
+
+    def render(self, label: int, instance: int) -> np.ndarray:
+        p = self._draws(label, instance)
+        xs, ys = self._rings(p)
         img = np.zeros((self.image_size, self.image_size, 3), np.uint8)
-        stroke_polylines(img, xs.ravel(), ys.ravel(), np.arange(len(radii) + 1) * n, p["widths"], p["colors"],
-                         closed=True, antialias=self.antialias)
+        stroke_polylines(img, xs.ravel(), ys.ravel(), np.arange(len(p["radii"]) + 1) * p["num_vertices"],
+                         p["widths"], p["colors"], closed=True, antialias=self.antialias)
         return img
+
+    def render_batch(self, labels: torch.Tensor, instances: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Images ``instances[i]`` of classes ``labels[i]`` stroked together on ``device``
+        (``synthetic.device.stroke_closed_polylines``, the same contours): uint8 (B, 3, H, W)."""
+        draws = [self._draws(int(k), int(i)) for k, i in zip(labels.tolist(), instances.tolist())]
+        return stroke_batch([(*self._rings(p), p["widths"], p["colors"]) for p in draws], self.image_size,
+                            self.antialias, device)

@@ -23,8 +23,10 @@ colours the orbits fade between.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from vitscale.data.synthetic import instance_rng, register_generator
+from vitscale.data.synthetic.device import stroke_batch
 from vitscale.data.synthetic.draw import stroke_polylines
 
 __all__ = ["VisualAtom"]
@@ -133,3 +135,18 @@ class VisualAtom:
         stroke_polylines(img, xs.ravel(), ys.ravel(), np.arange(k + 1) * m, np.full(k, p["width"]), p["colors"],
                          closed=True, antialias=self.antialias)
         return img
+
+    def _orbits(self, p: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(orbits, points_per_orbit) x and y of the orbits of ``_draws`` dict ``p`` (``render``'s)."""
+        theta = np.arange(self.points_per_orbit) * (2 * np.pi / self.points_per_orbit)
+        amp = p["orbit_amplitudes"]
+        r = (p["base_radii"][:, None] + amp[:, :1] * np.sin(p["n1"] * theta + p["phases"][0])
+             + amp[:, 1:] * np.sin(p["n2"] * theta + p["phases"][1]))
+        return p["center"][0] + r * np.cos(theta), p["center"][1] + r * np.sin(theta)
+
+    def render_batch(self, labels: torch.Tensor, instances: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Images ``instances[i]`` of classes ``labels[i]`` stroked together on ``device``
+        (``synthetic.device.stroke_closed_polylines``, the same orbits): uint8 (B, 3, H, W)."""
+        draws = [self._draws(int(k), int(i)) for k, i in zip(labels.tolist(), instances.tolist())]
+        return stroke_batch([(*self._orbits(p), np.full(self.orbits, p["width"]), p["colors"]) for p in draws],
+                            self.image_size, self.antialias, device)
