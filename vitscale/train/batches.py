@@ -64,8 +64,11 @@ def noise_keys(seed: int, step: int, micro: int, micro_batch: int, global_batch:
     ``micro * (micro_batch * data_world) + data_rank * micro_batch + i`` being the sample's place in
     the step's global batch as the position-exact samplers number it (``synthetic_loader.StepSampler``).
     So a sample gets the same dropout and drop-path masks in every layout."""
-    slots = micro * micro_batch * data_world + data_rank * micro_batch + torch.arange(micro_batch, dtype=torch.int64)
-    return sample_keys(seed, step * global_batch + slots).to(device)
+    # Made on the device: a host tensor copied there would synchronise the host with a GPU's queue per
+    # micro-batch (a pageable copy waits for the stream); the int64 hash gives the same keys anywhere.
+    slots = micro * micro_batch * data_world + data_rank * micro_batch + torch.arange(micro_batch, dtype=torch.int64,
+                                                                                       device=device)
+    return sample_keys(seed, step * global_batch + slots)
 
 
 def data_records(source_cls: type[DataSource], source: DataSource | None, dims, step: int) -> list[dict]:
