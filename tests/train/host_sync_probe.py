@@ -6,6 +6,7 @@ per-step agreement (``distributed.PendingPoll.result``) are recorded apart, with
 poll they read. Writes ``{"log_every", "steps", "reads": [[step, file:line, what]], "polls":
 [[step, polled step]]}`` as JSON to argv[1]; argv[2] is the run folder."""
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ READS = ["item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "
 
 
 def main(out: str, run_dir: str) -> None:
+    logging.basicConfig(level=logging.INFO)  # the start-up lines (the speed choices) go to stderr
     plan = plan_run("configs/vit_tiny.yaml", [
         "model.depth=2", "data.image_size=32", "train.micro_batch=4", "train.global_batch=8",  # 2 micro-batches
         f"train.steps={STEPS}", f"log.every={LOG_EVERY}", "log.warmup_steps=1", "log.progress=false",

@@ -6,19 +6,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_no_host_reads_of_a_steps_values_outside_log_steps(tmp_path):
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    """One probe run: (what it recorded, its stderr)."""
+    tmp = tmp_path_factory.mktemp("syncs")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
            "MASTER_PORT": str(free_port())}
-    out = tmp_path / "reads.json"
-    proc = subprocess.run([sys.executable, "-m", "tests.train.host_sync_probe", str(out), str(tmp_path / "run")],
+    out = tmp / "reads.json"
+    proc = subprocess.run([sys.executable, "-m", "tests.train.host_sync_probe", str(out), str(tmp / "run")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    seen = json.loads(out.read_text())
+    return json.loads(out.read_text()), proc.stderr
+
+
+def test_no_host_reads_of_a_steps_values_outside_log_steps(probe):
+    seen = probe[0]
     log_steps = {s for s in range(1, seen["steps"] + 1) if s % seen["log_every"] == 0}
     by_step = {}
     for step, where, what in seen["reads"]:
@@ -30,3 +39,12 @@ def test_no_host_reads_of_a_steps_values_outside_log_steps(tmp_path):
     polls = {polled: step for step, polled in seen["polls"]}
     assert len(polls) == len(seen["polls"]) and sorted(polls) == list(range(1, seen["steps"] + 1)), seen["polls"]
     assert all(polls[s] == (s if s in log_steps else s + 1) for s in polls), seen["polls"]
+
+
+def test_the_start_logs_the_speed_choices_in_force(probe):
+    """One line, read from what was built: the probe's fp32 ZeRO-1 run on the CPU with DeepSpeed's Adam."""
+    line = next(line for line in probe[1].splitlines() if "speed: " in line)
+    for part in ["attention SDPA (CPU", "optimizer FusedAdam in DeepSpeedZeroOptimizer", "fp32 weights, fp32 master",
+                 "torch.compile off", "channels_last off (train.channels_last=auto)", "pinned host memory off (cpu)",
+                 "ZeRO-1 (reduce_bucket_size 50000000, allgather_bucket_size 50000000; preset auto)"]:
+        assert part in line, (part, line)

@@ -29,6 +29,7 @@ def make_prepare(exp: Experiment, device: torch.device, dtype: torch.dtype) -> C
     tensor in the target's place, so the tokens stand in."""
     d = exp.cfg.data
     mean, std = torch.tensor(d.mean, device=device), torch.tensor(d.std, device=device)
+    memory_format = torch.channels_last if uses_channels_last(exp.cfg.train.channels_last, device) else None
 
     def prepare(batch: Batch) -> tuple:
         if batch.patches is not None:
@@ -40,6 +41,8 @@ def make_prepare(exp: Experiment, device: torch.device, dtype: torch.dtype) -> C
         if batch.boxes is not None:  # channels-last canvases: cut and resize on the device, float 0-255
             images = crop_resize(images.permute(0, 3, 1, 2), batch.boxes, d.image_size)
         images = normalize(images, mean, std, dtype)
+        if memory_format is not None:  # train.channels_last: the same values, NHWC in memory
+            images = images.contiguous(memory_format=memory_format)
         if batch.tokens is not None:
             tokens = batch.tokens.to(device, non_blocking=True)
             return (images, tokens), tokens
@@ -55,6 +58,11 @@ def make_prepare(exp: Experiment, device: torch.device, dtype: torch.dtype) -> C
         return (images,), target
 
     return augmented
+
+
+def uses_channels_last(setting, device: torch.device) -> bool:
+    """``train.channels_last`` (auto, true, false) resolved for ``device``: auto = on CUDA."""
+    return setting is True or (setting == "auto" and device.type == "cuda")
 
 
 def noise_keys(seed: int, step: int, micro: int, micro_batch: int, global_batch: int, data_rank: int,
