@@ -207,6 +207,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="more overrides of the vitscale side's config, key.sub=value")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("vitscale.train.setup").setLevel(logging.INFO)  # each run's "speed:" line (train/fast_path.py)
 
     import torch
 
