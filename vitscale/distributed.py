@@ -473,21 +473,67 @@ class StopRequest:
         if not self.signum:
             self.signum, self.received_at = signum, time.monotonic()
 
-    def poll(self, device: torch.device, *flags: bool) -> tuple:
+    def poll(self, device: torch.device, *flags) -> tuple:
         """Collective: (the largest signal number any rank received, 0 if none; then for each of
         ``flags`` whether any rank reports it, e.g. a non-finite loss), in one all-reduce."""
+        return self.start_poll(device, *flags).result()
+
+    def start_poll(self, device: torch.device, *flags) -> "PendingPoll":
+        """Collective: ``poll`` started, its answer read later (``PendingPoll.result``), so that a
+        GPU's queue need not drain for it: the flags may be host bools or device tensors (a
+        non-finite loss found on the device), the all-reduce runs in stream order and its answer
+        is copied into pinned host memory behind an event."""
         import torch
         import torch.distributed as dist
 
         age = time.monotonic() - self.received_at if self.signum else 0.0
-        values = torch.tensor([float(self.signum), age, *map(float, flags)], device=device)
+        host, on_device, places = [float(self.signum), age], [], []  # places: where each flag sits in the values
+        for flag in flags:
+            if isinstance(flag, torch.Tensor):
+                places.append(-1 - len(on_device))  # after the host values: resolved below
+                on_device.append(flag.reshape(()).to(device=device, dtype=torch.float32))
+            else:
+                places.append(len(host))
+                host.append(float(flag))
+        places = [p if p >= 0 else len(host) - 1 - p for p in places]
+        cuda = device.type == "cuda"
+        # A pageable host tensor would be copied with a stream synchronisation; a pinned one is not.
+        values = torch.tensor(host, dtype=torch.float32, pin_memory=cuda).to(device, non_blocking=cuda)
+        if on_device:
+            values = torch.cat([values, torch.stack(on_device)])
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
-        signum, self.age_s, *any_flags = values.tolist()
-        return (int(signum), *map(bool, any_flags))
+        return PendingPoll(self, values, places, cuda)
 
     def agreed(self, device: torch.device) -> bool:
         """Collective: whether any rank received a stop signal."""
         return self.poll(device)[0] != 0
+
+
+class PendingPoll:
+    """A ``StopRequest.start_poll`` in flight: ``result`` waits for its all-reduce (on a GPU, only
+    for the work queued before it) and returns what ``StopRequest.poll`` returns, the flags in the
+    order they were given."""
+
+    def __init__(self, request: StopRequest, values, places: list[int], cuda: bool):
+        import torch
+
+        self._request, self._places, self._answer = request, places, None
+        if cuda:
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host, self._event = values, None
+
+    def result(self) -> tuple:
+        if self._answer is None:
+            if self._event is not None:
+                self._event.synchronize()
+            values = self._host.tolist()
+            self._request.age_s = values[1]
+            self._answer = (int(values[0]), *(bool(values[i]) for i in self._places))
+        return self._answer
 
 
 def shutdown() -> None:

@@ -115,3 +115,24 @@ def test_initial_weights_from_a_timm_state_dict(tmp_path):
     wrong = create_model("vit_tiny_patch16", img_size=32, num_classes=3, depth=2, mlp_ratio=2.0)
     with pytest.raises(ValueError, match=r"blocks.0.mlp.fc1.weight"):
         load_initial_weights(wrong, tmp_path / "w.pt")
+
+
+def test_channels_last_hands_the_model_the_same_images_in_nhwc_memory():
+    import torch
+
+    from vitscale.config import ConfigError
+    from vitscale.data.sources import Batch
+    from vitscale.experiment import load_experiment
+    from vitscale.train.batches import make_prepare
+
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    batch = Batch(images=images, labels=torch.tensor([1, 2]))
+    got = {}
+    for setting in ("true", "false", "auto"):  # auto: on CUDA only, so off here
+        exp = load_experiment("configs/vit_tiny.yaml", [f"train.channels_last={setting}"])
+        (got[setting],), _ = make_prepare(exp, torch.device("cpu"), torch.float32)(batch)
+    assert got["true"].is_contiguous(memory_format=torch.channels_last) and not got["true"].is_contiguous()
+    assert got["false"].is_contiguous() and got["auto"].is_contiguous()
+    assert torch.equal(got["true"], got["false"]) and torch.equal(got["false"], got["auto"])
+    with pytest.raises(ConfigError, match=r"train.channels_last='sometimes' is not allowed; choose one of 'auto', True"):
+        load_experiment("configs/vit_tiny.yaml", ["train.channels_last=sometimes"])

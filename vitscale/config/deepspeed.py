@@ -159,6 +159,16 @@ def optimizer_of(ds: dict) -> OptimizerSection:
                             fp16=bool(ds.get("fp16", {}).get("enabled", False)))
 
 
+def zero_settings(ds: dict) -> dict:
+    """A composed DeepSpeed config's ZeRO stage and its communication settings where the config
+    states them (``overlap_comm``, ``contiguous_gradients``, ``reduce_scatter``, the bucket sizes),
+    for the start-up log (``train/fast_path.py``)."""
+    zero = ds.get("zero_optimization", {})
+    keys = ("overlap_comm", "contiguous_gradients", "reduce_scatter", "reduce_bucket_size", "allgather_bucket_size",
+            "stage3_prefetch_bucket_size")
+    return {"stage": zero.get("stage", 0), **{k: zero[k] for k in keys if k in zero}}
+
+
 def with_client_optimizer(ds: dict) -> dict:
     """The config ``deepspeed.initialize`` gets with an optimizer we built: no optimizer section (DeepSpeed
     would build its own), and ZeRO allowed to step ours on its flat partitions, right for elementwise

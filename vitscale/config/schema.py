@@ -244,6 +244,9 @@ class TrainConfig:
     # every block), in every layout but ZeRO-3 (whose parameter hooks run inside each block's forward)
     compile: bool = False
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: the graphs without code generation)
+    # Images handed to the model in channels-last memory (NHWC): the patch embedding's convolution then
+    # runs cuDNN's NHWC kernels and its output is already in the (B, N, D) token order; auto = on CUDA.
+    channels_last: Literal["auto", True, False] = "auto"
 
 
 @dataclass

@@ -36,8 +36,9 @@ _C1, _C2 = 0x7FEB352D, 0x68E31DA5  # odd multipliers below 2**31: x (< 2**32) * 
 _GOLDEN = 0x61C88647  # 2**32 / golden ratio, below 2**31
 
 
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit avalanche hash of int64 ``x`` in [0, 2**32) (values outside are folded first)."""
+def mix32(x: torch.Tensor | int) -> torch.Tensor | int:
+    """A 32-bit avalanche hash of int64 ``x`` in [0, 2**32) (values outside are folded first); a
+    Python int gives the same value as an int."""
     x = x & M32
     x = ((x ^ (x >> 16)) * _C1) & M32
     x = ((x ^ (x >> 15)) * _C2) & M32
@@ -47,7 +48,7 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 def sample_keys(seed: int, positions: torch.Tensor) -> torch.Tensor:
     """One key per sample (int64 in [0, 2**32)) from ``train.seed`` and the samples' global
     positions in the run (int64, ``step * global_batch + slot``)."""
-    seeded = int(mix32(torch.tensor(seed & M32, dtype=torch.int64)) ^ ((seed >> 32) & M32))
+    seeded = mix32(seed & M32) ^ ((seed >> 32) & M32)  # on the host, in Python ints: no tensor to read back
     return mix32(mix32(positions & M32) ^ mix32((positions >> 32) + seeded))
 
 

@@ -31,6 +31,7 @@ def make_prepare(exp: Experiment, device: torch.device, dtype: torch.dtype) -> C
     d = exp.cfg.data
     mean, std = torch.tensor(d.mean, device=device), torch.tensor(d.std, device=device)
     render = device_renderer(exp.cfg)
+    memory_format = torch.channels_last if uses_channels_last(exp.cfg.train.channels_last, device) else None
 
     def prepare(batch: Batch) -> tuple:
         if batch.patches is not None:
@@ -45,6 +46,8 @@ def make_prepare(exp: Experiment, device: torch.device, dtype: torch.dtype) -> C
         if batch.boxes is not None:  # channels-last canvases: cut and resize on the device, float 0-255
             images = crop_resize(images.permute(0, 3, 1, 2), batch.boxes, d.image_size)
         images = normalize(images, mean, std, dtype)
+        if memory_format is not None:  # train.channels_last: the same values, NHWC in memory
+            images = images.contiguous(memory_format=memory_format)
         if batch.tokens is not None:
             tokens = batch.tokens.to(device, non_blocking=True)
             return (images, tokens), tokens
@@ -62,6 +65,11 @@ def make_prepare(exp: Experiment, device: torch.device, dtype: torch.dtype) -> C
     return augmented
 
 
+def uses_channels_last(setting, device: torch.device) -> bool:
+    """``train.channels_last`` (auto, true, false) resolved for ``device``: auto = on CUDA."""
+    return setting is True or (setting == "auto" and device.type == "cuda")
+
+
 def noise_keys(seed: int, step: int, micro: int, micro_batch: int, global_batch: int, data_rank: int,
                data_world: int, device: torch.device) -> torch.Tensor:
     """The noise keys (``models/noise.py``) of micro-batch ``micro`` of optimizer step ``step`` (0-based)
@@ -69,8 +77,11 @@ def noise_keys(seed: int, step: int, micro: int, micro_batch: int, global_batch:
     ``micro * (micro_batch * data_world) + data_rank * micro_batch + i`` being the sample's place in
     the step's global batch as the position-exact samplers number it (``synthetic_loader.StepSampler``).
     So a sample gets the same dropout and drop-path masks in every layout."""
-    slots = micro * micro_batch * data_world + data_rank * micro_batch + torch.arange(micro_batch, dtype=torch.int64)
-    return sample_keys(seed, step * global_batch + slots).to(device)
+    # Made on the device: a host tensor copied there would synchronise the host with a GPU's queue per
+    # micro-batch (a pageable copy waits for the stream); the int64 hash gives the same keys anywhere.
+    slots = micro * micro_batch * data_world + data_rank * micro_batch + torch.arange(micro_batch, dtype=torch.int64,
+                                                                                       device=device)
+    return sample_keys(seed, step * global_batch + slots)
 
 
 def data_records(source_cls: type[DataSource], source: DataSource | None, dims, step: int) -> list[dict]:

@@ -1,9 +1,10 @@
 """The step loop: step, agree on faults and signals, log, checkpoint, evaluate.
 
 Faults (issues 9, 18): every step the ranks agree (one tiny all-reduce) on whether a stop
-signal arrived (SIGTERM or SIGUSR1 on any rank: all of them checkpoint after this step and stop,
-and the log says how long after the signal the checkpoint was written), whether the loss was
-NaN / Inf somewhere and whether the optimizer skipped the step.
+signal arrived (SIGTERM or SIGUSR1 on any rank: all of them checkpoint after the step that learns
+it and stop, and the log says how long after the signal the checkpoint was written), whether the
+loss was NaN / Inf somewhere and whether the optimizer skipped the step; the answer is read one
+step later, or at once at log and checkpoint steps (issue 21: no host synchronisation per step).
 A step with a NaN / Inf loss or gradient norm on any rank is skipped on every rank
 (``train/faults.py``; under fp16 by DeepSpeed's loss scaler); under bf16 / fp32
 ``train.max_bad_steps`` skipped steps in a row raise ``NumericFault``; a bad step is never
@@ -35,10 +36,22 @@ logger = logging.getLogger(__name__)
 
 
 def train(run: Run) -> dict:
-    """Train from ``run.start`` to ``train.steps`` (or a stop signal). Returns the last train record."""
-    cfg, t, dims = run.cfg, run.cfg.train, run.dims
+    """Train from ``run.start`` to ``train.steps`` (or a stop signal). Returns the last train record.
+
+    No host synchronisation per step (issue 21): the loss and its finite flag stay on the device,
+    and each step's agreement over the ranks (``StopRequest.start_poll``: a stop signal, a NaN / Inf
+    loss, a skipped step) is started after the step and read one step later, once the next step's
+    work is queued; at log, checkpoint and the last steps it is read at once (a log record, a
+    checkpoint and the end need their own step's answer). So a stop signal or a streak of bad
+    steps is acted on at most one step later than the step that saw it, and every rank acts at
+    the same step (they read the same all-reduce at the same point). DeepSpeed's own optimizers
+    still read their overflow flag on the host inside each step (ZeRO 1/2, BF16_Optimizer), as
+    does ours for a plain optimizer (``faults.skip_nonfinite_steps``, fp32 without ZeRO): an
+    optimizer that may skip a step must know before it updates."""
+    cfg, t = run.cfg, run.cfg.train
     record: dict = {}
-    bad_steps = 0  # consecutive bad steps: NaN / Inf loss or gradient norm, the step skipped
+    state = _Faults(run)
+    pending = None  # (step, its poll in flight)
     for step in range(run.start + 1, t.steps + 1):  # the step being taken, 1-based
         log_now = step % cfg.log.every == 0 or step == t.steps
         lr = run.engine.get_lr()[0]  # the lr this step uses
@@ -49,39 +62,63 @@ def train(run: Run) -> dict:
             run.ema.update(run.engine.module, step=step)
         if run.progress is not None:
             run.progress.update(1)
-        skipped = not run.engine.was_step_applied()  # DeepSpeed's record (faults.py: ours too)
-        signum, loss_bad, any_skipped, any_applied = run.stop_request.poll(
-            dims.device, not torch.isfinite(loss).all().item(), skipped, not skipped)
-        step_ended = time.monotonic()
-        check_skip_decision(step, loss_bad, any_skipped, any_applied)
-        # fp16's loss scaler skips steps with finite losses while it finds its scale: not bad.
-        bad = loss_bad or (any_skipped and t.precision != "fp16")
-        bad_steps = bad_steps + 1 if bad and t.precision != "fp16" else 0
-        if bad:
-            report_bad_step(step, bad_steps, t.precision, t.max_bad_steps, dims.is_main,
-                            "loss" if loss_bad else "gradient norm")
-        if log_now:
-            record = _log(run, step, loss, lr, any_skipped)
+        skipped = not run.engine.was_step_applied()  # DeepSpeed's record (faults.py: ours too), already on the host
+        poll = run.stop_request.start_poll(run.dims.device, ~torch.isfinite(loss.detach()).all(), skipped,
+                                           not skipped)
+        ended = time.monotonic()
+        if pending is not None:  # the previous step's answer: its work is long done, this step's is queued
+            state.settle(*pending)
+        pending = (step, poll)
         done = step == t.steps
+        checkpoint_now = bool((cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or
+                              (done and cfg.checkpoint.at_end))
+        if not (log_now or checkpoint_now or done or state.stop):
+            continue
+        state.settle(*pending)  # this step's answer, now
+        pending = None
+        if log_now:
+            record = _log(run, step, loss, lr, state.any_skipped)
         # A stop signal on any rank (SIGTERM: SLURM kills 30 s later; SIGUSR1, --signal=USR1@120: the time
-        # limit is 120 s away), every rank learnt it at this step's poll: checkpoint this step and stop.
-        stop = signum != 0
+        # limit is 120 s away), every rank learnt it from the same poll: checkpoint this step and stop.
         saved, written_s = None, 0.0
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (done and cfg.checkpoint.at_end) or stop:
-            saved = _checkpoint(run, step, bad)  # after end_step: checkpoint time stays out of the throughput
-            written_s = time.monotonic() - step_ended
+        if checkpoint_now or state.stop:
+            saved = _checkpoint(run, step, state.bad)  # after end_step: checkpoint time stays out of the throughput
+            written_s = time.monotonic() - ended
         if (cfg.eval.every and step % cfg.eval.every == 0) or (done and (cfg.eval.every or cfg.data.test)):
             _evaluate(run, step)
-        if stop:
-            name, lead = signal.Signals(signum).name, run.stop_request.age_s
+        if state.stop:
+            name, lead = signal.Signals(state.stop).name, run.stop_request.age_s
             logger.warning("stopped at step %d on %s: %s (received %.1f s before the step ended); the next run with "
                            "checkpoint.resume=auto continues from the latest complete checkpoint", step, name,
                            f"checkpoint written {lead + written_s:.1f} s after {name}" if saved else
                            "its checkpoint could not be written (see above)", lead)
-            record = {**record, "stop_signal": signum}
+            record = {**record, "stop_signal": state.stop}
             break
     run.close()
     return record
+
+
+class _Faults:
+    """What the ranks agreed on, step by step (``settle``, in step order): a stop signal, bad steps
+    in a row (reported; ``NumericFault`` at ``train.max_bad_steps``), and the latest step's flags."""
+
+    def __init__(self, run: Run):
+        self.run, self.bad_steps = run, 0  # consecutive bad steps: NaN / Inf loss or gradient norm, the step skipped
+        self.stop, self.bad, self.any_skipped = 0, False, False
+
+    def settle(self, step: int, poll) -> None:
+        """Read ``step``'s poll (waiting for it if it is still in flight) and act on it."""
+        t = self.run.cfg.train
+        signum, loss_bad, any_skipped, any_applied = poll.result()
+        check_skip_decision(step, loss_bad, any_skipped, any_applied)
+        # fp16's loss scaler skips steps with finite losses while it finds its scale: not bad.
+        self.bad = loss_bad or (any_skipped and t.precision != "fp16")
+        self.any_skipped = any_skipped
+        self.bad_steps = self.bad_steps + 1 if self.bad and t.precision != "fp16" else 0
+        if self.bad:
+            report_bad_step(step, self.bad_steps, t.precision, t.max_bad_steps, self.run.dims.is_main,
+                            "loss" if loss_bad else "gradient norm")
+        self.stop = self.stop or signum
 
 
 def _log(run: Run, step: int, loss: torch.Tensor, lr: float, skipped: bool) -> dict:

@@ -37,11 +37,12 @@ from vitscale.files import write_text_atomic
 from vitscale.models.noise import sample_keys
 from vitscale.models.parallelize import pipeline_takes_noise, stage_flops, stage_tensors
 from vitscale.train import checkpoint
-from vitscale.train.batches import make_prepare, noise_keys
+from vitscale.train.batches import make_prepare, noise_keys, uses_channels_last
 from vitscale.train.distill import Distillation, Teacher, build_teacher, resolve_teacher, with_teacher
 from vitscale.train.captioning import split_batches
 from vitscale.train.ema import build_ema, restore_ema
-from vitscale.train.engine import build_engine, compute_dtype
+from vitscale.train.engine import build_engine, compute_dtype, precision_in_use
+from vitscale.train.fast_path import describe as describe_fast_path
 from vitscale.train.faults import hang_at, poisoned, stop_signals_blocked
 from vitscale.train.monitors import Monitors
 from vitscale.train.objective import Objective, build_objective
@@ -190,6 +191,9 @@ def start_run(plan: Plan, dims: ParallelDims) -> Run:
         d = t.distill
         objective = Distillation(objective, d.kind, d.temperature, d.alpha, accum)
     engine = build_engine(exp, dims, plan.ds_config, objective)
+    if dims.is_main:  # the speed choices in force, read from what was built (fast_path.py)
+        logger.info("speed: %s", describe_fast_path(cfg, engine, plan.ds_config, dims, precision_in_use(engine),
+                                                    uses_channels_last(t.channels_last, dims.device)))
     stop_request = StopRequest()  # before the loader's workers fork: they inherit its handler
     try:
         start, client = checkpoint.load(engine, run_dir, cfg.checkpoint.resume, plan.layout_record)
