@@ -87,12 +87,14 @@ def test_seeds_give_a_mean_and_a_t_interval_and_the_order_is_compared_with_the_p
     assert "2 of 3 ordered pairs agree" in line and "reversed here: fractal < perlin (within the intervals)." in line
 
 
-@pytest.mark.parametrize("steps, message", [("5", "give two integers"), ("0,10", "at least 1")])
-def test_bad_step_counts_are_refused_before_any_run(steps, message, capsys):
+@pytest.mark.parametrize("args, message", [(["--steps", "5"], "give two integers"), (["--steps", "0,10"], "at least 1"),
+                                           (["--steps", "5,5", "--part", "3/3"], "0 <= I < N"),
+                                           (["--part", "0/2"], "--part needs --steps")])
+def test_bad_step_counts_and_parts_are_refused_before_any_run(args, message, capsys):
     from vitscale.tools.recipe import main
 
     with pytest.raises(SystemExit) as exit_:
-        main(["fdsl-transfer", "--steps", steps])
+        main(["fdsl-transfer", *args])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 

@@ -257,8 +257,10 @@ def order_against_published(rows: list[dict]) -> list[str]:
 
 
 def fdsl_transfer(sources: list[str], out: Path, plan: Plan, minutes: float | None, seed: int,
-                  command: str, seeds: int = 1) -> list[dict]:
-    """Run the recipe (module docstring) and write its table; returns the rows."""
+                  command: str, seeds: int = 1, part: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Run the recipe (module docstring) and write its table; returns the rows. ``part`` (i, n): only
+    the seeds k with k % n == i, and no table (spreads the seeds over n processes or jobs; the same
+    command without it then skips their finished runs and writes the table)."""
     runner, runs = Runner(), out / "runs"
     pretrain_cfg, finetune_cfg = find_config("vit_tiny"), find_config("vit_tiny_finetune")
     synthetic = [s for s in sources if s != "scratch"]
@@ -280,6 +282,8 @@ def fdsl_transfer(sources: list[str], out: Path, plan: Plan, minutes: float | No
                     fine_steps, left, seeds)
     by_source: dict[str, list[dict]] = {s: [] for s in sources}
     for k in range(seeds):
+        if k % part[1] != part[0]:
+            continue
         run_seed, folder = seed + k, runs if seeds == 1 else runs / f"seed{seed + k}"
         for source in sources:
             init, loss = None, None
@@ -295,6 +299,9 @@ def fdsl_transfer(sources: list[str], out: Path, plan: Plan, minutes: float | No
                                       "top5": last["top5"], "pretrain_steps": steps,
                                       "pretrain_images": steps * plan.batch, "pretrain_loss": loss,
                                       "finetune_steps": plan.finetune_steps, "source": source})
+    if part[1] > 1:
+        logger.info("recipe: part %d/%d done; the same command without --part writes the table", *part)
+        return []
     rows = [aggregate(by_source[s], plan.classes) for s in sources]
     if runner.dims.is_main:
         paths = write_table(rows, out, command)

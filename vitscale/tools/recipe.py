@@ -31,6 +31,9 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--seeds", type=int, default=1, help="repeat every row with seeds --seed .. --seed+S-1; the table "
                    "gives the mean and 95%% interval (--minutes is then the budget of all seeds)")
+    f.add_argument("--part", metavar="I/N", help="run only the seeds k with k %% N == I and write no table: N "
+                   "processes or jobs share the seeds; the command without --part then skips their finished runs "
+                   "and writes the table")
     f.add_argument("--classes", type=int, default=PRETRAIN_CLASSES, help="pre-training classes per synthetic source "
                    f"(default {PRETRAIN_CLASSES}; fewer classes leave chance sooner)")
     lr_search.add_parser(sub)
@@ -69,8 +72,17 @@ def main(argv: list[str] | None = None) -> int:
         parser().error(f"--seeds={args.seeds} must be at least 1 and --classes={args.classes} at least 2 and not 10 "
                        "(the digits' count: the pre-trained head would be kept instead of replaced)")
     plan = Plan(**{**plan.__dict__, "classes": args.classes})
+    part = (0, 1)
+    if args.part:
+        try:
+            part = tuple(int(v) for v in args.part.split("/"))
+            assert len(part) == 2 and 0 <= part[0] < part[1]
+        except (ValueError, AssertionError):
+            parser().error(f"--part={args.part}: give I/N with 0 <= I < N (e.g. 0/3)")
+        if minutes is not None:
+            parser().error("--part needs --steps PRE,FINE: every part must train the same step counts")
     command = "vitscale-recipe " + " ".join(shlex.quote(a) for a in argv)
-    fdsl_transfer(sources, args.out, plan, minutes, args.seed, command, args.seeds)
+    fdsl_transfer(sources, args.out, plan, minutes, args.seed, command, args.seeds, part)
     from vitscale.distributed import shutdown
 
     shutdown()
