@@ -40,8 +40,8 @@ from numba import njit
 
 from vitscale.data.synthetic import instance_rng, register_generator
 from vitscale.data.synthetic.fractal import (BURN_IN, MAX_COORD, Fractal, cdf_of, check_instance_args,
-                                             draw_palette, draw_patch, filling_ratio, ifs_probabilities, perturb_one,
-                                             pick_map, search_ifs, splat, splitmix64, uniform01)
+                                             draw_palette, draw_patch, filling_ratio, ifs_probabilities, map_table,
+                                             perturb_one, pick_map_fast, search_ifs, splat, splitmix64)
 
 __all__ = ["ExFractal", "evaluate_system_3d", "search_category_3d", "view_rotation"]
 
@@ -59,9 +59,10 @@ def chaos_game_3d(maps: np.ndarray, cdf: np.ndarray, palette: np.ndarray, num_po
     state = np.uint64(seed)
     x, y, z = 0.0, 0.0, 0.0
     c0, c1, c2 = palette[0, 0], palette[0, 1], palette[0, 2]
+    table = map_table(cdf)
     for i in range(num_points):
         state, r = splitmix64(state)
-        j = pick_map(cdf, uniform01(r))
+        j = pick_map_fast(table, cdf, r)
         x, y, z = (maps[j, 0] * x + maps[j, 1] * y + maps[j, 2] * z + maps[j, 9],
                    maps[j, 3] * x + maps[j, 4] * y + maps[j, 5] * z + maps[j, 10],
                    maps[j, 6] * x + maps[j, 7] * y + maps[j, 8] * z + maps[j, 11])
