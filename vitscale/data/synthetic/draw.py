@@ -20,6 +20,7 @@ Conventions:
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 from numba import njit
@@ -28,18 +29,16 @@ __all__ = ["stroke_polyline", "stroke_polylines"]
 
 
 @njit(cache=True)
-def _stroke_polylines(img, xs, ys, offsets, closed, widths, colors, antialias, round_offset):
+def _stroke_polylines(img, xs, ys, offsets, closed, widths, colors, antialias, round_offset, near, touched):
     h, w = img.shape[0], img.shape[1]
     u = np.uint64  # unsigned indices: numba tests signed ones for wraparound on every access
     flat = img.reshape(h * w * 3)
-    # Per polyline, each pixel's smallest squared distance d2 to its segments (inf: none within
-    # reach), and the pixels that got one (flat indices), so compositing and clearing cost the
-    # stroke's area, not the image's. Coverage falls as d2 grows, so the coverage of the
-    # smallest d2 is the largest coverage over the segments, exactly: one square root per
-    # pixel instead of one per pixel and segment. One spare slot: the inner loop writes the
-    # next entry unconditionally.
-    near = np.full(h * w, np.inf)
-    touched = np.empty(h * w + 1, np.int64)
+    # Per polyline, each pixel's smallest squared distance d2 to its segments in `near` (inf:
+    # none within reach; all inf on entry and again on return), and the pixels that got one in
+    # `touched` (flat indices, one spare slot: the inner loop writes the next entry
+    # unconditionally), so compositing and clearing cost the stroke's area, not the image's.
+    # Coverage falls as d2 grows, so the coverage of the smallest d2 is the largest coverage
+    # over the segments, exactly: one square root per pixel instead of one per pixel and segment.
     for p in range(offsets.shape[0] - 1):
         start, n = offsets[p], offsets[p + 1] - offsets[p]
         if n == 0:
@@ -126,6 +125,21 @@ def _stroke_polylines(img, xs, ys, offsets, closed, widths, colors, antialias, r
                 flat[q + u(2)] = flat[q + u(2)] * (1.0 - c) + cb * c + round_offset
 
 
+# Scratch memory of the kernel, one pair per thread, reused from call to call: allocated per
+# call, the two 400 kB buffers of a 224 px image cost 200 page faults (glibc returns blocks that
+# large to the system on every free).
+_scratch = threading.local()
+
+
+def _stroke_buffers(num_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """This thread's (near, touched) buffers for ``_stroke_polylines``; ``near`` is all inf."""
+    bufs = getattr(_scratch, "stroke", None)
+    if bufs is None or bufs[0].shape[0] < num_pixels:
+        bufs = (np.full(num_pixels, np.inf), np.empty(num_pixels + 1, np.int64))
+        _scratch.stroke = bufs
+    return bufs
+
+
 def _check_image(img: np.ndarray) -> float:
     if img.ndim != 3 or img.shape[2] != 3 or not img.flags.c_contiguous:
         raise ValueError(f"image must be a C-contiguous (H, W, 3) array, got shape {img.shape}")
@@ -163,7 +177,8 @@ def stroke_polylines(img: np.ndarray, xs: np.ndarray, ys: np.ndarray, offsets: n
     if widths.shape != (num,) or colors.shape != (num, 3):
         raise ValueError(f"{num} polylines need widths of shape ({num},) and colors of shape ({num}, 3), "
                          f"got {widths.shape} and {colors.shape}")
-    _stroke_polylines(img, xs, ys, offsets, bool(closed), widths, colors, bool(antialias), round_offset)
+    _stroke_polylines(img, xs, ys, offsets, bool(closed), widths, colors, bool(antialias), round_offset,
+                      *_stroke_buffers(img.shape[0] * img.shape[1]))
 
 
 def stroke_polyline(img: np.ndarray, points: np.ndarray, width: float, color, closed: bool = False,
