@@ -18,8 +18,8 @@ SIZE = 48
 FAST = {"rcdb": {}, "visual_atom": {"orbits": 24, "points_per_orbit": 96}, "bezier": {"points_per_curve": 24}}
 
 
-def _gen(name: str, num_classes: int = 6, seed: int = 3, **kw):
-    return create_generator(name, num_classes=num_classes, image_size=SIZE, seed=seed, **{**FAST[name], **kw})
+def _gen(name: str, num_classes: int = 6, seed: int = 3, image_size: int = SIZE, **kw):
+    return create_generator(name, num_classes=num_classes, image_size=image_size, seed=seed, **{**FAST[name], **kw})
 
 
 # -- the drawing primitive -------------------------------------------------------------------------
@@ -91,6 +91,15 @@ def test_strokes_equal_the_convention_evaluated_at_every_pixel(closed, antialias
     stroke_polylines(got, xs, ys, offsets, widths, colors, closed=closed, antialias=antialias)
     want = _brute_force_strokes(np.zeros((20, 24, 3)), xs, ys, offsets, widths, colors, closed, antialias)
     assert np.abs(got - want).max() < 1e-9 and (want > 0).mean() > 0.1
+
+
+def test_reused_scratch_memory_does_not_carry_over_between_images():
+    # The kernels keep their buffers from call to call (per thread), sized for the largest image
+    # so far: images of another size or generator in between must not change an image.
+    first = _gen("visual_atom").render(1, 2)
+    _gen("bezier", image_size=64).render(0, 0)
+    create_generator("visual_atom", 3, 20, seed=1, orbits=5, points_per_orbit=7).render(2, 0)
+    assert np.array_equal(_gen("visual_atom").render(1, 2), first)
 
 
 def test_stroke_validates_its_inputs():

@@ -226,6 +226,14 @@ def test_point_mode_draws_the_orbit_as_splat_draws_it(flip_h, flip_v):
     assert 100 < n < 4000  # the diverging system stopped after its burn-in
 
 
+def test_reused_orbit_buffers_do_not_carry_over_between_images():
+    # The orbit's buffers are kept from image to image (per thread) and grow with num_points.
+    first = small("fractal").render(1, 1)
+    small("fractal", num_points=5000, image_size=48).render(0, 0)
+    small("fractal", num_points=500, mode="patch").render(2, 3)
+    assert np.array_equal(small("fractal").render(1, 1), first)
+
+
 def test_nearer_points_win_and_are_brighter():
     rows, cols = np.array([5, 5, 2], np.int32), np.array([5, 5, 2], np.int32)
     rgb = np.array([[200, 200, 200], [100, 100, 100], [200, 200, 200]], np.uint8)
