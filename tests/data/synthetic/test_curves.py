@@ -18,8 +18,8 @@ SIZE = 48
 FAST = {"rcdb": {}, "visual_atom": {"orbits": 24, "points_per_orbit": 96}, "bezier": {"points_per_curve": 24}}
 
 
-def _gen(name: str, num_classes: int = 6, seed: int = 3, **kw):
-    return create_generator(name, num_classes=num_classes, image_size=SIZE, seed=seed, **{**FAST[name], **kw})
+def _gen(name: str, num_classes: int = 6, seed: int = 3, image_size: int = SIZE, **kw):
+    return create_generator(name, num_classes=num_classes, image_size=image_size, seed=seed, **{**FAST[name], **kw})
 
 
 # -- the drawing primitive -------------------------------------------------------------------------
@@ -49,6 +49,57 @@ def test_stroke_joins_do_not_darken_and_closed_adds_a_segment():
     stroke_polyline(open_, square, 1.0, (1, 1, 1))
     stroke_polyline(closed, square, 1.0, (1, 1, 1), closed=True)
     assert open_[8, 3].sum() == 0 and closed[8, 3].sum() == 3.0
+
+
+def _brute_force_strokes(img, xs, ys, offsets, widths, colors, closed, antialias):
+    """The module docstring's convention pixel by pixel over the whole image: per polyline, each
+    pixel's largest coverage over its segments, composited in polyline order."""
+    h, w = img.shape[:2]
+    gy, gx = np.mgrid[0:h, 0:w].astype(np.float64)
+    for p in range(len(widths)):
+        px, py = xs[offsets[p]:offsets[p + 1]], ys[offsets[p]:offsets[p + 1]]
+        n = len(px)
+        segs = [(i, (i + 1) % n) for i in range(n if closed and n > 2 else max(n - 1, 1))]
+        half = 0.5 * max(widths[p], 1.0)
+        cov = np.zeros((h, w))
+        for a, b in segs:
+            dx, dy = px[b] - px[a], py[b] - py[a]
+            len2 = dx * dx + dy * dy
+            t = np.clip(((gx - px[a]) * dx + (gy - py[a]) * dy) / len2, 0, 1) if len2 > 0 else np.zeros((h, w))
+            dist = np.hypot(gx - px[a] - t * dx, gy - py[a] - t * dy)
+            if antialias:
+                c = np.clip(half + 0.5 - dist, 0, 1) * min(widths[p], 1.0)
+            else:
+                c = (dist <= half).astype(np.float64)
+            cov = np.maximum(cov, c)
+        img[:] = img * (1 - cov[..., None]) + np.asarray(colors[p]) * cov[..., None]
+    return img
+
+
+@pytest.mark.parametrize("closed, antialias", [(True, True), (False, True), (True, False)])
+def test_strokes_equal_the_convention_evaluated_at_every_pixel(closed, antialias):
+    # The kernel visits only pixels near each segment and keeps the smallest distance per pixel;
+    # the reference measures every pixel's distance to every segment.
+    rng = np.random.default_rng(7)
+    sizes = rng.integers(1, 9, 6)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    xs, ys = rng.uniform(-3, 27, offsets[-1]), rng.uniform(-3, 23, offsets[-1])
+    xs[offsets[2]] = xs[offsets[2] + 1]  # a vertical segment
+    ys[offsets[3]] = ys[offsets[3] + 1]  # a horizontal one
+    widths, colors = rng.uniform(0.2, 3.5, 6), rng.random((6, 3))
+    got = np.zeros((20, 24, 3))
+    stroke_polylines(got, xs, ys, offsets, widths, colors, closed=closed, antialias=antialias)
+    want = _brute_force_strokes(np.zeros((20, 24, 3)), xs, ys, offsets, widths, colors, closed, antialias)
+    assert np.abs(got - want).max() < 1e-9 and (want > 0).mean() > 0.1
+
+
+def test_reused_scratch_memory_does_not_carry_over_between_images():
+    # The kernels keep their buffers from call to call (per thread), sized for the largest image
+    # so far: images of another size or generator in between must not change an image.
+    first = _gen("visual_atom").render(1, 2)
+    _gen("bezier", image_size=64).render(0, 0)
+    create_generator("visual_atom", 3, 20, seed=1, orbits=5, points_per_orbit=7).render(2, 0)
+    assert np.array_equal(_gen("visual_atom").render(1, 2), first)
 
 
 def test_stroke_validates_its_inputs():

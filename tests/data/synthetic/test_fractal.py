@@ -12,7 +12,8 @@ import pytest
 from vitscale.data.synthetic import create_generator
 from vitscale.data.synthetic.exfractal import evaluate_system_3d, search_category_3d
 from vitscale.data.shards import load_categories, save_categories
-from vitscale.data.synthetic.fractal import chaos_game_2d, cdf_of, evaluate_system, search_category, splat
+from vitscale.data.synthetic.fractal import (BURN_IN, _pixels_per_axis, cdf_of, chaos_game_2d, evaluate_system,
+                                             map_table, pick_map, pick_map_fast, search_category, splat, uniform01)
 
 NAMES = ["fractal", "exfractal"]
 SMALL = {"num_points": 3000}  # tests draw few points on small images
@@ -189,6 +190,48 @@ def test_splat_equals_drawing_each_patch_in_order(use_depth):
     mask[1, 1] = True
     got = splat(size, rows, cols, rgb, depth if use_depth else np.empty(0), mask, False, False, 0.25)
     assert np.array_equal(got, _naive_splat(size, rows, cols, rgb, depth, mask, 0.25))
+
+
+@pytest.mark.parametrize("probs", [[0.3, 0.7], [0.25, 0.25, 0.5], [0.0, 1.0, 0.0, 2.0], [1e-9, 1.0, 1e-9],
+                                   [0.1, 0.2, 0.05, 0.15, 0.1, 0.1, 0.2, 0.1], [1.0]])
+def test_the_map_table_picks_the_map_the_comparisons_pick(probs):
+    cdf = cdf_of(probs)
+    table = map_table(cdf)
+    rng = np.random.default_rng(0)
+    words = rng.integers(0, 2**64, 3000, dtype=np.uint64).tolist()
+    for c in cdf:  # words whose uniform lies on a cumulative probability or one step either side
+        m = int(c * 2**53)
+        words += [min(max(m + d, 0), 2**53 - 1) << 11 for d in (-1, 0, 1)]
+    for b in (0, 1, 127, 128, 255):  # the bins' first and last words
+        words += [b << 56, ((b + 1) << 56) - 1]
+    for z in words:
+        assert pick_map_fast(table, cdf, np.uint64(z)) == pick_map(cdf, uniform01(np.uint64(z))), (probs, z)
+
+
+@pytest.mark.parametrize("flip_h, flip_v", [(False, False), (True, True)])
+def test_point_mode_draws_the_orbit_as_splat_draws_it(flip_h, flip_v):
+    # The point-mode renderer fuses the orbit, its bounding box and the drawing; the plain
+    # pipeline (orbit, pixels per axis, splat with a one-pixel mask) must give the same bytes.
+    gen = create_generator("fractal", 4, 40, seed=5, num_points=4000)
+    diverging = {**gen.params(0, 0), "maps": [[1.01, 0.0, 0.0, 1.01, 0.1, 0.1]], "probs": [1.0],
+                 "palette": [[1.0, 0.5, 0.2]]}  # leaves |x| <= 1e6 after about 1600 points
+    for p in [gen.params(k, i) for k in range(4) for i in range(3)] + [diverging]:
+        p = {**p, "flip_h": flip_h, "flip_v": flip_v}
+        xy, rgb, n = chaos_game_2d(np.array(p["maps"]), cdf_of(p["probs"]), np.array(p["palette"]), 4000,
+                                   p["chaos_seed"])
+        start = min(BURN_IN, n)
+        rows, cols = _pixels_per_axis(xy, start, n, 40, gen.margin_px)
+        want = splat(40, rows, cols, rgb[start:n], np.empty(0), np.ones((1, 1), bool), flip_h, flip_v, 1.0)
+        assert np.array_equal(gen.draw(p), want)
+    assert 100 < n < 4000  # the diverging system stopped after its burn-in
+
+
+def test_reused_orbit_buffers_do_not_carry_over_between_images():
+    # The orbit's buffers are kept from image to image (per thread) and grow with num_points.
+    first = small("fractal").render(1, 1)
+    small("fractal", num_points=5000, image_size=48).render(0, 0)
+    small("fractal", num_points=500, mode="patch").render(2, 3)
+    assert np.array_equal(small("fractal").render(1, 1), first)
 
 
 def test_nearer_points_win_and_are_brighter():

@@ -22,14 +22,35 @@ colours the orbits fade between.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
+from numba import njit
 
 from vitscale.data.synthetic import instance_rng, register_generator
 from vitscale.data.synthetic.device import stroke_batch
 from vitscale.data.synthetic.draw import stroke_polylines
 
 __all__ = ["VisualAtom"]
+
+# Vertex buffers, one pair per thread, reused from image to image: NumPy's (orbits, points)
+# temporaries of 320 kB each cost about 80 page faults apiece per image.
+_scratch = threading.local()
+
+
+@njit(cache=True)
+def _orbit_vertices(base_radii, amplitudes, w1, w2, cos_t, sin_t, cx, cy, xs, ys):
+    """Orbit k's vertex i at ``(cx + r cos_t[i], cy + r sin_t[i])``, ``r = base_radii[k] +
+    amplitudes[k, 0] w1[i] + amplitudes[k, 1] w2[i]``, into ``xs``, ``ys`` (orbit-major): the
+    NumPy expression's operations in its order, without its temporaries."""
+    m = w1.shape[0]
+    for k in range(base_radii.shape[0]):
+        b, a1, a2 = base_radii[k], amplitudes[k, 0], amplitudes[k, 1]
+        for i in range(m):
+            r = b + a1 * w1[i] + a2 * w2[i]
+            xs[k * m + i] = cx + r * cos_t[i]
+            ys[k * m + i] = cy + r * sin_t[i]
 
 
 @register_generator("visual_atom")
@@ -125,28 +146,32 @@ class VisualAtom:
     def render(self, label: int, instance: int) -> np.ndarray:
         p = self._draws(label, instance)
         m, k = self.points_per_orbit, self.orbits
-        theta = np.arange(m) * (2 * np.pi / m)
-        w1 = np.sin(p["n1"] * theta + p["phases"][0])
-        w2 = np.sin(p["n2"] * theta + p["phases"][1])
-        amp = p["orbit_amplitudes"]
-        r = p["base_radii"][:, None] + amp[:, :1] * w1 + amp[:, 1:] * w2  # (orbits, points)
-        xs, ys = p["center"][0] + r * np.cos(theta), p["center"][1] + r * np.sin(theta)
+        bufs = getattr(_scratch, "xy", None)
+        if bufs is None or bufs[0].shape[0] != k * m:
+            bufs = _scratch.xy = (np.empty(k * m), np.empty(k * m))
+        xs, ys = self._orbits(p, *bufs)
         img = np.zeros((self.image_size, self.image_size, 3), np.uint8)
-        stroke_polylines(img, xs.ravel(), ys.ravel(), np.arange(k + 1) * m, np.full(k, p["width"]), p["colors"],
+        stroke_polylines(img, xs, ys, np.arange(k + 1) * m, np.full(k, p["width"]), p["colors"],
                          closed=True, antialias=self.antialias)
         return img
 
-    def _orbits(self, p: dict) -> tuple[np.ndarray, np.ndarray]:
-        """(orbits, points_per_orbit) x and y of the orbits of ``_draws`` dict ``p`` (``render``'s)."""
-        theta = np.arange(self.points_per_orbit) * (2 * np.pi / self.points_per_orbit)
-        amp = p["orbit_amplitudes"]
-        r = (p["base_radii"][:, None] + amp[:, :1] * np.sin(p["n1"] * theta + p["phases"][0])
-             + amp[:, 1:] * np.sin(p["n2"] * theta + p["phases"][1]))
-        return p["center"][0] + r * np.cos(theta), p["center"][1] + r * np.sin(theta)
+    def _orbits(self, p: dict, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """x and y (orbit after orbit, ``points_per_orbit`` each) of the orbits of ``_draws`` dict ``p``,
+        written into ``xs`` and ``ys`` (orbits x points_per_orbit floats each)."""
+        m = self.points_per_orbit
+        theta = np.arange(m) * (2 * np.pi / m)
+        w1 = np.sin(p["n1"] * theta + p["phases"][0])
+        w2 = np.sin(p["n2"] * theta + p["phases"][1])
+        _orbit_vertices(p["base_radii"], p["orbit_amplitudes"], w1, w2, np.cos(theta), np.sin(theta),
+                        float(p["center"][0]), float(p["center"][1]), xs, ys)
+        return xs, ys
 
     def render_batch(self, labels: torch.Tensor, instances: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Images ``instances[i]`` of classes ``labels[i]`` stroked together on ``device``
         (``synthetic.device.stroke_closed_polylines``, the same orbits): uint8 (B, 3, H, W)."""
         draws = [self._draws(int(k), int(i)) for k, i in zip(labels.tolist(), instances.tolist())]
-        return stroke_batch([(*self._orbits(p), np.full(self.orbits, p["width"]), p["colors"]) for p in draws],
+        k, m = self.orbits, self.points_per_orbit
+        orbits = [self._orbits(p, np.empty(k * m), np.empty(k * m)) for p in draws]
+        return stroke_batch([(xs.reshape(k, m), ys.reshape(k, m), np.full(k, p["width"]), p["colors"])
+                             for (xs, ys), p in zip(orbits, draws)],
                             self.image_size, self.antialias, device)
