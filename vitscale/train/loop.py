@@ -72,7 +72,8 @@ def train(run: Run) -> dict:
         done = step == t.steps
         checkpoint_now = bool((cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or
                               (done and cfg.checkpoint.at_end))
-        if not (log_now or checkpoint_now or done or state.stop):
+        eval_now = bool((cfg.eval.every and step % cfg.eval.every == 0) or (done and (cfg.eval.every or cfg.data.test)))
+        if not (log_now or checkpoint_now or eval_now or done or state.stop):
             continue
         state.settle(*pending)  # this step's answer, now
         pending = None
@@ -84,7 +85,7 @@ def train(run: Run) -> dict:
         if checkpoint_now or state.stop:
             saved = _checkpoint(run, step, state.bad)  # after end_step: checkpoint time stays out of the throughput
             written_s = time.monotonic() - ended
-        if (cfg.eval.every and step % cfg.eval.every == 0) or (done and (cfg.eval.every or cfg.data.test)):
+        if eval_now:
             _evaluate(run, step)
         if state.stop:
             name, lead = signal.Signals(state.stop).name, run.stop_request.age_s
