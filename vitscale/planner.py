@@ -330,6 +330,7 @@ def plan_layout(exp: Experiment, machine: Machine, shape: ModelShape, pipe: int,
     # ---- time
     rate = dev.peak_tflops * 1e12 * dev.efficiency
     mult = 4 if checkpointing else 3
+    passes = mult - 1  # passes through a block: forward, backward (+ the recomputed forward)
     stage_compute = [f * micro_batch * mult / tensor / rate for f in stage_flops]
     stage_tp = [0.0] * len(stages)
     if tensor > 1:
@@ -337,7 +338,6 @@ def plan_layout(exp: Experiment, machine: Machine, shape: ModelShape, pipe: int,
         for i, st in enumerate(stages):
             for s, h, _, _, parallel in (shape.stacks[shape.layer_blocks[j]] for j in st if shape.layer_blocks[j] >= 0):
                 per_pass = 1 if parallel else 2  # all-reduces per pass through the block
-                passes = 3 if checkpointing else 2  # forward, backward (+ the recomputed forward)
                 stage_tp[i] += per_pass * passes * _ring_s("all_reduce", s * micro_batch * h * w, tensor, bw_t,
                                                            dev.latency_us)
     slowest = max(range(len(stages)), key=lambda i: stage_compute[i] + stage_tp[i])
@@ -373,7 +373,6 @@ def plan_layout(exp: Experiment, machine: Machine, shape: ModelShape, pipe: int,
     else:
         optimizer_s = updated / (dev.optimizer_params_per_s or dev.mem_bw_gbs * 1e9 / ADAM_BYTES)
     # a micro-batch's forward and backward on each stage, run in DeepSpeed's 1F1B order
-    passes = 3 if checkpointing else 2
     forward = tuple(c / mult + t / passes + (p2p_mb + dev.overhead_s) / 2 for c, t in zip(stage_compute, stage_tp))
     backward = tuple(c + t + p2p_mb + exposed_mb + dev.overhead_s - f
                      for c, t, f in zip(stage_compute, stage_tp, forward))

@@ -24,15 +24,13 @@ word tokenizer over the caption vocabulary below.
 from __future__ import annotations
 
 import colorsys
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vitscale.data.shards import load_categories
-from vitscale.data.synthetic import Generator, create_generator, instance_rng
-from vitscale.data.synthetic_loader import StepSampler
+from vitscale.data.synthetic import Generator, instance_rng
+from vitscale.data.synthetic_loader import StepSampler, make_generator
 
 __all__ = ["CAPTION_WORDS", "OPENAI_VOCAB_SIZE", "CaptionTokenizer", "SyntheticCaptions", "build_caption_loader",
            "class_phrase", "describe"]
@@ -270,10 +268,7 @@ def build_caption_loader(source: str, num_classes: int, image_size: int, instanc
             global batch that is not a multiple of micro_batch x data_world.
     """
     tokenizer = CaptionTokenizer(vocab_size, context_length)
-    params = dict(params or {})
-    if isinstance(params.get("categories"), str):
-        params["categories"] = load_categories(Path(params["categories"]), source, num_classes)
-    generator = create_generator(source, num_classes, image_size, seed, **params)
+    generator = make_generator(source, num_classes, image_size, seed, params)
     dataset = SyntheticCaptions(generator, source, instances, tokenizer)
     sampler = StepSampler(len(dataset), micro_batch, global_batch, data_rank, data_world, seed, start_step)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate,
